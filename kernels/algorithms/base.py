@@ -1,0 +1,75 @@
+"""What every algorithm implements, and the shared driver of the fused elementwise family.
+
+An :class:`Algorithm` owns frozen hyperparameters, says which state slots a parameter of a
+given shape needs (allocated lazily at zero by the optimizer), and steps a group of
+parameters at global step ``t`` (1-based: ``t = global_step + 1``). Elementwise algorithms
+only compute host scalars; :class:`ElementwiseAlgorithm` turns those into one fused launch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..hyperparams import Hyperparams
+from ..ops import Launch, Op
+
+
+@dataclass
+class StepItem:
+    """One parameter's part of a step: buffers (flat or shaped, contiguous) and context."""
+
+    name: str
+    shape: tuple[int, ...]
+    param: Any
+    grad: Any
+    slots: Mapping[str, Any]
+    lr: float  # effective: optimizer lr x lr_scale(name)
+    fresh: bool  # first step of this name (its slots are still zero)
+
+
+class Algorithm(ABC):
+    name: ClassVar[str]
+    hyperparams: ClassVar[type[Hyperparams]]
+
+    def __init__(self, hp: Hyperparams) -> None:
+        if not isinstance(hp, self.hyperparams):
+            raise TypeError(f"{self.name} takes {self.hyperparams.__name__}, got {type(hp)}")
+        self.hp = hp
+
+    @abstractmethod
+    def slot_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """State buffers (name → shape) a parameter of ``shape`` needs, in a fixed order."""
+
+    @abstractmethod
+    def step(self, backend: Any, items: Sequence[StepItem], t: int) -> None:
+        """Update every item's param and slots in place."""
+
+
+class ElementwiseAlgorithm(Algorithm):
+    """An algorithm whose update is one fused per-element op plus host scalars."""
+
+    @abstractmethod
+    def op(self) -> Op:
+        """The fused op (fixed by the hyperparameters)."""
+
+    @abstractmethod
+    def scalars(self, t: int, lr: float, fresh: bool) -> dict[str, float]:
+        """The op's Args for global step ``t`` and effective lr, computed in float64."""
+
+    def slot_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {slot: shape for slot in self.op().slots}
+
+    def step(self, backend: Any, items: Sequence[StepItem], t: int) -> None:
+        op = self.op()
+        rows: dict[tuple[float, bool], Any] = {}
+        launches = []
+        for it in items:
+            key = (it.lr, it.fresh)
+            if key not in rows:
+                rows[key] = op.pack(self.scalars(t, it.lr, it.fresh))
+            slots = [it.slots[s] for s in op.slots]
+            launches.append(Launch(it.param, it.grad, slots, rows[key]))
+        backend.launch(op, launches)

@@ -1,0 +1,22 @@
+"""The NumPy reference backend: each op's readable per-element math, one tensor at a time.
+
+It is the oracle the fused backends are tested against, and the fallback when no C++
+compiler is available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..ops import Launch, Op
+
+
+class ReferenceBackend:
+    name = "reference"
+    xp = np
+
+    def launch(self, op: Op, items: Sequence[Launch]) -> None:
+        for it in items:
+            op.reference(it.param, it.grad, it.slots, op.unpack(it.args))

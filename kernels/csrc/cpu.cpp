@@ -1,0 +1,85 @@
+// CPU entry points: every op of ops.cuh stepped over a list of tensors in one OpenMP
+// parallel region. The tensors are laid end to end and the threads split that flat range
+// evenly, so one big tensor and 200 small ones cost the same per element.
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+#include "common.cuh"
+
+namespace stepd {
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 15;
+// Thread ranges start on cache-line boundaries so no two threads write one line.
+constexpr int64_t kAlign = 16;
+
+template <class Op>
+static void run_segment(float* __restrict p, const float* __restrict g, float* const* slots,
+                        int64_t lo, int64_t hi, const typename Op::Args& args) {
+  float* __restrict s0 = Op::kSlots > 0 ? slots[0] : nullptr;
+  float* __restrict s1 = Op::kSlots > 1 ? slots[1] : nullptr;
+  float* __restrict s2 = Op::kSlots > 2 ? slots[2] : nullptr;
+  const typename Op::Args a = args;  // a local copy: provably not aliased by the stores
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    float s[kMaxSlots];
+    if constexpr (Op::kSlots > 0) s[0] = s0[i];
+    if constexpr (Op::kSlots > 1) s[1] = s1[i];
+    if constexpr (Op::kSlots > 2) s[2] = s2[i];
+    float pi = p[i];
+    Op::apply(pi, g[i], s, a);
+    p[i] = pi;
+    if constexpr (Op::kSlots > 0) s0[i] = s[0];
+    if constexpr (Op::kSlots > 1) s1[i] = s[1];
+    if constexpr (Op::kSlots > 2) s2[i] = s[2];
+  }
+}
+
+// params[k], grads[k], slots[k * kMaxSlots + j], sizes[k], args + k * kMaxArgs.
+template <class Op>
+static void run_multi(int64_t n_tensors, const int64_t* sizes, float* const* params,
+                      const float* const* grads, float* const* slots, const float* args) {
+  static_assert(sizeof(typename Op::Args) <= kMaxArgs * sizeof(float), "too many args");
+  static_assert(Op::kSlots <= kMaxSlots, "too many slots");
+  int64_t total = 0;
+  for (int64_t k = 0; k < n_tensors; ++k) total += sizes[k];
+  const int n_threads = total >= kParallelMin ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t tid = omp_get_thread_num();
+    const int64_t per = ((total + nt - 1) / nt + kAlign - 1) / kAlign * kAlign;
+    int64_t lo = per * tid < total ? per * tid : total;
+    const int64_t hi = per * (tid + 1) < total ? per * (tid + 1) : total;
+    int64_t base = 0;  // flat index of tensor k's first element
+    for (int64_t k = 0; k < n_tensors && lo < hi; base += sizes[k], ++k) {
+      const int64_t end = base + sizes[k];
+      if (end <= lo) continue;
+      const int64_t seg_hi = end < hi ? end : hi;
+      typename Op::Args a;
+      std::memcpy(&a, args + k * kMaxArgs, sizeof(a));
+      run_segment<Op>(params[k], grads[k], slots + k * kMaxSlots, lo - base, seg_hi - base, a);
+      lo = seg_hi;
+    }
+  }
+}
+
+}  // namespace stepd
+
+extern "C" {
+
+int stepd_max_slots() { return stepd::kMaxSlots; }
+int stepd_max_args() { return stepd::kMaxArgs; }
+
+#define STEPD_OP(name, Op)                                                                  \
+  int stepd_##name##_nargs() { return static_cast<int>(sizeof(Op::Args) / sizeof(float)); } \
+  int stepd_##name##_nslots() { return Op::kSlots; }                                        \
+  void stepd_##name(int64_t n_tensors, const int64_t* sizes, float* const* params,          \
+                    const float* const* grads, float* const* slots, const float* args) {   \
+    stepd::run_multi<Op>(n_tensors, sizes, params, grads, slots, args);                     \
+  }
+#include "ops.cuh"
+#undef STEPD_OP
+
+}  // extern "C"

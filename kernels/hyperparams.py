@@ -1,0 +1,114 @@
+"""Frozen, validated hyperparameter dataclasses shared by every algorithm.
+
+Values are coerced by annotation (``int`` → ``float``, a list of betas → a tuple) and then
+checked by the subclass's ``validate``; messages follow torch.optim's wording, e.g.
+``Invalid beta parameter at index 0: 1.2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from typing import Any, ClassVar
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if hint is float:
+        return _number(name, value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, typing.Sequence):
+            raise TypeError(f"{name} must be a sequence of {len(args)} numbers, got {value!r}")
+        if len(value) != len(args):
+            raise ValueError(f"{name} must have {len(args)} entries, got {len(value)}")
+        return tuple(_number(f"{name}[{i}]", v) for i, v in enumerate(value))
+    if type(None) in args:  # `X | None`
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _coerce(name, inner, value)
+    raise AssertionError(f"unsupported hyperparameter type {hint!r} for {name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparams:
+    """Base of every algorithm's hyperparameters; subclasses add fields and ``validate``."""
+
+    algorithm: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for an out-of-range value."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> typing.Self:
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"{cls.algorithm} got unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(cls.names())}"
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples become lists."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    def replace(self, **changes: Any) -> typing.Self:
+        return dataclasses.replace(self, **changes)
+
+
+def check_lr(lr: float) -> None:
+    if not (math.isfinite(lr) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def check_betas(betas: tuple[float, ...]) -> None:
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+def check_weight_decay(weight_decay: float) -> None:
+    if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_lr_scale(name: str, scale: float) -> None:
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"Invalid lr_scale for {name!r}: {scale} (must be finite and >= 0)")

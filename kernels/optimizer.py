@@ -1,0 +1,242 @@
+"""The in-process optimizer: named parameters' state plus the rlx-optim ``Optimizer`` API.
+
+State is created lazily, zero-initialised, the first time a name is stepped. One global step
+counter is advanced by :meth:`Optimizer.end_iteration`; inside a step ``t = global_step + 1``.
+``lr_scale(name)`` multiplies the learning rate inside the step. Bad input raises before
+anything is touched, so a failed call leaves every buffer as it was.
+
+Not thread-safe: a server serialises access per parameter around it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .algorithms import ALGORITHMS, Algorithm, StepItem
+from .backends import get_backend
+from .hyperparams import check_lr, check_lr_scale
+
+StepArgs = tuple[str, Sequence[int], Any, Any]  # (name, shape, param, grad)
+
+
+@dataclass
+class ParamState:
+    """A parameter's state: every slot is a float32 device array (what checkpoints save)."""
+
+    shape: tuple[int, ...]
+    slots: dict[str, Any]
+    count: int = 0  # steps applied to this name
+
+
+def _shape(name: str, shape: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name!r}: shape must be a sequence of ints, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"{name!r}: shape must hold non-negative ints, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+class Optimizer:
+    """One algorithm with its hyperparameters, stepping named float32 buffers in place."""
+
+    def __init__(self, algorithm: Algorithm, backend: Any) -> None:
+        self.algorithm = algorithm
+        self.backend = backend
+        self._lr = algorithm.hp.lr
+        self._global_step = 0
+        self._lr_scales: dict[str, float] = {}
+        self._state: dict[str, ParamState] = {}
+
+    # -- the rlx-optim Optimizer trait ---------------------------------------------------
+
+    def step(self, name: str, shape: Sequence[int], param: Any, grad: Any) -> None:
+        """Update ``param`` (contiguous float32, written in place) with ``grad``."""
+        self.step_batch([(name, shape, param, grad)])
+
+    def step_batch(self, items: Iterable[StepArgs]) -> None:
+        """Step several parameters in one fused launch; all are validated before any moves."""
+        checked = [self._check(*item) for item in items]
+        names = [c[0] for c in checked]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{dup!r} appears more than once in one step_batch")
+        if not checked:
+            return
+        step_items = []
+        for name, shape, param, grad in checked:
+            state = self._state.get(name)
+            if state is None:
+                state = self._state[name] = self._new_state(shape)
+            lr = self._lr * self._lr_scales.get(name, 1.0)
+            fresh = state.count == 0
+            step_items.append(StepItem(name, shape, param, grad, state.slots, lr, fresh))
+        self.algorithm.step(self.backend, step_items, self._global_step + 1)
+        for name in names:
+            self._state[name].count += 1
+
+    def end_iteration(self) -> int:
+        """Advance the global step counter; returns the new value."""
+        self._global_step += 1
+        return self._global_step
+
+    def lr_scale(self, name: str) -> float:
+        return self._lr_scales.get(name, 1.0)
+
+    def set_lr_scale(self, name: str, scale: float) -> None:
+        scale = float(scale)
+        check_lr_scale(name, scale)
+        self._lr_scales[name] = scale
+
+    def set_lr(self, lr: float) -> None:
+        lr = float(lr)
+        check_lr(lr)
+        self._lr = lr
+
+    # -- inspection ----------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @property
+    def global_step(self) -> int:
+        return self._global_step
+
+    @property
+    def hyperparams(self) -> Any:
+        return self.algorithm.hp
+
+    def names(self) -> list[str]:
+        return list(self._state)
+
+    def state(self, name: str) -> ParamState:
+        """The live state of ``name`` (device arrays; do not resize)."""
+        try:
+            return self._state[name]
+        except KeyError:
+            raise KeyError(f"no state for parameter {name!r}") from None
+
+    # -- state_dict ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-identically; arrays are host copies."""
+        to_host = getattr(self.backend.xp, "asnumpy", np.array)
+        return {
+            "algorithm": self.algorithm.name,
+            "hyperparams": self.algorithm.hp.to_dict(),
+            "global_step": self._global_step,
+            "lr": self._lr,
+            "lr_scales": dict(self._lr_scales),
+            "state": {
+                name: {
+                    "shape": list(st.shape),
+                    "count": st.count,
+                    "slots": {k: np.array(to_host(v), copy=True) for k, v in st.slots.items()},
+                }
+                for name, st in self._state.items()
+            },
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Replace all state with ``sd`` (from :meth:`state_dict`); validated first, atomic."""
+        if sd.get("algorithm") != self.algorithm.name:
+            raise ValueError(
+                f"state_dict is for algorithm {sd.get('algorithm')!r}, this optimizer runs "
+                f"{self.algorithm.name!r}"
+            )
+        algorithm = type(self.algorithm)(
+            self.algorithm.hyperparams.from_kwargs(**sd.get("hyperparams", {}))
+        )
+        global_step = sd.get("global_step")
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"state_dict global_step must be an int >= 0, got {global_step!r}")
+        lr = float(sd.get("lr", algorithm.hp.lr))
+        check_lr(lr)
+        lr_scales = {str(k): float(v) for k, v in sd.get("lr_scales", {}).items()}
+        for name, scale in lr_scales.items():
+            check_lr_scale(name, scale)
+        xp = self.backend.xp
+        states: dict[str, ParamState] = {}
+        for name, entry in sd.get("state", {}).items():
+            shape = _shape(name, entry["shape"])
+            count = entry.get("count", 0)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name!r}: count must be an int >= 0, got {count!r}")
+            want = algorithm.slot_shapes(shape)
+            got = entry.get("slots", {})
+            if set(got) != set(want):
+                raise ValueError(f"{name!r}: slots {sorted(got)} != expected {sorted(want)}")
+            slots = {}
+            for slot, slot_shape in want.items():
+                arr = got[slot]
+                if getattr(arr, "dtype", None) != np.float32 or tuple(arr.shape) != slot_shape:
+                    raise ValueError(
+                        f"{name!r}: slot {slot!r} must be float32 {slot_shape}, got "
+                        f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}"
+                    )
+                slots[slot] = xp.array(arr, dtype=np.float32, order="C", copy=True)
+            states[name] = ParamState(shape, slots, count)
+        self.algorithm = algorithm
+        self._global_step = global_step
+        self._lr = lr
+        self._lr_scales = lr_scales
+        self._state = states
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _new_state(self, shape: tuple[int, ...]) -> ParamState:
+        xp = self.backend.xp
+        slots = {
+            k: xp.zeros(s, dtype=np.float32) for k, s in self.algorithm.slot_shapes(shape).items()
+        }
+        return ParamState(shape, slots)
+
+    def _check(self, name: Any, shape: Any, param: Any, grad: Any) -> tuple:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
+        dims = _shape(name, shape)
+        size = math.prod(dims)
+        array_type = self.backend.xp.ndarray
+        for role, arr in (("param", param), ("grad", grad)):
+            if not isinstance(arr, array_type):
+                raise TypeError(
+                    f"{name!r}: {role} must be a {array_type.__module__}.ndarray, got "
+                    f"{type(arr).__name__}"
+                )
+            if arr.dtype != np.float32:
+                raise TypeError(f"{name!r}: {role} must be float32, got {arr.dtype}")
+            if not arr.flags.c_contiguous:
+                raise ValueError(f"{name!r}: {role} must be C-contiguous (no silent copies)")
+            if arr.size != size:
+                raise ValueError(
+                    f"{name!r}: {role} has {arr.size} elements, shape {dims} needs {size}"
+                )
+        if isinstance(param, np.ndarray) and not param.flags.writeable:
+            raise ValueError(f"{name!r}: param must be writable (it is updated in place)")
+        state = self._state.get(name)
+        if state is not None and state.shape != dims:
+            raise ValueError(f"{name!r}: shape {dims} differs from its registered {state.shape}")
+        return name, dims, param, grad
+
+
+def create_optimizer(algorithm: str, *, backend: str = "auto", **hparams: Any) -> Optimizer:
+    """``create_optimizer("adamw", lr=1e-3, weight_decay=0.01)``; names as in torch.optim.
+
+    ``backend``: ``auto`` (fused CPU, NumPy fallback with a warning), ``cpu``, ``cuda``
+    (CuPy arrays) or ``reference`` (NumPy).
+    """
+    try:
+        cls = ALGORITHMS[algorithm]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown algorithm {algorithm!r}; expected one of {', '.join(sorted(ALGORITHMS))}"
+        ) from None
+    return Optimizer(cls(cls.hyperparams.from_kwargs(**hparams)), get_backend(backend))
