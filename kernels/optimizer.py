@@ -82,6 +82,22 @@ class Optimizer:
         for name in names:
             self._state[name].count += 1
 
+    def update_hessian(self, name: str, shape: Sequence[int], hessian: Any) -> None:
+        """Pass a Hessian-diagonal estimate for ``name`` (curvature-aware algorithms only).
+
+        ``hessian`` is laid out like the parameter (contiguous float32, same size); the
+        algorithm folds it into its state at the current step. Others raise ``TypeError``.
+        """
+        if not self.algorithm.takes_hessian:
+            raise TypeError(f"{self.algorithm.name} does not take a Hessian estimate")
+        name, dims, _, hess = self._check(name, shape, hessian, hessian, writable=False)
+        state = self._state.get(name)
+        if state is None:
+            state = self._state[name] = self._new_state(dims)
+        lr = self._lr * self._lr_scales.get(name, 1.0)
+        item = StepItem(name, dims, None, hess, state.slots, lr, state.count == 0)
+        self.algorithm.update_hessian(self.backend, item, hess, self._global_step + 1)
+
     def end_iteration(self) -> int:
         """Advance the global step counter; returns the new value."""
         self._global_step += 1
@@ -199,7 +215,7 @@ class Optimizer:
         }
         return ParamState(shape, slots)
 
-    def _check(self, name: Any, shape: Any, param: Any, grad: Any) -> tuple:
+    def _check(self, name: Any, shape: Any, param: Any, grad: Any, writable: bool = True) -> tuple:
         if not isinstance(name, str) or not name:
             raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
         dims = _shape(name, shape)
@@ -219,7 +235,7 @@ class Optimizer:
                 raise ValueError(
                     f"{name!r}: {role} has {arr.size} elements, shape {dims} needs {size}"
                 )
-        if isinstance(param, np.ndarray) and not param.flags.writeable:
+        if writable and isinstance(param, np.ndarray) and not param.flags.writeable:
             raise ValueError(f"{name!r}: param must be writable (it is updated in place)")
         state = self._state.get(name)
         if state is not None and state.shape != dims:

@@ -33,6 +33,7 @@ class StepItem:
 class Algorithm(ABC):
     name: ClassVar[str]
     hyperparams: ClassVar[type[Hyperparams]]
+    takes_hessian: ClassVar[bool] = False  # True: implements update_hessian
 
     def __init__(self, hp: Hyperparams) -> None:
         if not isinstance(hp, self.hyperparams):
@@ -46,6 +47,10 @@ class Algorithm(ABC):
     @abstractmethod
     def step(self, backend: Any, items: Sequence[StepItem], t: int) -> None:
         """Update every item's param and slots in place."""
+
+    def update_hessian(self, backend: Any, item: StepItem, hessian: Any, t: int) -> None:
+        """Take a caller-supplied Hessian-diagonal estimate (Sophia); others refuse it."""
+        raise TypeError(f"{self.name} does not take a Hessian estimate")
 
 
 class ElementwiseAlgorithm(Algorithm):
