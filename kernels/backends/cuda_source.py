@@ -13,13 +13,14 @@ from .build import CSRC
 
 NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
+_PRAGMA_ONCE = re.compile(r"^#pragma once\s*$", re.M)
 
 
 def _expand(name: str, seen: set[str]) -> str:
     if name in seen:  # every header is `#pragma once`
         return ""
     seen.add(name)
-    text = (CSRC / name).read_text()
+    text = _PRAGMA_ONCE.sub("", (CSRC / name).read_text())  # inlined: `seen` does its job
     return _INCLUDE.sub(lambda m: _expand(m.group(1), seen), text)
 
 
