@@ -22,6 +22,7 @@ from .backends import get_backend
 from .hyperparams import check_lr, check_lr_scale
 
 StepArgs = tuple[str, Sequence[int], Any, Any]  # (name, shape, param, grad)
+_F32 = np.dtype(np.float32)
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ParamState:
 
 
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
+    if type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape):
+        return shape  # already canonical (the per-step common case)
     try:
         dims = tuple(shape)
     except TypeError:
@@ -216,31 +219,38 @@ class Optimizer:
         return ParamState(shape, slots)
 
     def _check(self, name: Any, shape: Any, param: Any, grad: Any, writable: bool = True) -> tuple:
-        if not isinstance(name, str) or not name:
+        if type(name) is not str or not name:
             raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
         dims = _shape(name, shape)
         size = math.prod(dims)
-        array_type = self.backend.xp.ndarray
         for role, arr in (("param", param), ("grad", grad)):
-            if not isinstance(arr, array_type):
-                raise TypeError(
-                    f"{name!r}: {role} must be a {array_type.__module__}.ndarray, got "
-                    f"{type(arr).__name__}"
-                )
-            if arr.dtype != np.float32:
-                raise TypeError(f"{name!r}: {role} must be float32, got {arr.dtype}")
-            if not arr.flags.c_contiguous:
-                raise ValueError(f"{name!r}: {role} must be C-contiguous (no silent copies)")
-            if arr.size != size:
-                raise ValueError(
-                    f"{name!r}: {role} has {arr.size} elements, shape {dims} needs {size}"
-                )
+            self._check_array(name, role, arr, dims, size)
         if writable and isinstance(param, np.ndarray) and not param.flags.writeable:
             raise ValueError(f"{name!r}: param must be writable (it is updated in place)")
         state = self._state.get(name)
         if state is not None and state.shape != dims:
             raise ValueError(f"{name!r}: shape {dims} differs from its registered {state.shape}")
         return name, dims, param, grad
+
+    def _check_array(self, name: str, role: str, arr: Any, dims: tuple, size: int) -> None:
+        array_type = self.backend.xp.ndarray
+        if (
+            isinstance(arr, array_type)
+            and arr.dtype == _F32
+            and arr.flags.c_contiguous
+            and arr.size == size
+        ):
+            return  # the common case, kept to one condition: this runs per tensor per step
+        if not isinstance(arr, array_type):
+            raise TypeError(
+                f"{name!r}: {role} must be a {array_type.__module__}.ndarray, got "
+                f"{type(arr).__name__}"
+            )
+        if arr.dtype != _F32:
+            raise TypeError(f"{name!r}: {role} must be float32, got {arr.dtype}")
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{name!r}: {role} must be C-contiguous (no silent copies)")
+        raise ValueError(f"{name!r}: {role} has {arr.size} elements, shape {dims} needs {size}")
 
 
 def create_optimizer(algorithm: str, *, backend: str = "auto", **hparams: Any) -> Optimizer:

@@ -12,7 +12,6 @@ from .build import build_cpu_library
 
 _i64p = ctypes.POINTER(ctypes.c_int64)
 _f32p = ctypes.POINTER(ctypes.c_float)
-_vpp = ctypes.POINTER(ctypes.c_void_p)
 
 
 def _addr(a: np.ndarray) -> int:
@@ -48,27 +47,23 @@ class CpuBackend:
                     f"declares {len(op.args)} / {len(op.slots)}"
                 )
             fn = getattr(self._lib, f"stepd_{op.name}")
-            fn.argtypes = [ctypes.c_int64, _i64p, _vpp, _vpp, _vpp, _f32p]
+            fn.argtypes = [ctypes.c_int64, _i64p, _f32p, ctypes.c_int64]
             fn.restype = None
             self._fns[op.name] = fn
         return fn
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
         fn = self._fn(op)
-        n = len(items)
-        sizes = np.fromiter((it.param.size for it in items), dtype=np.int64, count=n)
-        params = np.fromiter((_addr(it.param) for it in items), dtype=np.uint64, count=n)
-        grads = np.fromiter((_addr(it.grad) for it in items), dtype=np.uint64, count=n)
-        slots = np.zeros((n, MAX_SLOTS), dtype=np.uint64)
-        for k, it in enumerate(items):
-            for j, s in enumerate(it.slots):
-                slots[k, j] = _addr(s)
-        args = np.stack([it.args for it in items]) if n > 1 else items[0].args
-        fn(
-            n,
-            sizes.ctypes.data_as(_i64p),
-            params.ctypes.data_as(_vpp),
-            grads.ctypes.data_as(_vpp),
-            slots.ctypes.data_as(_vpp),
-            np.ascontiguousarray(args, dtype=np.float32).ctypes.data_as(_f32p),
-        )
+        # One flat int64 table, one row per tensor: p, g, slots (zero-padded), element count.
+        pad = (0,) * (MAX_SLOTS - len(op.slots))
+        table: list[int] = []
+        for it in items:
+            table += (_addr(it.param), _addr(it.grad), *map(_addr, it.slots), *pad)
+            table.append(it.param.size)
+        shared = items[0].args
+        if all(it.args is shared for it in items):
+            args, stride = shared, 0
+        else:
+            args, stride = np.stack([it.args for it in items]), MAX_ARGS
+        rows = np.array(table, dtype=np.int64)
+        fn(len(items), rows.ctypes.data_as(_i64p), args.ctypes.data_as(_f32p), stride)

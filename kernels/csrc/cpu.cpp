@@ -38,14 +38,17 @@ static void run_segment(float* __restrict p, const float* __restrict g, float* c
   }
 }
 
-// params[k], grads[k], slots[k * kMaxSlots + j], sizes[k], args + k * kMaxArgs.
+// One row per tensor, as the CUDA table: {p, g, s0, s1, s2, n} (addresses as int64).
+constexpr int kRow = 3 + kMaxSlots;
+
+// Tensor k's scalars are args + k * args_stride (stride 0: one set shared by all).
 template <class Op>
-static void run_multi(int64_t n_tensors, const int64_t* sizes, float* const* params,
-                      const float* const* grads, float* const* slots, const float* args) {
+static void run_multi(int64_t n_tensors, const int64_t* table, const float* args,
+                      int64_t args_stride) {
   static_assert(sizeof(typename Op::Args) <= kMaxArgs * sizeof(float), "too many args");
   static_assert(Op::kSlots <= kMaxSlots, "too many slots");
   int64_t total = 0;
-  for (int64_t k = 0; k < n_tensors; ++k) total += sizes[k];
+  for (int64_t k = 0; k < n_tensors; ++k) total += table[k * kRow + kRow - 1];
   const int n_threads = total >= kParallelMin ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(n_threads)
   {
@@ -55,14 +58,20 @@ static void run_multi(int64_t n_tensors, const int64_t* sizes, float* const* par
     int64_t lo = per * tid < total ? per * tid : total;
     const int64_t hi = per * (tid + 1) < total ? per * (tid + 1) : total;
     int64_t base = 0;  // flat index of tensor k's first element
-    for (int64_t k = 0; k < n_tensors && lo < hi; base += sizes[k], ++k) {
-      const int64_t end = base + sizes[k];
-      if (end <= lo) continue;
-      const int64_t seg_hi = end < hi ? end : hi;
-      typename Op::Args a;
-      std::memcpy(&a, args + k * kMaxArgs, sizeof(a));
-      run_segment<Op>(params[k], grads[k], slots + k * kMaxSlots, lo - base, seg_hi - base, a);
-      lo = seg_hi;
+    for (int64_t k = 0; k < n_tensors && lo < hi; ++k) {
+      const int64_t* row = table + k * kRow;
+      const int64_t end = base + row[kRow - 1];
+      if (end > lo) {
+        const int64_t seg_hi = end < hi ? end : hi;
+        typename Op::Args a;
+        std::memcpy(&a, args + k * args_stride, sizeof(a));
+        float* slots[kMaxSlots];
+        for (int j = 0; j < kMaxSlots; ++j) slots[j] = reinterpret_cast<float*>(row[2 + j]);
+        run_segment<Op>(reinterpret_cast<float*>(row[0]), reinterpret_cast<const float*>(row[1]),
+                        slots, lo - base, seg_hi - base, a);
+        lo = seg_hi;
+      }
+      base = end;
     }
   }
 }
@@ -77,9 +86,9 @@ int stepd_max_args() { return stepd::kMaxArgs; }
 #define STEPD_OP(name, Op)                                                                  \
   int stepd_##name##_nargs() { return static_cast<int>(sizeof(Op::Args) / sizeof(float)); } \
   int stepd_##name##_nslots() { return Op::kSlots; }                                        \
-  void stepd_##name(int64_t n_tensors, const int64_t* sizes, float* const* params,          \
-                    const float* const* grads, float* const* slots, const float* args) {   \
-    stepd::run_multi<Op>(n_tensors, sizes, params, grads, slots, args);                     \
+  void stepd_##name(int64_t n_tensors, const int64_t* table, const float* args,             \
+                    int64_t args_stride) {                                                  \
+    stepd::run_multi<Op>(n_tensors, table, args, args_stride);                              \
   }
 #include "ops.cuh"
 #undef STEPD_OP
