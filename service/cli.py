@@ -1,14 +1,53 @@
-"""The ``stepd`` command."""
+"""The ``stepd`` command: ``serve`` runs the server, ``demo`` shows it working."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .config import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "device": args.device,
+            "checkpoint_dir": args.checkpoint_dir,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    # One worker: the parameters live in this process. uvicorn handles SIGTERM/SIGINT by
+    # finishing in-flight requests, then the lifespan writes the optional final checkpoint.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stepd", description="stepd: an optimizer-step service")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (settings also from STEPD_* env vars)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    serve.add_argument("--checkpoint-dir", help="default ./checkpoints")
+    serve.add_argument("--log-level", default=os.environ.get("STEPD_LOG_LEVEL", "info"))
+
     demo = sub.add_parser("demo", help="train a small classifier with every optimizer")
     demo.add_argument("--steps", type=int, default=300, help="training steps per optimizer")
     demo.add_argument(
@@ -18,12 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the fused steps run (auto: compiled CPU kernels, NumPy fallback)",
     )
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
 
-        return run_demo(steps=args.steps, backend=args.backend, seed=args.seed)
-    return 2
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    from .demo import run_demo
+
+    return run_demo(steps=args.steps, backend=args.backend, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ class CpuBackend:
         if (self._lib.stepd_max_slots(), self._lib.stepd_max_args()) != (MAX_SLOTS, MAX_ARGS):
             raise RuntimeError(f"{self.library_path} was built for other slot/arg limits")
         self._fns: dict[str, ctypes._CFuncPtr] = {}
+        self._all_finite = self._lib.stepd_all_finite
+        self._all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+
+    def all_finite(self, x: np.ndarray) -> bool:
+        """True when no element of the contiguous float32 array ``x`` is NaN or ±Inf."""
+        return bool(self._all_finite(_addr(x), x.size))
 
     def _fn(self, op: Op) -> ctypes._CFuncPtr:
         fn = self._fns.get(op.name)

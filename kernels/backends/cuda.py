@@ -42,6 +42,9 @@ class CudaBackend:
         self._max_blocks = dev.attributes["MultiProcessorCount"] * 8
         self._module = _module()
 
+    def all_finite(self, x) -> bool:  # noqa: ANN001 - a cupy.ndarray
+        return bool(self._cupy.isfinite(x).all())
+
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
         if len(items) == 1:
             it = items[0]

@@ -17,6 +17,9 @@ class ReferenceBackend:
     name = "reference"
     xp = np
 
+    def all_finite(self, x: np.ndarray) -> bool:
+        return bool(np.isfinite(x).all())
+
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
         for it in items:
             op.reference(it.param, it.grad, it.slots, op.unpack(it.args))

@@ -1,0 +1,59 @@
+"""Dependencies shared by the routers (Annotated aliases, as routes read them)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from ..checkpoints import CheckpointDir
+from ..config import Settings
+from ..metrics import Metrics
+from ..store import ParamStore
+
+
+def get_store(request: Request) -> ParamStore:
+    return request.app.state.store
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_checkpoints(request: Request) -> CheckpointDir:
+    return request.app.state.checkpoints
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+StoreDep = Annotated[ParamStore, Depends(get_store)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+CheckpointsDep = Annotated[CheckpointDir, Depends(get_checkpoints)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def require_token(request: Request) -> None:
+    token = request.app.state.settings.token
+    if not token:
+        return
+    given = request.headers.get("authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
+        raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

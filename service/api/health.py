@@ -1,0 +1,21 @@
+"""/healthz (always open) and /metrics (Prometheus text format)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .deps import MetricsDep
+
+router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])  # behind the token, unlike /healthz
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@metrics_router.get("/metrics", response_class=Response)
+def metrics(m: MetricsDep) -> Response:
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,44 @@
+"""/v1/iteration, /v1/lr, /v1/groups, /v1/status: the run's global state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from ..schemas import Iteration, LrRequest, Status
+from .deps import MetricsDep, StoreDep
+
+router = APIRouter(prefix="/v1", tags=["training"])
+
+
+@router.post("/iteration/end", response_model=Iteration)
+async def end_iteration(store: StoreDep, metrics: MetricsDep) -> Iteration:
+    """Advance the global step (rlx-optim's ``end_iteration``); returns the new step."""
+    step = await run_in_threadpool(store.end_iteration)
+    metrics.iterations.set(step)
+    return Iteration(global_step=step)
+
+
+@router.put("/lr")
+async def set_lr(body: LrRequest, store: StoreDep) -> dict[str, Any]:
+    """Set the learning rate of one group, or of every group when ``group`` is absent."""
+    groups = await run_in_threadpool(store.set_lr, body.lr, body.group)
+    return {"lr": body.lr, "groups": groups}
+
+
+@router.get("/groups")
+def groups(store: StoreDep) -> list[dict[str, Any]]:
+    return store.groups()
+
+
+@router.get("/status", response_model=Status)
+def status(store: StoreDep) -> Status:
+    return Status(
+        global_step=store.global_step,
+        device=store.backend.name,
+        params=len(store.names()),
+        device_bytes=store.device_bytes(),
+        groups=store.groups(),
+    )

@@ -1,0 +1,167 @@
+"""Checkpoints: one safetensors file per checkpoint, written atomically.
+
+The file holds every parameter (``param/<name>``) and state slot (``state/<name>/<slot>``);
+its ``__metadata__["stepd"]`` is the JSON needed to rebuild the store (groups, global step,
+lr, lr_scales, versions). A save writes ``.<name>.tmp-<random>`` in the same directory,
+fsyncs it, renames it over ``<name>.safetensors`` and fsyncs the directory, so a crash leaves
+either the old file or the new one — never half of one. Leftover temporaries are ignored when
+listing and deleted at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import Invalid, NotFound
+from .tensors import parse_safetensors
+
+SUFFIX = ".safetensors"
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+AUTO_PREFIX = "auto-"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    global_step: int
+    bytes: int
+    created: float  # seconds since the epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "global_step": self.global_step,
+            "bytes": self.bytes,
+            "created": self.created,
+        }
+
+
+def check_checkpoint_name(name: str) -> str:
+    if not CHECKPOINT_NAME.match(name) or name.endswith(SUFFIX):
+        raise Invalid(
+            f"invalid checkpoint name {name!r}: 1-128 letters, digits, _ . - (not starting "
+            "with . or -)"
+        )
+    return name
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
+    """Stream ``tensors`` into ``path`` (no in-memory copy of the whole file); fsynced."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in tensors.values():
+            f.write(memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(raw) + offset
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointDir:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{check_checkpoint_name(name)}{SUFFIX}"
+
+    def clean_temporaries(self) -> list[str]:
+        """Delete what interrupted saves left behind (start-up)."""
+        removed = []
+        for p in self.root.glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed
+
+    def save(
+        self, tensors: dict[str, np.ndarray], meta: dict[str, Any], name: str | None
+    ) -> CheckpointInfo:
+        name = check_checkpoint_name(name or f"step-{meta['global_step']:08d}-{int(time.time())}")
+        final = self.path(name)
+        tmp = self.root / f".{name}.tmp-{secrets.token_hex(4)}"
+        try:
+            size = write_safetensors(tmp, tensors, {"stepd": json.dumps(meta)})
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        return CheckpointInfo(name, int(meta["global_step"]), size, final.stat().st_mtime)
+
+    def load(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        path = self.path(name)
+        if not path.exists():
+            raise NotFound(f"checkpoint {name!r} does not exist")
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as f:
+            f.readinto(data)
+        tensors, metadata = parse_safetensors(data)
+        try:
+            meta = json.loads(metadata["stepd"])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise Invalid(f"checkpoint {name!r} has no stepd metadata: {exc!r}") from None
+        return tensors, meta
+
+    def list(self) -> list[CheckpointInfo]:
+        infos = []
+        for p in sorted(self.root.glob(f"*{SUFFIX}")):
+            name = p.name[: -len(SUFFIX)]
+            if not CHECKPOINT_NAME.match(name):
+                continue
+            try:
+                infos.append(
+                    CheckpointInfo(name, _peek_step(p), p.stat().st_size, p.stat().st_mtime)
+                )
+            except (OSError, ValueError, KeyError):
+                continue  # unreadable: not listed, never loaded
+        return sorted(infos, key=lambda i: (i.created, i.name))
+
+    def delete(self, name: str) -> None:
+        path = self.path(name)
+        if not path.exists():
+            raise NotFound(f"checkpoint {name!r} does not exist")
+        path.unlink()
+        _fsync_dir(self.root)
+
+    def prune_auto(self, keep: int) -> None:
+        autos = [i for i in self.list() if i.name.startswith(AUTO_PREFIX)]
+        for info in autos[: max(0, len(autos) - keep)]:
+            self.path(info.name).unlink(missing_ok=True)
+
+
+def _peek_step(path: Path) -> int:
+    """The global step from a checkpoint's header, without reading its tensors."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 * 1024 * 1024:
+            raise ValueError("header too large")
+        header = json.loads(f.read(n))
+    return int(json.loads(header["__metadata__"]["stepd"])["global_step"])

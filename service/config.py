@@ -1,0 +1,35 @@
+"""Server settings: command-line flags, else ``STEPD_*`` environment variables, else defaults."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEPD_", extra="ignore")
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_dir: Path = Path("checkpoints")
+    # Largest request body accepted (413 beyond it): a 1 GiB tensor by default.
+    max_body_bytes: int = Field(1 << 30, ge=1)
+    # Gradients with NaN/Inf: "reject" (422) or "skip" (not applied, counted in /metrics).
+    nonfinite: Literal["reject", "skip"] = "reject"
+    # Checkpoint automatically every K iterations (0: never), keeping the newest N of them.
+    autosave_every: int = Field(0, ge=0)
+    autosave_keep: int = Field(3, ge=1)
+    # Write a final checkpoint on graceful shutdown.
+    checkpoint_on_shutdown: bool = False
+    # Bearer token required on every endpoint but /healthz when set.
+    token: str | None = None
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

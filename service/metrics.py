@@ -1,0 +1,35 @@
+"""Prometheus metrics of one server (its own registry, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, device_bytes: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.steps = Counter("stepd_steps", "Parameter steps applied", ["group"], registry=r)
+        self.skipped = Counter(
+            "stepd_nonfinite_skipped", "Gradients skipped for NaN/Inf entries", registry=r
+        )
+        self.step_seconds = Histogram(
+            "stepd_step_seconds",
+            "Time to apply a step request (validation, kernels, copy-out)",
+            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0),
+            registry=r,
+        )
+        self.bytes_in = Counter("stepd_bytes_in", "Tensor bytes received", registry=r)
+        self.bytes_out = Counter("stepd_bytes_out", "Tensor bytes sent", registry=r)
+        self.checkpoint_seconds = Histogram(
+            "stepd_checkpoint_seconds",
+            "Checkpoint durations",
+            ["op"],
+            buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+            registry=r,
+        )
+        self.iterations = Gauge("stepd_global_step", "Global step", registry=r)
+        device = Gauge("stepd_device_bytes", "Bytes of parameters and state held", registry=r)
+        device.set_function(device_bytes)

@@ -1,0 +1,439 @@
+"""The parameter store: named parameters on the device, grouped under optimizers.
+
+A parameter is registered once with its shape, initial value and group (algorithm +
+hyperparameters, validated by the algorithm's own dataclass) and an lr_scale. Parameters with
+the same group configuration share one ``kernels.Optimizer``; one global step spans all groups.
+
+Locking: a store-wide readers-writer lock (steps and registrations share it; ending an
+iteration, setting the lr, checkpoints and restores own it) plus one lock per parameter, so
+steps of different parameters run in parallel and steps of one parameter serialise. Every
+request is validated completely before anything is written: a failed call changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kernels import Optimizer, create_optimizer, get_backend, l2_norm
+
+from .rwlock import RWLock
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]]{1,256}$")
+
+
+class StoreError(Exception):
+    """Base of the errors the API maps to HTTP statuses."""
+
+
+class NotFound(StoreError):  # 404
+    pass
+
+
+class Conflict(StoreError):  # 409
+    pass
+
+
+class Invalid(StoreError):  # 422
+    pass
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise Invalid(
+            f"invalid parameter name {name!r}: 1-256 characters of letters, digits and _ . : - [ ]"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Group:
+    """An optimizer configuration; its id is stable across processes (a hash of the config)."""
+
+    algorithm: str
+    hyperparams: Mapping[str, Any]
+
+    @property
+    def id(self) -> str:
+        canon = json.dumps({"a": self.algorithm, "h": self.hyperparams}, sort_keys=True)
+        return f"{self.algorithm}-{hashlib.sha256(canon.encode()).hexdigest()[:10]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "algorithm": self.algorithm, "hyperparams": dict(self.hyperparams)}
+
+
+@dataclass
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    group: Group
+    param: Any  # device array, flat float32
+    version: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_grad_norm: float | None = None
+    last_update_norm: float | None = None
+    norms_at_version: int | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class StepOutcome:
+    name: str
+    version: int
+    applied: bool  # False: the gradient was non-finite and skipped
+
+
+class ParamStore:
+    def __init__(
+        self, device: str = "cpu", nonfinite: str = "reject", stats_every: int = 16
+    ) -> None:
+        self.backend = get_backend(device)
+        self.device = device
+        self.nonfinite = nonfinite
+        self.stats_every = stats_every
+        self.xp = self.backend.xp
+        self.lock = RWLock()
+        self._meta = threading.Lock()  # guards the dicts while sharing `lock`
+        self._entries: dict[str, Entry] = {}
+        self._groups: dict[str, Optimizer] = {}
+        self._group_info: dict[str, Group] = {}
+        self.global_step = 0
+        self.skipped_nonfinite = 0
+
+    # -- registration ----------------------------------------------------------------------
+
+    def resolve_group(self, algorithm: str, hyperparams: Mapping[str, Any]) -> tuple[Group, Any]:
+        """Validate a group config through the algorithm's dataclass (ValueError/TypeError)."""
+        try:
+            opt = create_optimizer(algorithm, backend="reference", **dict(hyperparams))
+        except (TypeError, ValueError) as exc:
+            raise Invalid(str(exc)) from None
+        return Group(algorithm, opt.hyperparams.to_dict()), opt
+
+    def register(
+        self,
+        name: str,
+        shape: Sequence[int],
+        value: np.ndarray | None,
+        algorithm: str,
+        hyperparams: Mapping[str, Any],
+        lr_scale: float = 1.0,
+    ) -> tuple[Entry, bool]:
+        """Create ``name`` (True) or confirm an identical registration (False); else Conflict."""
+        check_name(name)
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape) or math.prod(shape) > 1 << 34:
+            raise Invalid(f"{name!r}: invalid shape {list(shape)}")
+        group, _ = self.resolve_group(algorithm, hyperparams)
+        if not (math.isfinite(lr_scale) and lr_scale >= 0):
+            raise Invalid(f"Invalid lr_scale for {name!r}: {lr_scale} (must be finite and >= 0)")
+        if value is not None:
+            if value.size != math.prod(shape):
+                raise Invalid(
+                    f"{name!r}: value has {value.size} elements, shape needs {math.prod(shape)}"
+                )
+            if not self.backend.all_finite(np.ascontiguousarray(value, np.float32)):
+                raise Invalid(f"{name!r}: initial value has non-finite entries")
+        with self.lock.shared(), self._meta:
+            existing = self._entries.get(name)
+            if existing is not None:
+                if existing.shape != shape or existing.group != group:
+                    raise Conflict(
+                        f"{name!r} is registered with shape {list(existing.shape)} and group "
+                        f"{existing.group.to_dict()}; got shape {list(shape)} and group "
+                        f"{group.to_dict()}"
+                    )
+                opt = self._groups[group.id]
+                if opt.lr_scale(name) != lr_scale:
+                    raise Conflict(
+                        f"{name!r} is registered with lr_scale {opt.lr_scale(name)}, got {lr_scale}"
+                    )
+                return existing, False
+            opt = self._group(group)
+            host = np.zeros(math.prod(shape), np.float32) if value is None else value
+            param = self.xp.array(np.ascontiguousarray(host, np.float32).reshape(-1), copy=True)
+            entry = Entry(name, shape, group, param)
+            opt.set_lr_scale(name, lr_scale)
+            self._entries[name] = entry
+            return entry, True
+
+    def _group(self, group: Group) -> Optimizer:
+        opt = self._groups.get(group.id)
+        if opt is None:
+            opt = create_optimizer(group.algorithm, backend=self.device, **group.hyperparams)
+            if self.global_step:  # a group created mid-run joins the shared global step
+                opt.load_state_dict({**opt.state_dict(), "global_step": self.global_step})
+            self._groups[group.id] = opt
+            self._group_info[group.id] = group
+        return opt
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def entry(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise NotFound(f"parameter {name!r} is not registered") from None
+
+    def step(self, grads: Mapping[str, np.ndarray]) -> list[StepOutcome]:
+        """Apply one gradient per name (host float32 arrays), one fused launch per group."""
+        with self.lock.shared():
+            entries = [self.entry(n) for n in grads]
+            for e in entries:
+                g = grads[e.name]
+                if g.size != e.size:
+                    raise Invalid(
+                        f"{e.name!r}: gradient has {g.size} elements, shape {list(e.shape)} "
+                        f"needs {e.size}"
+                    )
+            finite = {e.name: self.backend.all_finite(grads[e.name]) for e in entries}
+            bad = [n for n, ok in finite.items() if not ok]
+            if bad and self.nonfinite == "reject":
+                raise Invalid(f"non-finite gradient values for {', '.join(map(repr, bad))}")
+            with ExitStack() as stack:
+                for e in sorted(entries, key=lambda e: e.name):  # one order: no deadlock
+                    stack.enter_context(e.lock)
+                by_group: dict[str, list[Entry]] = {}
+                for e in entries:
+                    if finite[e.name]:
+                        by_group.setdefault(e.group.id, []).append(e)
+                for gid, members in by_group.items():
+                    self._apply(self._groups[gid], members, grads)
+                with self._meta:
+                    self.skipped_nonfinite += len(bad)
+                return [StepOutcome(e.name, e.version, finite[e.name]) for e in entries]
+
+    def _apply(self, opt: Optimizer, members: list[Entry], grads: Mapping[str, Any]) -> None:
+        xp = self.xp
+        dev = {e.name: xp.asarray(grads[e.name]).reshape(-1) for e in members}
+        measure = [e for e in members if self.stats_every and e.version % self.stats_every == 0]
+        before = {e.name: e.param.copy() for e in measure}
+        opt.step_batch([(e.name, e.shape, e.param, dev[e.name]) for e in members])
+        for e in members:
+            e.version += 1
+        for e in measure:
+            e.last_grad_norm = _norm(dev[e.name])
+            e.last_update_norm = _norm(e.param - before[e.name])
+            e.norms_at_version = e.version
+
+    def update_hessian(self, name: str, hessian: np.ndarray) -> None:
+        with self.lock.shared():
+            e = self.entry(name)
+            if hessian.size != e.size:
+                raise Invalid(f"{name!r}: Hessian has {hessian.size} elements, needs {e.size}")
+            if not self.backend.all_finite(hessian):
+                raise Invalid(f"{name!r}: Hessian estimate has non-finite entries")
+            with e.lock:
+                try:
+                    self._groups[e.group.id].update_hessian(
+                        name, e.shape, self.xp.asarray(hessian).reshape(-1)
+                    )
+                except TypeError as exc:
+                    raise Invalid(str(exc)) from None
+
+    def read(self, name: str) -> np.ndarray:
+        """A consistent host copy of the parameter (never torn by a concurrent step)."""
+        e = self.entry(name)
+        with e.lock:
+            return self._host(e.param).reshape(e.shape)
+
+    def set_value(self, name: str, value: np.ndarray) -> int:
+        with self.lock.shared():
+            e = self.entry(name)
+            if value.size != e.size:
+                raise Invalid(f"{name!r}: value has {value.size} elements, needs {e.size}")
+            if not self.backend.all_finite(value):
+                raise Invalid(f"{name!r}: value has non-finite entries")
+            with e.lock:
+                e.param[...] = self.xp.asarray(value).reshape(-1)
+                e.version += 1
+                return e.version
+
+    # -- iteration, lr ---------------------------------------------------------------------
+
+    def end_iteration(self) -> int:
+        with self.lock.exclusive():
+            for opt in self._groups.values():
+                opt.end_iteration()
+            self.global_step += 1
+            return self.global_step
+
+    def set_lr(self, lr: float, group_id: str | None = None) -> list[str]:
+        with self.lock.exclusive():
+            targets = self._select_groups(group_id)
+            for opt in targets.values():
+                try:
+                    opt.set_lr(lr)
+                except ValueError as exc:
+                    raise Invalid(str(exc)) from None
+            return list(targets)
+
+    def _select_groups(self, group_id: str | None) -> dict[str, Optimizer]:
+        if group_id is None:
+            return dict(self._groups)
+        if group_id not in self._groups:
+            raise NotFound(f"group {group_id!r} does not exist")
+        return {group_id: self._groups[group_id]}
+
+    def lr_scale(self, name: str) -> float:
+        e = self.entry(name)
+        return self._groups[e.group.id].lr_scale(name)
+
+    def set_lr_scale(self, name: str, scale: float) -> None:
+        with self.lock.shared():
+            e = self.entry(name)
+            with e.lock:
+                try:
+                    self._groups[e.group.id].set_lr_scale(name, scale)
+                except ValueError as exc:
+                    raise Invalid(str(exc)) from None
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def groups(self) -> list[dict[str, Any]]:
+        return [
+            {**g.to_dict(), "lr": self._groups[gid].lr, "params": self._count(gid)}
+            for gid, g in self._group_info.items()
+        ]
+
+    def _count(self, gid: str) -> int:
+        return sum(1 for e in self._entries.values() if e.group.id == gid)
+
+    def slots(self, name: str) -> dict[str, Any]:
+        e = self.entry(name)
+        opt = self._groups[e.group.id]
+        return opt.state(name).slots if name in opt.names() else {}
+
+    def state_bytes(self, name: str) -> int:
+        return sum(int(s.nbytes) for s in self.slots(name).values())
+
+    def device_bytes(self) -> int:
+        return sum(int(e.param.nbytes) + self.state_bytes(e.name) for e in self._entries.values())
+
+    def read_slot(self, name: str, slot: str) -> np.ndarray:
+        e = self.entry(name)
+        with e.lock:
+            slots = self.slots(name)
+            if slot not in slots:
+                raise NotFound(
+                    f"parameter {name!r} has no state slot {slot!r} (slots: {sorted(slots)})"
+                )
+            return self._host(slots[slot])
+
+    def inspect(self, name: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        """Host copies of the param and its slots, and its counters, taken atomically."""
+        e = self.entry(name)
+        with e.lock:
+            param = self._host(e.param)
+            slots = {k: self._host(v) for k, v in self.slots(name).items()}
+            counters = {
+                "version": e.version,
+                "last_grad_norm": e.last_grad_norm,
+                "last_update_norm": e.last_update_norm,
+                "norms_at_version": e.norms_at_version,
+            }
+        return param, slots, counters
+
+    def _host(self, arr: Any) -> np.ndarray:
+        return np.array(arr.get() if hasattr(arr, "get") else arr, dtype=np.float32, copy=True)
+
+    def iter_entries(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    # -- snapshots (checkpoints) -----------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Host copies of every param and state slot plus the metadata to rebuild them."""
+        with self.lock.exclusive():
+            tensors: dict[str, np.ndarray] = {}
+            params = {}
+            for e in self._entries.values():
+                tensors[f"param/{e.name}"] = self._host(e.param).reshape(e.shape)
+                params[e.name] = {"shape": list(e.shape), "group": e.group.id, "version": e.version}
+            groups = {}
+            for gid, opt in self._groups.items():
+                sd = opt.state_dict()
+                for name, st in sd["state"].items():
+                    for slot, arr in st["slots"].items():
+                        tensors[f"state/{name}/{slot}"] = arr
+                    params[name]["count"] = st["count"]
+                groups[gid] = {
+                    "algorithm": sd["algorithm"],
+                    "hyperparams": sd["hyperparams"],
+                    "lr": sd["lr"],
+                    "lr_scales": sd["lr_scales"],
+                }
+            meta = {
+                "format": 1,
+                "global_step": self.global_step,
+                "groups": groups,
+                "params": params,
+            }
+            return tensors, meta
+
+    def restore(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Replace everything with a snapshot; validated fully before the swap."""
+        try:
+            global_step = int(meta["global_step"])
+            built: dict[str, Optimizer] = {}
+            infos: dict[str, Group] = {}
+            for gid, g in meta["groups"].items():
+                group, _ = self.resolve_group(g["algorithm"], g["hyperparams"])
+                opt = create_optimizer(g["algorithm"], backend=self.device, **g["hyperparams"])
+                state = {}
+                for name, p in meta["params"].items():
+                    if p["group"] != gid or "count" not in p:
+                        continue
+                    slots = {
+                        k.rsplit("/", 1)[1]: np.ascontiguousarray(v)
+                        for k, v in tensors.items()
+                        if k.startswith(f"state/{name}/")
+                    }
+                    state[name] = {"shape": p["shape"], "count": p["count"], "slots": slots}
+                opt.load_state_dict(
+                    {
+                        "algorithm": g["algorithm"],
+                        "hyperparams": g["hyperparams"],
+                        "global_step": global_step,
+                        "lr": g["lr"],
+                        "lr_scales": g["lr_scales"],
+                        "state": state,
+                    }
+                )
+                built[group.id] = opt
+                infos[group.id] = group
+            entries = {}
+            for name, p in meta["params"].items():
+                check_name(name)
+                value = tensors[f"param/{name}"]
+                shape = tuple(p["shape"])
+                if tuple(value.shape) != shape or p["group"] not in built:
+                    raise Invalid(f"checkpoint entry {name!r} is inconsistent")
+                param = self.xp.array(np.ascontiguousarray(value).reshape(-1), copy=True)
+                entries[name] = Entry(name, shape, infos[p["group"]], param, int(p["version"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise Invalid(f"checkpoint is malformed: {exc!r}") from None
+        with self.lock.exclusive(), self._meta:
+            self._groups, self._group_info, self._entries = built, infos, entries
+            self.global_step = global_step
+
+
+def _norm(x: Any) -> float:
+    if hasattr(x, "get"):  # cupy
+        x = x.get()
+    return l2_norm(x)

@@ -1,0 +1,52 @@
+"""Fixtures: an app with its lifespan running (TestClient) and helpers to compare state."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+
+
+def make_client(tmp_path, **overrides) -> TestClient:
+    settings = Settings(checkpoint_dir=tmp_path / "ckpt", device="cpu", **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def client(tmp_path) -> Iterator[TestClient]:
+    with make_client(tmp_path) as c:
+        yield c
+
+
+def b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, np.float32).tobytes()).decode()
+
+
+def register(client, name="w", shape=(2, 3), algorithm="adamw", value=None, **hp):
+    body = {
+        "name": name,
+        "shape": list(shape),
+        "group": {"algorithm": algorithm, "hyperparams": hp},
+    }
+    if value is not None:
+        body["value"] = b64(value)
+    return client.post("/v1/params", json=body)
+
+
+def full_state(client) -> tuple[dict, dict]:
+    """Every param and slot (host copies) and the metadata: what must not change."""
+    tensors, meta = client.app.state.store.snapshot()
+    return {k: v.copy() for k, v in tensors.items()}, meta
+
+
+def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    assert a[1] == b[1]
+    assert a[0].keys() == b[0].keys()
+    for k in a[0]:
+        np.testing.assert_array_equal(a[0][k], b[0][k], err_msg=k)
