@@ -1,0 +1,69 @@
+"""End to end: the real `stepd serve` process, spoken to over HTTP on loopback."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import numpy as np
+
+from kernels import create_optimizer
+
+from .conftest import b64
+from .server import Server
+
+
+def _register(c: httpx.Client, value: np.ndarray) -> None:
+    body = {
+        "name": "layer.weight",
+        "shape": list(value.shape),
+        "group": {"algorithm": "nadamw", "hyperparams": {"lr": 1e-2, "weight_decay": 0.05}},
+        "value": b64(value),
+    }
+    assert c.post("/v1/params", json=body).status_code == 201
+
+
+def _step(c: httpx.Client, g: np.ndarray) -> np.ndarray:
+    r = c.post("/v1/params/layer.weight/step", content=g.tobytes())
+    assert r.status_code == 200, r.text
+    return np.frombuffer(r.content, np.float32).reshape(g.shape)
+
+
+def test_restart_from_checkpoint_across_two_processes(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    value = rng.standard_normal((64, 33)).astype(np.float32)
+    grads = [rng.standard_normal(value.shape).astype(np.float32) for _ in range(12)]
+    local = create_optimizer("nadamw", backend="cpu", lr=1e-2, weight_decay=0.05)
+    expected = value.copy()
+    for g in grads:
+        local.step("layer.weight", expected.shape, expected, g)
+        local.end_iteration()
+
+    with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        _register(c, value)
+        for g in grads[:5]:
+            _step(c, g)
+            c.post("/v1/iteration/end")
+        assert c.post("/v1/checkpoints", json={"name": "five"}).status_code == 201
+        _step(c, grads[5])  # lost with the process: the restore goes back to step 5
+        assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.get("/v1/params").json() == []  # a fresh process starts empty
+        assert c.post("/v1/checkpoints/five/restore").json()["global_step"] == 5
+        for g in grads[5:]:
+            p = _step(c, g)
+            c.post("/v1/iteration/end")
+    np.testing.assert_array_equal(p, expected)
+
+
+def test_sigterm_writes_the_final_checkpoint(tmp_path) -> None:
+    with Server(tmp_path, STEPD_CHECKPOINT_ON_SHUTDOWN="true") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            _register(c, np.ones((2, 2), np.float32))
+            _step(c, np.ones((2, 2), np.float32))
+        # uvicorn drains, runs the lifespan's shutdown, then re-raises the signal.
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    files = [p.name for p in tmp_path.iterdir()]
+    assert len(files) == 1
+    assert files[0].endswith(".safetensors")
