@@ -7,17 +7,33 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
+from ..checkpoints import AUTO_PREFIX
 from ..schemas import Iteration, LrRequest, Status
-from .deps import MetricsDep, StoreDep
+from .checkpoints import save_checkpoint
+from .deps import CheckpointsDep, MetricsDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/v1", tags=["training"])
 
 
 @router.post("/iteration/end", response_model=Iteration)
-async def end_iteration(store: StoreDep, metrics: MetricsDep) -> Iteration:
-    """Advance the global step (rlx-optim's ``end_iteration``); returns the new step."""
+async def end_iteration(
+    store: StoreDep, metrics: MetricsDep, settings: SettingsDep, ckpts: CheckpointsDep
+) -> Iteration:
+    """Advance the global step (rlx-optim's ``end_iteration``); returns the new step.
+
+    Every ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
+    ``autosave_keep`` automatic checkpoints.
+    """
     step = await run_in_threadpool(store.end_iteration)
     metrics.iterations.set(step)
+    every = settings.autosave_every
+    if every and step % every == 0:
+
+        def autosave() -> None:
+            save_checkpoint(store, ckpts, metrics, f"{AUTO_PREFIX}{step:08d}")
+            ckpts.prune_auto(settings.autosave_keep)
+
+        await run_in_threadpool(autosave)
     return Iteration(global_step=step)
 
 

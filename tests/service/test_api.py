@@ -421,3 +421,32 @@ def test_token_protects_everything_but_healthz(tmp_path) -> None:
         ok = {"authorization": "Bearer s3cret"}
         assert c.get("/v1/params", headers=ok).status_code == 200
         assert c.get("/v1/params", headers={"authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_autosave_every_k_iterations_keeps_the_last_n(tmp_path) -> None:
+    with make_client(tmp_path, autosave_every=2, autosave_keep=2) as c:
+        register(c)
+        c.post("/v1/checkpoints", json={"name": "manual"})
+        for _ in range(7):
+            c.post("/v1/params/w/step", content=f32(np.ones(6)))
+            c.post("/v1/iteration/end")
+        names = sorted(i["name"] for i in c.get("/v1/checkpoints").json())
+        assert names == ["auto-00000004", "auto-00000006", "manual"]
+        steps = {i["name"]: i["global_step"] for i in c.get("/v1/checkpoints").json()}
+        assert steps["auto-00000006"] == 6
+
+
+def test_checkpoint_files_are_standard_safetensors(client, tmp_path) -> None:
+    register(client, value=np.arange(6, dtype=np.float32))
+    client.post("/v1/params/w/step", content=f32(np.ones(6)))
+    client.post("/v1/checkpoints", json={"name": "std"})
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "std.safetensors"), "np") as f:
+        assert set(f.keys()) == {"param/w", "state/w/exp_avg", "state/w/exp_avg_sq"}
+        meta = json.loads(f.metadata()["stepd"])
+        np.testing.assert_array_equal(
+            f.get_tensor("param/w"),
+            np.frombuffer(client.get("/v1/params/w/value").content, np.float32).reshape(2, 3),
+        )
+    assert meta["params"]["w"]["version"] == 1
