@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class CudaBackend:
         self._max_blocks = dev.attributes["MultiProcessorCount"] * 8
         self._module = _module()
 
-    def all_finite(self, x) -> bool:  # noqa: ANN001 - a cupy.ndarray
+    def all_finite(self, x: Any) -> bool:  # x: a cupy.ndarray
         return bool(self._cupy.isfinite(x).all())
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:

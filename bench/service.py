@@ -1,0 +1,159 @@
+"""The HTTP API and checkpoints against their anchors, measured in the same run.
+
+    python bench/service.py [--checkpoint-gb 1.0]
+
+- HTTP step of a 1M- and a 16M-element float32 tensor (gradient up, parameter down) in GB/s
+  moved, next to a bare ASGI echo of the same bytes served by the same uvicorn (goal ≥ 0.9x);
+- p50 / p99 of a 1-element step next to the echo's (goal ≤ 1.3x);
+- checkpoint save and restore of ≥ 1 GB of state next to this disk's sequential write
+  bandwidth (a file of the same size written and fsynced; goal ≥ 0.8x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.service.server import Server, free_port  # noqa: E402
+
+
+def start_echo() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(ROOT / "bench"),
+            "echo_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.post(url, content=b"x", timeout=0.5)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError("echo server did not start")
+
+
+def timed(fn, repeat: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def http_section(tmp: Path) -> None:
+    echo, echo_url = start_echo()
+    try:
+        with (
+            Server(tmp / "ckpt") as server,
+            httpx.Client(base_url=server.url, timeout=120) as c,
+            httpx.Client(base_url=echo_url, timeout=120) as e,
+        ):
+            for n in (1, 1 << 20, 1 << 24):
+                name = f"w{n}"
+                body = {"name": name, "shape": [n], "group": {"algorithm": "adamw"}}
+                assert c.post("/v1/params", json=body).status_code == 201
+                grad = np.random.default_rng(0).standard_normal(n).astype(np.float32).tobytes()
+                repeat = 300 if n == 1 else (20 if n == 1 << 20 else 6)
+
+                def stepd(name=name, grad=grad):
+                    r = c.post(f"/v1/params/{name}/step", content=grad)
+                    assert r.status_code == 200
+                    assert len(r.content) == len(grad)
+
+                def echo_(grad=grad):
+                    r = e.post("/", content=grad)
+                    assert len(r.content) == len(grad)
+
+                ts, te = timed(stepd, repeat), timed(echo_, repeat)
+                if n == 1:
+                    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] * 1e6  # noqa: E731
+                    print(
+                        f"tiny step (1 element): stepd p50 {q(ts, 50):.0f} us, p99 "
+                        f"{q(ts, 99):.0f} us; echo p50 {q(te, 50):.0f} us, p99 {q(te, 99):.0f} us"
+                    )
+                    print(
+                        f"  stepd / echo p50 latency   {q(ts, 50) / q(te, 50):.2f}x  (goal <= 1.3)"
+                    )
+                else:
+                    moved = 2 * len(grad) / 1e9
+                    gs, ge = moved / statistics.median(ts), moved / statistics.median(te)
+                    print(
+                        f"{n:>10,} elements: stepd {gs:.2f} GB/s, echo {ge:.2f} GB/s, "
+                        f"ratio {gs / ge:.2f}  (goal >= 0.9)"
+                    )
+    finally:
+        echo.terminate()
+        echo.wait()
+
+
+def checkpoint_section(tmp: Path, gb: float) -> None:
+    from service.checkpoints import CheckpointDir
+    from service.store import ParamStore
+
+    n = int(gb * 1e9 / 12)  # AdamW: param + exp_avg + exp_avg_sq = 12 bytes per element
+    store = ParamStore("cpu")
+    store.register("w", (n,), None, "adamw", {})
+    store.step({"w": np.ones(n, np.float32)})
+    ckpts = CheckpointDir(tmp / "ckpt-bench")
+
+    block = np.ones(n * 3, np.float32)
+    path = tmp / "ckpt-bench" / "raw.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(memoryview(block).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    disk = block.nbytes / (time.perf_counter() - t) / 1e9
+    path.unlink()
+    del block
+
+    t = time.perf_counter()
+    tensors, meta = store.snapshot()
+    info = ckpts.save(tensors, meta, "bench")
+    save = info.bytes / (time.perf_counter() - t) / 1e9
+    del tensors
+    t = time.perf_counter()
+    store.restore(*ckpts.load("bench"))
+    restore = info.bytes / (time.perf_counter() - t) / 1e9
+    print(
+        f"checkpoint of {info.bytes / 1e9:.2f} GB: disk write (fsync) {disk:.2f} GB/s, "
+        f"save {save:.2f} GB/s ({save / disk:.2f}x, goal >= 0.8), restore {restore:.2f} GB/s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint-gb", type=float, default=1.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        http_section(Path(tmp))
+        checkpoint_section(Path(tmp), args.checkpoint_gb)
+
+
+if __name__ == "__main__":
+    main()
