@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _handler(status: int):
+def _handler(status: int) -> Any:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
