@@ -7,6 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+class WouldBlock(Exception):
+    """A non-blocking acquisition found the lock taken."""
+
+
 class RWLock:
     """Many shared holders or one exclusive holder; a waiting writer blocks new readers."""
 
@@ -17,9 +21,11 @@ class RWLock:
         self._writers_waiting = 0
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self, blocking: bool = True) -> Iterator[None]:
         with self._cond:
             while self._writer or self._writers_waiting:
+                if not blocking:
+                    raise WouldBlock
                 self._cond.wait()
             self._readers += 1
         try:

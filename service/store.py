@@ -26,7 +26,7 @@ import numpy as np
 
 from kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
-from .rwlock import RWLock
+from .rwlock import RWLock, WouldBlock
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]]{1,256}$")
 
@@ -93,6 +93,7 @@ class StepOutcome:
     name: str
     version: int
     applied: bool  # False: the gradient was non-finite and skipped
+    param: np.ndarray | None = None  # host copy right after this step, when asked for
 
 
 class ParamStore:
@@ -187,9 +188,17 @@ class ParamStore:
         except KeyError:
             raise NotFound(f"parameter {name!r} is not registered") from None
 
-    def step(self, grads: Mapping[str, np.ndarray]) -> list[StepOutcome]:
-        """Apply one gradient per name (host float32 arrays), one fused launch per group."""
-        with self.lock.shared():
+    def step(
+        self, grads: Mapping[str, np.ndarray], read_back: bool = False, blocking: bool = True
+    ) -> list[StepOutcome]:
+        """Apply one gradient per name (host float32 arrays), one fused launch per group.
+
+        ``read_back``: also return each parameter as it is right after this step (copied
+        under the same lock hold, so no other step can slip in between). ``blocking=False``
+        raises ``WouldBlock`` instead of waiting for a lock: the server then retries on a
+        worker thread, so a tiny step runs on the event loop only when it cannot stall it.
+        """
+        with self.lock.shared(blocking):
             entries = [self.entry(n) for n in grads]
             for e in entries:
                 g = grads[e.name]
@@ -204,16 +213,27 @@ class ParamStore:
                 raise Invalid(f"non-finite gradient values for {', '.join(map(repr, bad))}")
             with ExitStack() as stack:
                 for e in sorted(entries, key=lambda e: e.name):  # one order: no deadlock
-                    stack.enter_context(e.lock)
+                    if not e.lock.acquire(blocking):
+                        raise WouldBlock
+                    stack.callback(e.lock.release)
                 by_group: dict[str, list[Entry]] = {}
                 for e in entries:
                     if finite[e.name]:
                         by_group.setdefault(e.group.id, []).append(e)
                 for gid, members in by_group.items():
                     self._apply(self._groups[gid], members, grads)
-                with self._meta:
-                    self.skipped_nonfinite += len(bad)
-                return [StepOutcome(e.name, e.version, finite[e.name]) for e in entries]
+                if bad:
+                    with self._meta:
+                        self.skipped_nonfinite += len(bad)
+                return [
+                    StepOutcome(
+                        e.name,
+                        e.version,
+                        finite[e.name],
+                        self._host(e.param).reshape(e.shape) if read_back else None,
+                    )
+                    for e in entries
+                ]
 
     def _apply(self, opt: Optimizer, members: list[Entry], grads: Mapping[str, Any]) -> None:
         xp = self.xp

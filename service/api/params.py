@@ -11,8 +11,9 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from ..rwlock import WouldBlock
 from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
-from ..store import Entry, Invalid, ParamStore
+from ..store import Entry, Invalid, ParamStore, StepOutcome
 from ..tensors import dump_safetensors, from_bytes
 from .deps import MetricsDep, SettingsDep, StoreDep, read_body
 
@@ -20,6 +21,22 @@ router = APIRouter(prefix="/v1/params", tags=["params"])
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
 Format = Annotated[Literal["raw", "safetensors"], Query(description="raw bytes or safetensors")]
+
+
+# Steps up to this many elements run on the event loop when their locks are free: a thread
+# hop costs more than the kernel. Anything bigger, or contended, goes to a worker thread.
+INLINE_MAX_ELEMENTS = 1 << 16
+
+
+async def run_step(
+    store: ParamStore, grads: dict[str, np.ndarray], read_back: bool
+) -> list[StepOutcome]:
+    if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
+        try:
+            return store.step(grads, read_back, blocking=False)
+        except WouldBlock:
+            pass
+    return await run_in_threadpool(store.step, grads, read_back)
 
 
 def info(store: ParamStore, e: Entry) -> ParamInfo:
@@ -97,7 +114,7 @@ async def step(
     body = await read_body(request, settings.max_body_bytes)
     grad = from_bytes(body, entry.shape, f"{name!r} gradient")
     metrics.bytes_in.inc(len(body))
-    outcome = (await run_in_threadpool(store.step, {name: grad}))[0]
+    outcome = (await run_step(store, {name: grad}, return_param))[0]
     headers = {
         "X-Stepd-Version": str(outcome.version),
         "X-Stepd-Applied": str(outcome.applied).lower(),
@@ -109,8 +126,7 @@ async def step(
     if not return_param:
         metrics.step_seconds.observe(time.perf_counter() - start)
         return Response(status_code=204, headers=headers)
-    out = await run_in_threadpool(store.read, name)
-    payload = out.tobytes()
+    payload = outcome.param.tobytes()
     metrics.bytes_out.inc(len(payload))
     metrics.step_seconds.observe(time.perf_counter() - start)
     return Response(payload, media_type=OCTET, headers=headers)

@@ -6,12 +6,11 @@ import json
 import time
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from ..store import Invalid
 from ..tensors import dump_safetensors, parse_safetensors
 from .deps import MetricsDep, SettingsDep, StoreDep, read_body
-from .params import SAFETENSORS
+from .params import SAFETENSORS, run_step
 
 router = APIRouter(prefix="/v1", tags=["steps"])
 
@@ -40,12 +39,7 @@ async def step_batch(
         raise Invalid("the safetensors body holds no gradients")
     metrics.bytes_in.inc(len(body))
 
-    def run() -> tuple[dict, dict]:
-        outcomes = store.step(grads)
-        params = {o.name: store.read(o.name) for o in outcomes} if return_params else {}
-        return {o.name: o for o in outcomes}, params
-
-    outcomes, params = await run_in_threadpool(run)
+    outcomes = {o.name: o for o in await run_step(store, grads, return_params)}
     for o in outcomes.values():
         if o.applied:
             metrics.steps.labels(store.entry(o.name).group.id).inc()
@@ -58,6 +52,7 @@ async def step_batch(
     if not return_params:
         metrics.step_seconds.observe(time.perf_counter() - start)
         return Response(json.dumps(meta), media_type="application/json")
+    params = {n: o.param for n, o in outcomes.items()}
     payload = dump_safetensors(params, {k: json.dumps(v) for k, v in meta.items()})
     metrics.bytes_out.inc(len(payload))
     metrics.step_seconds.observe(time.perf_counter() - start)
