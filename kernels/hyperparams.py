@@ -31,6 +31,10 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
         return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {value!r}")
+        return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, typing.Sequence):

@@ -93,7 +93,7 @@ class Optimizer:
         """
         if not self.algorithm.takes_hessian:
             raise TypeError(f"{self.algorithm.name} does not take a Hessian estimate")
-        name, dims, _, hess = self._check(name, shape, hessian, hessian, writable=False)
+        name, dims, _, hess = self._check(name, shape, None, hessian, roles=("", "hessian"))
         state = self._state.get(name)
         if state is None:
             state = self._state[name] = self._new_state(dims)
@@ -218,14 +218,17 @@ class Optimizer:
         }
         return ParamState(shape, slots)
 
-    def _check(self, name: Any, shape: Any, param: Any, grad: Any, writable: bool = True) -> tuple:
+    def _check(
+        self, name: Any, shape: Any, param: Any, grad: Any, roles: tuple = ("param", "grad")
+    ) -> tuple:
         if type(name) is not str or not name:
             raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
         dims = _shape(name, shape)
         size = math.prod(dims)
-        for role, arr in (("param", param), ("grad", grad)):
-            self._check_array(name, role, arr, dims, size)
-        if writable and isinstance(param, np.ndarray) and not param.flags.writeable:
+        for role, arr in zip(roles, (param, grad), strict=True):
+            if role:
+                self._check_array(name, role, arr, dims, size)
+        if roles[0] and isinstance(param, np.ndarray) and not param.flags.writeable:
             raise ValueError(f"{name!r}: param must be writable (it is updated in place)")
         state = self._state.get(name)
         if state is not None and state.shape != dims:

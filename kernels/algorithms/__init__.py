@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
 from .base import Algorithm, ElementwiseAlgorithm, StepItem
+from .kron import Kron
+from .lamb import Lamb
 from .lion import Lion
+from .mars import Mars
+from .muon import Muon
 from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
 from .sgd import Sgd
+from .soap import Soap
+from .sophia import Sophia
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (Sgd, Adam, AdamW, NAdamW, RAdam, QHAdamW, Lion)
+    cls.name: cls
+    for cls in (
+        Adafactor,
+        Sgd,
+        Adam,
+        AdamW,
+        NAdamW,
+        RAdam,
+        QHAdamW,
+        Lion,
+        Muon,
+        Kron,
+        Sophia,
+        Lamb,
+        Mars,
+        Soap,
+    )
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "ElementwiseAlgorithm", "StepItem"]

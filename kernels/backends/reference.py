@@ -21,5 +21,6 @@ class ReferenceBackend:
         return bool(np.isfinite(x).all())
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
-        for it in items:
-            op.reference(it.param, it.grad, it.slots, op.unpack(it.args))
+        for it in items:  # flat views: params may arrive flat while the slots are shaped
+            slots = [s.reshape(-1) for s in it.slots]
+            op.reference(it.param.reshape(-1), it.grad.reshape(-1), slots, op.unpack(it.args))

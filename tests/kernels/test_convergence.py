@@ -14,23 +14,38 @@ from kernels import ALGORITHMS, create_optimizer
 # algorithms see a matrix. f = mean((1 - x)^2 + 100 (y - x^2)^2), minimum 0 at (1, 1).
 ROSENBROCK: dict[str, tuple[dict, int]] = {  # algorithm -> (hparams, steps)
     "sgd": ({"lr": 1.5e-3, "momentum": 0.98, "nesterov": True}, 4000),
+    "adafactor": ({"lr": 5e-2, "beta1": 0.9}, 2000),  # lr: the relative step's cap
     "adam": ({"lr": 5e-2, "betas": (0.9, 0.99)}, 2000),
     "adamw": ({"lr": 5e-2, "betas": (0.9, 0.99), "weight_decay": 0.0}, 2000),
     "nadamw": ({"lr": 5e-2, "betas": (0.9, 0.99), "weight_decay": 0.0}, 2000),
     "radam": ({"lr": 2e-2, "betas": (0.9, 0.99)}, 2000),
     "qhadamw": ({"lr": 5e-2, "betas": (0.9, 0.99)}, 2000),
     "lion": ({"lr": 1e-2}, 2000),
+    "muon": ({"lr": 2e-2, "weight_decay": 0.0}, 2000),  # (16, 2): one tall matrix
+    "lamb": ({"lr": 2e-2, "betas": (0.9, 0.99)}, 2000),
+    "mars": ({"lr": 2e-2}, 2000),
+    "kron": ({"lr": 3e-2}, 2000),  # (16, 2): a 16 x 16 and a 2 x 2 factor
+    # lr = 1: the unclipped step m / h is Newton's; rho caps it per coordinate.
+    "sophia": ({"lr": 1.0, "rho": 0.05}, 2000),
+    "soap": ({"lr": 2e-2, "weight_decay": 0.0}, 2000),
 }
 ROSENBROCK_LOSS = 1e-3
 
 DIGITS: dict[str, dict] = {  # algorithm -> hparams, 300 full-batch steps
     "sgd": {"lr": 0.1, "momentum": 0.9},
+    "adafactor": {"lr": 5e-2, "beta1": 0.9},
     "adam": {"lr": 1e-2},
     "adamw": {"lr": 1e-2},
     "nadamw": {"lr": 1e-2},
     "radam": {"lr": 3e-2},  # its first steps are un-adapted SGD steps of size lr
     "qhadamw": {"lr": 1e-2, "betas": (0.9, 0.999)},
     "lion": {"lr": 5e-3},
+    "muon": {"lr": 2e-2, "adamw_lr": 1e-2},  # w1, w2 by Muon; b1, b2 by its AdamW fallback
+    "lamb": {"lr": 1e-2},
+    "mars": {"lr": 1e-2, "lr_1d": 1e-2},  # biases: AdamW with lr_1d
+    "kron": {"lr": 1e-2},  # biases: clipped momentum SGD
+    "sophia": {"lr": 0.3, "rho": 0.05},
+    "soap": {"lr": 1e-2},
 }
 DIGITS_LOSS = 0.15  # train cross-entropy (it starts at ~2.3); held-out accuracy >= 90 %
 
