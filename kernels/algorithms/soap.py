@@ -16,10 +16,11 @@ For a matrix gradient ``G`` (``m x n``) with Kronecker factors ``L`` (``m x m``)
     L &\leftarrow L + w_s (G G^\top - L), \qquad R \leftarrow R + w_s (G^\top G - R)
 
 ``lerp`` is torch's (``b - (b - a)(1 - w)`` for ``w >= 0.5``), ``w_s = 1 - shampoo_beta``
-(``shampoo_beta`` None: ``betas[1]``). The first moment ``M`` lives in the parameter's own
-basis and is projected every step, so it follows every change of basis exactly (the
-authors' "re-project the moments"); the second moment ``V`` lives in the eigenbasis and is
-only permuted when the basis is refreshed (the authors' approximation).
+(``shampoo_beta`` None, ``pytorch_optimizer``'s spelling of the authors' -1: ``betas[1]``).
+The first moment ``M`` lives in the parameter's own basis and is projected every step, so
+it follows every change of basis exactly (the authors' "re-project the moments"); the
+second moment ``V`` lives in the eigenbasis and is only permuted when the basis is
+refreshed (the authors' approximation).
 
 - **First step of a name: statistics only.** ``L, R`` take ``G`` and ``Q = eigh`` of them
   (columns flipped to descending eigenvalues, ``eigh(L + 1e-30 I)`` in float32 with a
@@ -31,7 +32,8 @@ only permuted when the basis is refreshed (the authors' approximation).
   and ``V`` permuted by ``π`` along that dimension. eigh runs only at the first step.
 - **Which dimensions are preconditioned.** A dimension larger than ``max_precond_dim`` keeps
   the identity on its side (no factor); 1-D parameters take the identity unless
-  ``precondition_1d`` (and ``n <= max_precond_dim``); 0-d parameters are plain Adam.
+  ``precondition_1d`` (and ``n <= max_precond_dim``); 0-d parameters always do. With the
+  identity on every side this is Adam (with SOAP's skipped first step and step count).
   ``merge_dims`` first reshapes an n-D tensor (a 4-D one from NHWC to NCHW when
   ``data_format = "channels_last"``) by greedily merging neighbouring dimensions while the
   product stays ``<= max_precond_dim`` (the authors' ``merge_dims``), e.g. ``(3, 5, 7)`` with
@@ -58,8 +60,9 @@ Where the two references differ, and what is left out:
 - ``normalize_grads`` adds ``eps`` to the RMS, as ``pytorch_optimizer`` (the authors add 1e-30).
 - Weight decay multiplies by ``1 - eta lambda`` after the update, as ``pytorch_optimizer``
   (the authors add ``-eta lambda theta``: the same up to rounding).
-- Not supported: ``maximize`` (negate the gradient), per-parameter step counters, other
-  dtypes than float32, the authors' later bf16 / ``warmup_steps`` variant.
+- Not supported: ``maximize`` (negate the gradient instead), per-parameter step counters,
+  dtypes other than float32, and the later revision of the reference repository (bf16
+  state, ``warmup_steps``, debiased betas), which ``pytorch_optimizer`` does not follow.
 
 Elementwise parts are fused ops (``csrc/soap.cuh``): the first-moment and factor ``lerp``,
 the second moment with the Adam division in the eigenbasis, and the final update with decay

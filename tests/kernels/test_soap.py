@@ -275,7 +275,7 @@ def test_cuda_close_to_reference() -> None:
     gpu, _ = _run("cuda", hparams, xp=cp)
     ref, _ = _run("reference", hparams)
     for i, (a, b) in enumerate(zip(gpu, ref, strict=True)):
-        if MIXED[i] in ((16, 9), (9, 16), (2, 3, 4, 6)):  # rank-deficient first factors
+        if MIXED[i] in ((16, 9), (9, 16)):  # a rank-deficient first factor (16 x 16, rank 9)
             continue
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"p{i}")
 
