@@ -12,7 +12,7 @@ metrics_router = APIRouter(tags=["health"])  # behind the token, unlike /healthz
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 

@@ -86,12 +86,12 @@ async def register(body: RegisterRequest, store: StoreDep, response: Response) -
 
 
 @router.get("", response_model=list[ParamInfo])
-def list_params(store: StoreDep) -> list[ParamInfo]:
+async def list_params(store: StoreDep) -> list[ParamInfo]:
     return [info(store, e) for e in store.iter_entries()]
 
 
 @router.get("/{name}", response_model=ParamInfo)
-def get_param(name: str, store: StoreDep) -> ParamInfo:
+async def get_param(name: str, store: StoreDep) -> ParamInfo:
     return info(store, store.entry(name))
 
 
@@ -166,7 +166,7 @@ async def hessian(name: str, request: Request, store: StoreDep, settings: Settin
 
 
 @router.get("/{name}/lr_scale", response_model=LrScale)
-def get_lr_scale(name: str, store: StoreDep) -> LrScale:
+async def get_lr_scale(name: str, store: StoreDep) -> LrScale:
     return LrScale(lr_scale=store.lr_scale(name))
 
 

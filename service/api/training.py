@@ -45,12 +45,12 @@ async def set_lr(body: LrRequest, store: StoreDep) -> dict[str, Any]:
 
 
 @router.get("/groups")
-def groups(store: StoreDep) -> list[dict[str, Any]]:
+async def groups(store: StoreDep) -> list[dict[str, Any]]:
     return store.groups()
 
 
 @router.get("/status", response_model=Status)
-def status(store: StoreDep) -> Status:
+async def status(store: StoreDep) -> Status:
     return Status(
         global_step=store.global_step,
         device=store.backend.name,
