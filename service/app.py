@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from kernels.backends import get_backend
 
-from .api import checkpoints, health, params, steps, training
+from .api import checkpoints, dataplane, health, params, training
 from .api.deps import require_token
 from .checkpoints import CheckpointDir
 from .config import Settings, get_settings
@@ -63,9 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router)
     protected = [Depends(require_token)]
-    for module in (params, steps, training, checkpoints):
+    for module in (params, dataplane, training, checkpoints):
         app.include_router(module.router, dependencies=protected)
     app.include_router(health.metrics_router, dependencies=protected)
+    app.router.routes[:0] = dataplane.FAST_ROUTES  # served first; see api/dataplane.py
 
     for exc_type, status in ((NotFound, 404), (Conflict, 409), (Invalid, 422), (BadTensor, 422)):
         app.add_exception_handler(exc_type, _handler(status))

@@ -61,11 +61,12 @@ class Group:
 
     algorithm: str
     hyperparams: Mapping[str, Any]
+    id: str = field(init=False, compare=False)
 
-    @property
-    def id(self) -> str:
+    def __post_init__(self) -> None:
         canon = json.dumps({"a": self.algorithm, "h": self.hyperparams}, sort_keys=True)
-        return f"{self.algorithm}-{hashlib.sha256(canon.encode()).hexdigest()[:10]}"
+        digest = hashlib.sha256(canon.encode()).hexdigest()[:10]
+        object.__setattr__(self, "id", f"{self.algorithm}-{digest}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "algorithm": self.algorithm, "hyperparams": dict(self.hyperparams)}

@@ -4,39 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from ..rwlock import WouldBlock
 from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
-from ..store import Entry, Invalid, ParamStore, StepOutcome
+from ..store import Entry, Invalid, ParamStore
 from ..tensors import dump_safetensors, from_bytes
-from .deps import MetricsDep, SettingsDep, StoreDep, read_body
+from .deps import SettingsDep, StoreDep, read_body
 
 router = APIRouter(prefix="/v1/params", tags=["params"])
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
 Format = Annotated[Literal["raw", "safetensors"], Query(description="raw bytes or safetensors")]
-
-
-# Steps up to this many elements run on the event loop when their locks are free: a thread
-# hop costs more than the kernel. Anything bigger, or contended, goes to a worker thread.
-INLINE_MAX_ELEMENTS = 1 << 16
-
-
-async def run_step(
-    store: ParamStore, grads: dict[str, np.ndarray], read_back: bool
-) -> list[StepOutcome]:
-    if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
-        try:
-            return store.step(grads, read_back, blocking=False)
-        except WouldBlock:
-            pass
-    return await run_in_threadpool(store.step, grads, read_back)
 
 
 def info(store: ParamStore, e: Entry) -> ParamInfo:
@@ -93,43 +75,6 @@ async def list_params(store: StoreDep) -> list[ParamInfo]:
 @router.get("/{name}", response_model=ParamInfo)
 async def get_param(name: str, store: StoreDep) -> ParamInfo:
     return info(store, store.entry(name))
-
-
-@router.post(
-    "/{name}/step",
-    responses={200: {"content": {OCTET: {}}, "description": "the updated parameter"}},
-    response_class=Response,
-)
-async def step(
-    name: str,
-    request: Request,
-    store: StoreDep,
-    metrics: MetricsDep,
-    settings: SettingsDep,
-    return_param: bool = True,
-) -> Response:
-    """Body: the gradient as raw little-endian float32 bytes. Returns the new parameter."""
-    start = time.perf_counter()
-    entry = store.entry(name)
-    body = await read_body(request, settings.max_body_bytes)
-    grad = from_bytes(body, entry.shape, f"{name!r} gradient")
-    metrics.bytes_in.inc(len(body))
-    outcome = (await run_step(store, {name: grad}, return_param))[0]
-    headers = {
-        "X-Stepd-Version": str(outcome.version),
-        "X-Stepd-Applied": str(outcome.applied).lower(),
-    }
-    if outcome.applied:
-        metrics.steps.labels(entry.group.id).inc()
-    else:
-        metrics.skipped.inc()
-    if not return_param:
-        metrics.step_seconds.observe(time.perf_counter() - start)
-        return Response(status_code=204, headers=headers)
-    payload = outcome.param.tobytes()
-    metrics.bytes_out.inc(len(payload))
-    metrics.step_seconds.observe(time.perf_counter() - start)
-    return Response(payload, media_type=OCTET, headers=headers)
 
 
 @router.put("/{name}/value", response_model=ParamInfo)

@@ -1,0 +1,142 @@
+"""The data plane: stepping one parameter (raw bytes) or many (safetensors).
+
+These two endpoints carry every training step, so they are served as plain Starlette routes
+placed in front of the FastAPI app: FastAPI's per-request machinery costs about a quarter of
+a millisecond here, as much as the rest of a tiny step. The FastAPI routes below describe the
+same endpoints in the OpenAPI schema and call the same code, so behaviour cannot drift; the
+token check and the errors (raised to the app's handlers) are the same as everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from starlette.routing import Route
+
+from ..rwlock import WouldBlock
+from ..store import Invalid, ParamStore, StepOutcome
+from ..tensors import dump_safetensors, from_bytes, parse_safetensors
+from .deps import read_body, require_token
+
+OCTET = "application/octet-stream"
+SAFETENSORS = "application/x-safetensors"
+# Steps up to this many elements run on the event loop when their locks are free: a thread
+# hop costs more than the kernel. Anything bigger, or contended, goes to a worker thread.
+INLINE_MAX_ELEMENTS = 1 << 16
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+async def run_step(
+    store: ParamStore, grads: dict[str, np.ndarray], read_back: bool
+) -> list[StepOutcome]:
+    if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
+        try:
+            return store.step(grads, read_back, blocking=False)
+        except WouldBlock:
+            pass
+    return await run_in_threadpool(store.step, grads, read_back)
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "true").lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise HTTPException(422, f"query parameter {name!r} must be a boolean, got {value!r}")
+
+
+def _count(request: Request, outcomes: list[StepOutcome], body: int, out: int, start: float):
+    m = request.app.state.metrics
+    store = request.app.state.store
+    for o in outcomes:
+        if o.applied:
+            m.steps.labels(store.entry(o.name).group.id).inc()
+        else:
+            m.skipped.inc()
+    m.bytes_in.inc(body)
+    m.bytes_out.inc(out)
+    m.step_seconds.observe(time.perf_counter() - start)
+
+
+async def step_one(request: Request) -> Response:
+    start = time.perf_counter()
+    await require_token(request)
+    store, settings = request.app.state.store, request.app.state.settings
+    name = request.path_params["name"]
+    return_param = _flag(request, "return_param")
+    entry = store.entry(name)
+    body = await read_body(request, settings.max_body_bytes)
+    grad = from_bytes(body, entry.shape, f"{name!r} gradient")
+    [outcome] = await run_step(store, {name: grad}, return_param)
+    headers = {
+        "X-Stepd-Version": str(outcome.version),
+        "X-Stepd-Applied": "true" if outcome.applied else "false",
+    }
+    if not return_param:
+        _count(request, [outcome], len(body), 0, start)
+        return Response(status_code=204, headers=headers)
+    payload = outcome.param.tobytes()
+    _count(request, [outcome], len(body), len(payload), start)
+    return Response(payload, media_type=OCTET, headers=headers)
+
+
+async def step_many(request: Request) -> Response:
+    start = time.perf_counter()
+    await require_token(request)
+    store, settings = request.app.state.store, request.app.state.settings
+    return_params = _flag(request, "return_params")
+    body = await read_body(request, settings.max_body_bytes)
+    grads, _ = parse_safetensors(body)
+    if not grads:
+        raise Invalid("the safetensors body holds no gradients")
+    outcomes = await run_step(store, grads, return_params)
+    meta = {
+        "versions": {o.name: o.version for o in outcomes},
+        "skipped": [o.name for o in outcomes if not o.applied],
+    }
+    if not return_params:
+        _count(request, outcomes, len(body), 0, start)
+        return Response(json.dumps(meta), media_type="application/json")
+    payload = dump_safetensors(
+        {o.name: o.param for o in outcomes}, {k: json.dumps(v) for k, v in meta.items()}
+    )
+    _count(request, outcomes, len(body), len(payload), start)
+    return Response(payload, media_type=SAFETENSORS)
+
+
+FAST_ROUTES = [
+    Route("/v1/params/{name}/step", step_one, methods=["POST"]),
+    Route("/v1/step", step_many, methods=["POST"]),
+]
+
+# The OpenAPI description of the same endpoints (and a fallback that calls the same code).
+router = APIRouter(prefix="/v1", tags=["steps"])
+
+
+@router.post(
+    "/params/{name}/step",
+    responses={200: {"content": {OCTET: {}}, "description": "the updated parameter"}},
+    response_class=Response,
+)
+async def step(name: str, request: Request, return_param: bool = True) -> Response:
+    """Body: the gradient as raw little-endian float32 bytes. Returns the new parameter
+    (headers ``X-Stepd-Version``, ``X-Stepd-Applied``), or 204 with ``return_param=false``."""
+    return await step_one(request)
+
+
+@router.post(
+    "/step",
+    responses={200: {"content": {SAFETENSORS: {}}, "description": "updated parameters"}},
+    response_class=Response,
+)
+async def step_batch(request: Request, return_params: bool = True) -> Response:
+    """Body: safetensors of gradients keyed by parameter name; one fused launch per group.
+
+    The reply is a safetensors of the updated parameters whose ``__metadata__`` holds
+    ``versions`` and ``skipped`` (JSON), or, with ``return_params=false``, that JSON alone.
+    """
+    return await step_many(request)
