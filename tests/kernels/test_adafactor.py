@@ -31,6 +31,7 @@ from kernels.algorithms.adafactor import (
 )
 from kernels.backends.build import CSRC
 
+from .gpu import cuda_or_skip
 from .test_build import _args_fields
 
 TORCH = {"eps": (None, 1e-3), "eps1_floor": True}
@@ -409,9 +410,8 @@ def test_invalid_hyperparameters(hparams: dict, error: type, message: str) -> No
 @pytest.mark.parametrize("hparams", CONFIGS, ids=str)
 def test_cuda_matches_reference(hparams: dict) -> None:
     # Not bitwise: cuBLAS / CuPy reductions sum in another order than NumPy.
-    from .test_cuda import _cuda_or_skip
 
-    cp = _cuda_or_skip()
+    cp = cuda_or_skip()
     rng = np.random.default_rng(8)
     host = _arrays(rng, SHAPES)
     dev = {k: cp.asarray(p) for k, p in host.items()}

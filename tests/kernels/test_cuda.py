@@ -7,26 +7,14 @@ import pytest
 
 from kernels import create_optimizer
 
+from .gpu import cuda_or_skip
 from .test_fused import CONFIGS, SIZES
-
-
-def _cuda_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cupy
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("algorithm", "hparams"), CONFIGS, ids=[f"{a}-{h}" for a, h in CONFIGS])
 def test_cuda_equals_reference_bitwise(algorithm: str, hparams: dict) -> None:
-    cp = _cuda_or_skip()
+    cp = cuda_or_skip()
     rng = np.random.default_rng(11)
     host = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
     dev = [cp.asarray(p) for p in host]

@@ -16,6 +16,8 @@ from kernels.algorithms.kron import (
     solve_upper_right,
 )
 
+from .gpu import cuda_or_skip
+
 # Triangular and diagonal factors (size 1; > max_size_triangular when that is 5), a vector,
 # a scalar and a 3-D tensor (the last three: momentum SGD).
 SHAPES = [(6, 5), (1, 7), (9, 3), (11,), (), (2, 3, 4)]
@@ -343,25 +345,12 @@ def test_does_not_take_a_hessian() -> None:
         opt.update_hessian("w", (3,), x)
 
 
-def _cuda_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("precond_lr", [0.0, 0.2])
 def test_cuda_matches_reference(precond_lr: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """CuPy draws other probes than NumPy; with NumPy's probes uploaded, the GPU run is the
     reference run up to cuBLAS's summation order (the fused ops are bit-exact)."""
-    cp = _cuda_or_skip()
+    cp = cuda_or_skip()
     import kernels.algorithms.kron as kron_module
 
     def host_probe(xp, seed, name, t, shape):

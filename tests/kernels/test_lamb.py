@@ -16,6 +16,7 @@ from kernels.algorithms.lamb import LAMB_APPLY, LAMB_MOMENTS
 from kernels.backends import get_backend
 from kernels.ops import Launch
 
+from .gpu import cuda_or_skip
 from .oracles.lamb import optax_lamb
 
 # Around the vector width (16 floats) and the parallel threshold (32768), plus 0-d and a
@@ -238,24 +239,11 @@ def test_empty_tensor_is_a_no_op(shape: tuple[int, ...]) -> None:
     assert (q != 1.0).all()
 
 
-def _cupy_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cupy
-
-
 @pytest.mark.gpu
 def test_cuda_matches_reference() -> None:
     """Same fused arithmetic on the GPU; only the float64 norms sum in another order, which
     can flip the last bit of -lr * ratio, so whole steps agree to ~1 ulp of the update."""
-    cp = _cupy_or_skip()
+    cp = cuda_or_skip()
     rng = np.random.default_rng(10)
     shapes = [(), (17,), (40_003,), (8, 9, 5), (3, 4)]
     host = [np.asarray(rng.standard_normal(s), dtype=np.float32) for s in shapes]

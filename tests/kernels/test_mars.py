@@ -18,6 +18,8 @@ from kernels.algorithms.mars import MARS_ADAMW, MARS_ADAMW_1D, MARS_CORRECT
 from kernels.backends import get_backend
 from kernels.ops import Launch
 
+from .gpu import cuda_or_skip
+
 # 0-d and 1-D (AdamW unless optimize_1d), matrices around the vector width and across the
 # parallel threshold (32768 elements), a 3-D tensor.
 SHAPES = {"s": (), "b": (17,), "m": (3, 5), "n": (4, 4), "big": (191, 211), "w": (8, 9, 5)}
@@ -265,25 +267,12 @@ def test_empty_tensor_is_a_no_op(shape: tuple[int, ...]) -> None:
     assert (q != 1.0).all()
 
 
-def _cupy_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("hparams", HPARAMS, ids=["optimize-1d", "adamw-1d"])
 def test_cuda_matches_reference(hparams: dict) -> None:
     """Same fused arithmetic on the GPU; only the float64 norm sums in another order, which
     can flip the last bit of the clip, so whole steps agree to ~1 ulp of the update."""
-    cp = _cupy_or_skip()
+    cp = cuda_or_skip()
     rng = np.random.default_rng(10)
     shapes = list(SHAPES.values())
     names = list(SHAPES)

@@ -21,6 +21,8 @@ from kernels.algorithms.muon import (
 )
 from kernels.ops import Launch
 
+from .gpu import cuda_or_skip
+
 # -- Newton–Schulz -------------------------------------------------------------------------
 
 
@@ -248,24 +250,11 @@ def test_empty_matrix_is_a_no_op() -> None:
         assert opt.state(f"e{shape}").slots["momentum_buffer"].shape == shape
 
 
-def _cuda_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cupy
-
-
 @pytest.mark.gpu
 def test_cuda_matches_reference() -> None:
     """The fused ops are bit-exact on the GPU; cuBLAS sums the NS matmuls in another order
     than NumPy's BLAS, so whole steps agree to rounding (~1e-6 in O, times lr in θ)."""
-    cp = _cuda_or_skip()
+    cp = cuda_or_skip()
     rng = np.random.default_rng(10)
     shapes = MIXED
     host = [np.asarray(rng.standard_normal(s), dtype=np.float32) for s in shapes]

@@ -13,6 +13,8 @@ import torch
 from kernels import create_optimizer
 from kernels.algorithms.soap import merge_small_dims
 
+from .gpu import cuda_or_skip
+
 # Our names -> pytorch_optimizer's.
 PO_NAMES = {"max_precond_dim": "max_precondition_dim", "normalize_grads": "normalize_gradient"}
 
@@ -262,15 +264,7 @@ def test_fused_cpu_equals_reference_bitwise(hparams: dict) -> None:
 def test_cuda_close_to_reference() -> None:
     """cuBLAS / cuSOLVER round differently from OpenBLAS, so this is a tolerance, not bits
     (the shapes keep every first-step factor full rank; see the parity module)."""
-    try:
-        import cupy as cp
-
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
+    cp = cuda_or_skip()
     hparams = BACKEND_CONFIGS[0]
     gpu, _ = _run("cuda", hparams, xp=cp)
     ref, _ = _run("reference", hparams)

@@ -20,6 +20,8 @@ import torch
 
 from kernels import create_optimizer
 
+from .gpu import cuda_or_skip
+
 SHAPES = ((), (1,), (37,), (16, 9), (3, 5, 7))
 
 
@@ -240,22 +242,9 @@ def test_invalid_hyperparameters(kwargs: dict, message: str) -> None:
     assert str(info.value) == message
 
 
-def _cuda_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cupy
-
-
 @pytest.mark.gpu
 def test_cuda_equals_reference_bitwise() -> None:
-    cp = _cuda_or_skip()
+    cp = cuda_or_skip()
     rng = np.random.default_rng(15)
     sizes = (1, 17, 1000, 40_003)
     host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
