@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import create_optimizer
 from kernels.backends.build import CXXFLAGS, NATIVE, find_compiler
+from kernels.ops import Launch
 
 BYTES_PER_ELEMENT = 28  # AdamW: read p, g, m, v; write p, m, v
 
@@ -111,6 +112,19 @@ def batch_section(repeat: int, backend: str = "cpu", xp=np, sync=lambda: None) -
     print(
         f"  {count} x {size:,} via step_batch vs one {count * size:,} tensor: "
         f"{batched / single:.3f}x  (goal <= 1.3; {batched * 1e3:.2f} ms vs {single * 1e3:.2f} ms)"
+    )
+    # The same launch without the Python per-tensor work (checks, state lookup, pointer
+    # table): what the kernel's multi-tensor loop costs on its own.
+    op = opt.algorithm.op()
+    args = op.pack(opt.algorithm.scalars(opt.global_step + 1, opt.lr, False))
+    launches = [
+        Launch(p, g, [opt.state(n).slots[k] for k in op.slots], args) for n, _, p, g in small
+    ]
+    kernel = median_time(lambda: opt.backend.launch(op, launches), repeat * 4, sync)
+    print(
+        f"  the same as one prepared launch (kernel + pointer table only): "
+        f"{kernel / single:.3f}x  ({kernel * 1e3:.2f} ms; Python per tensor: "
+        f"{(batched - kernel) / count * 1e6:.1f} us)"
     )
 
 
