@@ -123,20 +123,23 @@ def checkpoint_section(tmp: Path, gb: float) -> None:
 
     block = np.ones(n * 3, np.float32)
     path = tmp / "ckpt-bench" / "raw.bin"
-    t = time.perf_counter()
-    with open(path, "wb") as f:
-        f.write(memoryview(block).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    disk = block.nbytes / (time.perf_counter() - t) / 1e9
-    path.unlink()
+
+    def disk_write(block: np.ndarray = block) -> float:
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(memoryview(block).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        seconds = time.perf_counter() - t
+        path.unlink()
+        return block.nbytes / seconds / 1e9
+
+    disk = max(disk_write() for _ in range(3))  # the disk's best, so the ratio is not flattered
     del block
 
     t = time.perf_counter()
-    tensors, meta = store.snapshot()
-    info = ckpts.save(tensors, meta, "bench")
+    info = store.write_snapshot(lambda tensors, meta: ckpts.save(tensors, meta, "bench"))
     save = info.bytes / (time.perf_counter() - t) / 1e9
-    del tensors
     t = time.perf_counter()
     store.restore(*ckpts.load("bench"))
     restore = info.bytes / (time.perf_counter() - t) / 1e9

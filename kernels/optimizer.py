@@ -145,9 +145,18 @@ class Optimizer:
 
     # -- state_dict ----------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue bit-identically; arrays are host copies."""
-        to_host = getattr(self.backend.xp, "asnumpy", np.array)
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-identically.
+
+        Arrays are host copies; with ``copy=False`` host arrays are the live buffers (as
+        torch's ``state_dict`` returns them), valid until the next step: for writing a
+        checkpoint without doubling memory.
+        """
+        xp = self.backend.xp
+        if copy:
+            to_host = getattr(xp, "asnumpy", lambda a: np.array(a, copy=True))
+        else:
+            to_host = getattr(xp, "asnumpy", lambda a: a)
         return {
             "algorithm": self.algorithm.name,
             "hyperparams": self.algorithm.hp.to_dict(),
@@ -158,7 +167,7 @@ class Optimizer:
                 name: {
                     "shape": list(st.shape),
                     "count": st.count,
-                    "slots": {k: np.array(to_host(v), copy=True) for k, v in st.slots.items()},
+                    "slots": {k: to_host(v) for k, v in st.slots.items()},
                 }
                 for name, st in self._state.items()
             },

@@ -120,10 +120,11 @@ class CheckpointDir:
         path = self.path(name)
         if not path.exists():
             raise NotFound(f"checkpoint {name!r} does not exist")
-        data = bytearray(path.stat().st_size)
+        data = np.empty(path.stat().st_size, np.uint8)  # not zero-filled, unlike bytearray
         with open(path, "rb") as f:
-            f.readinto(data)
-        tensors, metadata = parse_safetensors(data)
+            if f.readinto(memoryview(data)) != data.size:
+                raise Invalid(f"checkpoint {name!r} changed while being read")
+        tensors, metadata = parse_safetensors(memoryview(data))
         try:
             meta = json.loads(metadata["stepd"])
         except (KeyError, json.JSONDecodeError) as exc:

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 30, ge=1)
     # Gradients with NaN/Inf: "reject" (422) or "skip" (not applied, counted in /metrics).
     nonfinite: Literal["reject", "skip"] = "reject"
+    # Measure a parameter's gradient and update norms (inspection API) on every Nth step of
+    # it: each measurement costs a copy and two extra passes over the tensor.
+    stats_every: int = Field(16, ge=0)
     # Checkpoint automatically every K iterations (0: never), keeping the newest N of them.
     autosave_every: int = Field(0, ge=0)
     autosave_keep: int = Field(3, ge=1)

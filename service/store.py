@@ -17,10 +17,10 @@ import json
 import math
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
 from .rwlock import RWLock, WouldBlock
 
+T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]]{1,256}$")
 
 
@@ -381,31 +382,41 @@ class ParamStore:
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Host copies of every param and state slot plus the metadata to rebuild them."""
         with self.lock.exclusive():
-            tensors: dict[str, np.ndarray] = {}
-            params = {}
-            for e in self._entries.values():
-                tensors[f"param/{e.name}"] = self._host(e.param).reshape(e.shape)
-                params[e.name] = {"shape": list(e.shape), "group": e.group.id, "version": e.version}
-            groups = {}
-            for gid, opt in self._groups.items():
-                sd = opt.state_dict()
-                for name, st in sd["state"].items():
-                    for slot, arr in st["slots"].items():
-                        tensors[f"state/{name}/{slot}"] = arr
-                    params[name]["count"] = st["count"]
-                groups[gid] = {
-                    "algorithm": sd["algorithm"],
-                    "hyperparams": sd["hyperparams"],
-                    "lr": sd["lr"],
-                    "lr_scales": sd["lr_scales"],
-                }
-            meta = {
-                "format": 1,
-                "global_step": self.global_step,
-                "groups": groups,
-                "params": params,
+            return self._snapshot(copy=True)
+
+    def write_snapshot(self, write: Callable[[dict[str, np.ndarray], dict[str, Any]], T]) -> T:
+        """Call ``write(tensors, meta)`` with steps held off: on the CPU the tensors are the
+        live buffers themselves, so a checkpoint costs no copy and no extra memory."""
+        with self.lock.exclusive():
+            return write(*self._snapshot(copy=False))
+
+    def _snapshot(self, copy: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors: dict[str, np.ndarray] = {}
+        params = {}
+        for e in self._entries.values():
+            value = self._host(e.param) if copy or self.xp is not np else e.param
+            tensors[f"param/{e.name}"] = value.reshape(e.shape)
+            params[e.name] = {"shape": list(e.shape), "group": e.group.id, "version": e.version}
+        groups = {}
+        for gid, opt in self._groups.items():
+            sd = opt.state_dict(copy=copy)
+            for name, st in sd["state"].items():
+                for slot, arr in st["slots"].items():
+                    tensors[f"state/{name}/{slot}"] = arr
+                params[name]["count"] = st["count"]
+            groups[gid] = {
+                "algorithm": sd["algorithm"],
+                "hyperparams": sd["hyperparams"],
+                "lr": sd["lr"],
+                "lr_scales": sd["lr_scales"],
             }
-            return tensors, meta
+        meta = {
+            "format": 1,
+            "global_step": self.global_step,
+            "groups": groups,
+            "params": params,
+        }
+        return tensors, meta
 
     def restore(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Replace everything with a snapshot; validated fully before the swap."""

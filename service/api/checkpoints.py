@@ -20,8 +20,7 @@ def save_checkpoint(
     store: ParamStore, ckpts: CheckpointDir, metrics: Metrics, name: str | None
 ) -> Checkpoint:
     start = time.perf_counter()
-    tensors, meta = store.snapshot()
-    info = ckpts.save(tensors, meta, name)
+    info = store.write_snapshot(lambda tensors, meta: ckpts.save(tensors, meta, name))
     metrics.checkpoint_seconds.labels("save").observe(time.perf_counter() - start)
     return Checkpoint(**info.to_dict())
 
