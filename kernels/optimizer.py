@@ -65,7 +65,8 @@ class Optimizer:
         self.step_batch([(name, shape, param, grad)])
 
     def step_batch(self, items: Iterable[StepArgs]) -> None:
-        """Step several parameters in one fused launch; all are validated before any moves."""
+        """Step several parameters together (the elementwise family: one fused launch for
+        all of them); every item is validated before anything is written."""
         checked = [self._check(*item) for item in items]
         names = [c[0] for c in checked]
         if len(set(names)) != len(names):
