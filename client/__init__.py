@@ -1,3 +1,40 @@
-"""The stepd client library: the rlx-optim ``Optimizer`` contract over HTTP, shared memory and
-in-process transports. Until the transports land, ``kernels.create_optimizer`` is the
-in-process optimizer they will wrap."""
+"""The stepd client library: the rlx-optim ``Optimizer`` contract over HTTP or in process.
+
+::
+
+    from client import connect
+    opt = connect("local://", algorithm="adamw", lr=1e-3)   # or "http://127.0.0.1:8000"
+    opt.step("fc1.weight", param.shape, param, grad)        # param updated in place
+    opt.end_iteration()
+
+Light by design: numpy and httpx only (torch in :mod:`client.torch`, the numeric core only
+for ``local://``). Errors: see :mod:`client.errors`.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AuthError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServerError,
+    StepdError,
+    TransportError,
+)
+from .optimizer import Optimizer, StepdOptimizer, connect
+from .transport import Transport
+
+__all__ = [
+    "AuthError",
+    "ConflictError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "Optimizer",
+    "ServerError",
+    "StepdError",
+    "StepdOptimizer",
+    "Transport",
+    "TransportError",
+    "connect",
+]

@@ -1,0 +1,60 @@
+"""A tiny float32-only safetensors codec (the client must not import the server's).
+
+The format: an 8-byte little-endian header length, a JSON header mapping each name to
+``{"dtype", "shape", "data_offsets"}`` (plus an optional ``__metadata__`` of strings), then
+the raw little-endian data. Parsing checks every offset before building a view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+F32 = np.dtype("<f4")
+
+
+def dump(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise float32 arrays (keys in the given order) into one safetensors buffer."""
+    header: dict = {}
+    offset = 0
+    for name, arr in tensors.items():
+        size = arr.size * 4
+        offsets = [offset, offset + size]
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": offsets}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    parts = [struct.pack("<Q", len(raw)), raw]
+    parts += [np.ascontiguousarray(a, dtype=F32).tobytes() for a in tensors.values()]
+    return b"".join(parts)
+
+
+def parse(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read-only float32 views of a safetensors buffer, and its ``__metadata__``.
+
+    Raises ``ValueError`` on anything malformed (the caller maps it to a transport error).
+    """
+    view = memoryview(body)
+    if len(view) < 8:
+        raise ValueError("safetensors reply shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", view[:8])
+    if n > len(view) - 8:
+        raise ValueError(f"safetensors header length {n} exceeds the reply")
+    header = json.loads(bytes(view[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data = view[8 + n :]
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") != "F32":
+            raise ValueError(f"safetensors entry {name!r} is not F32")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        if not (0 <= begin <= end <= len(data)) or end - begin != math.prod(shape) * 4:
+            raise ValueError(f"safetensors entry {name!r} has bad offsets {[begin, end]}")
+        out[name] = np.frombuffer(data[begin:end], dtype=F32).reshape(shape)
+    return out, meta

@@ -1,0 +1,295 @@
+"""``http://host:port``: the stepd HTTP API through one keep-alive ``httpx.Client``.
+
+Tensors travel as raw little-endian float32 bytes (one parameter) or safetensors (a batch);
+JSON carries metadata only. An optional bearer token goes on every request.
+
+**Registration.** A name's first ``step`` (or :meth:`StepdOptimizer.register`) posts it to
+``/v1/params`` with the local ``param`` as its initial value and the group
+``{algorithm, hyperparams}`` of this optimizer (plus any lr_scale set before). If the server
+already holds the name with the same shape, group and lr_scale (HTTP 200), **the server's copy
+wins**: its value is downloaded and overwrites the local ``param`` before the step, so a
+worker that joins (or restarts) continues from the server's weights. Another config is a
+``ConflictError``.
+
+**Retries.** Steps and ``end_iteration`` are never retried: the request may have reached the
+server before the connection broke, and a retry could apply a gradient (or advance the step)
+twice. Idempotent calls (reads, registration, setting lr / lr_scale) are retried once after
+a transport failure. A step that fails leaves the local ``param`` exactly as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+
+from . import _safetensors
+from .errors import TransportError, error_for_status
+from .transport import (
+    EndIteration,
+    GetLr,
+    GetLrScale,
+    GetStateDict,
+    Item,
+    LoadStateDict,
+    Op,
+    Register,
+    SetLr,
+    SetLrScale,
+    Step,
+    Transport,
+)
+
+OCTET = {"content-type": "application/octet-stream"}
+SAFETENSORS = {"content-type": "application/x-safetensors"}
+F32 = np.dtype("<f4")
+
+
+def _path(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _detail(r: httpx.Response) -> Any:
+    try:
+        return r.json()["detail"]
+    except (ValueError, KeyError, TypeError):
+        return r.text
+
+
+class HttpTransport(Transport):
+    """Talks to ``stepd serve``; ``timeout`` (seconds) bounds every request."""
+
+    def __init__(
+        self,
+        url: str,
+        algorithm: str,
+        hyperparams: Mapping[str, Any],
+        token: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        headers = {"user-agent": "stepd-client"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.url = url.rstrip("/")
+        self._algorithm = algorithm
+        self._hyperparams = dict(hyperparams)
+        self._group_spec = {"algorithm": algorithm, "hyperparams": self._hyperparams}
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        self._registered: dict[str, tuple[int, ...]] = {}
+        self._group_id: str | None = None
+        self._lr: float | None = None  # set_lr before the group exists on the server
+        self._pending_scales: dict[str, float] = {}  # set_lr_scale before registration
+        self._explicit_scales: set[str] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *, retry: bool = False, **kw: Any) -> httpx.Response:
+        """One request; error statuses raise ``ServerError`` subclasses with the detail."""
+        attempts = 2 if retry else 1
+        for attempt in range(attempts):
+            try:
+                r = self._http.request(method, path, **kw)
+            except httpx.TransportError as exc:  # connect/read/write errors and timeouts
+                if attempt + 1 < attempts:
+                    continue
+                raise TransportError(f"{method} {self.url}{path}: {exc!r}") from exc
+            except httpx.HTTPError as exc:
+                raise TransportError(f"{method} {self.url}{path}: {exc!r}") from exc
+            if r.is_success:
+                return r
+            raise error_for_status(r.status_code, _detail(r), method, path)
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        r = self.request(method, path, **kw)
+        try:
+            return r.json()
+        except ValueError as exc:
+            raise TransportError(f"{method} {path}: reply is not JSON") from exc
+
+    def _tensor(self, path: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """GET a raw float32 tensor; its shape from ``X-Stepd-Shape`` unless given."""
+        r = self.request("GET", path, retry=True)
+        if shape is None:
+            header = r.headers.get("x-stepd-shape", "")
+            shape = tuple(int(d) for d in header.split(",")) if header else ()
+        if len(r.content) != math.prod(shape) * 4:
+            raise TransportError(
+                f"GET {path}: {len(r.content)} bytes, shape {list(shape)} needs "
+                f"{math.prod(shape) * 4}"
+            )
+        return np.frombuffer(r.content, dtype=F32).reshape(shape)
+
+    def check(self) -> dict[str, Any]:
+        """``GET /v1/status``: reachable, and the token (if any) is accepted."""
+        return self._json("GET", "/v1/status", retry=True)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- ops --------------------------------------------------------------------------------
+
+    def handle(self, op: Op) -> Any:
+        match op:
+            case Step(items=items):
+                return self._step(items)
+            case Register(items=items):
+                return self._ensure_registered(items)
+            case EndIteration():
+                return int(self._json("POST", "/v1/iteration/end")["global_step"])
+            case GetLr():
+                return self._get_lr()
+            case SetLr(lr=lr):
+                return self._set_lr(lr)
+            case GetLrScale(name=name):
+                if name in self._registered:
+                    r = self._json("GET", f"/v1/params/{_path(name)}/lr_scale", retry=True)
+                    return float(r["lr_scale"])
+                return self._pending_scales.get(name, 1.0)
+            case SetLrScale(name=name, scale=scale):
+                if name in self._registered:
+                    body = {"lr_scale": scale}
+                    self.request("PUT", f"/v1/params/{_path(name)}/lr_scale", json=body, retry=True)
+                else:
+                    self._pending_scales[name] = scale
+                self._explicit_scales.add(name)
+                return None
+            case GetStateDict():
+                return self._state_dict()
+            case LoadStateDict():
+                raise NotImplementedError(
+                    "load_state_dict over http:// needs a server endpoint to upload optimizer "
+                    "state slots (e.g. PUT /v1/params/{name}/state/{slot}, or uploading a "
+                    "checkpoint for POST /v1/checkpoints/{name}/restore); the server has "
+                    "neither. Restore a server-side checkpoint instead, or use local://."
+                )
+        raise TypeError(f"unknown op {op!r}")
+
+    def _ensure_registered(self, items: tuple[Item, ...]) -> None:
+        for name, shape, param, _ in items:
+            if name not in self._registered:
+                self._register(name, shape, param)
+
+    def _register(self, name: str, shape: tuple[int, ...], param: np.ndarray) -> None:
+        body = {
+            "name": name,
+            "shape": list(shape),
+            "group": self._group_spec,
+            "lr_scale": self._pending_scales.get(name, 1.0),
+            "value": base64.b64encode(param.tobytes()).decode("ascii"),
+        }
+        r = self.request("POST", "/v1/params", json=body, retry=True)
+        server_copy = None
+        if r.status_code == 200:  # already there with the same config: the server's copy wins
+            server_copy = self._tensor(f"/v1/params/{_path(name)}/value", shape)
+        gid = r.json()["group"]
+        if self._group_id is None:
+            self._group_id = gid
+            if self._lr is not None:  # set_lr came before the group existed
+                self._put_lr(self._lr)
+        self._registered[name] = shape
+        self._pending_scales.pop(name, None)
+        if server_copy is not None:
+            np.copyto(param.reshape(-1), server_copy.reshape(-1))
+
+    def _step(self, items: tuple[Item, ...]) -> None:
+        self._ensure_registered(items)
+        if len(items) == 1:
+            [(name, _, param, grad)] = items
+            r = self.request(
+                "POST", f"/v1/params/{_path(name)}/step", content=grad.tobytes(), headers=OCTET
+            )
+            if len(r.content) != param.nbytes:
+                raise TransportError(
+                    f"step {name!r}: reply has {len(r.content)} bytes, expected {param.nbytes}"
+                )
+            np.copyto(param.reshape(-1), np.frombuffer(r.content, dtype=F32))
+            return
+        body = _safetensors.dump({name: grad.reshape(shape) for name, shape, _, grad in items})
+        r = self.request("POST", "/v1/step", content=body, headers=SAFETENSORS)
+        try:
+            out, _ = _safetensors.parse(r.content)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransportError(f"POST /v1/step: malformed safetensors reply: {exc}") from exc
+        for name, _, param, _ in items:  # check everything before writing anything
+            got = out.get(name)
+            if got is None or got.size != param.size:
+                raise TransportError(f"POST /v1/step: reply lacks a matching {name!r}")
+        for name, _, param, _ in items:
+            np.copyto(param.reshape(-1), out[name].reshape(-1))
+
+    def _put_lr(self, lr: float) -> None:
+        body = {"lr": lr, "group": self._group_id}
+        self.request("PUT", "/v1/lr", json=body, retry=True)
+
+    def _set_lr(self, lr: float) -> None:
+        if self._group_id is not None:
+            self._put_lr(lr)
+        self._lr = lr
+
+    def _group(self) -> dict[str, Any] | None:
+        if self._group_id is None:
+            return None
+        groups = self._json("GET", "/v1/groups", retry=True)
+        return next((g for g in groups if g["id"] == self._group_id), None)
+
+    def _get_lr(self) -> float | None:
+        group = self._group()
+        if group is not None:
+            return float(group["lr"])
+        return self._lr if self._lr is not None else self._hyperparams.get("lr")
+
+    def _state_dict(self) -> dict[str, Any]:
+        """Assembled from /v1/status, /v1/params, per-param stats and raw slot downloads.
+
+        Not atomic: take it between steps. ``count`` is the server's per-parameter version
+        (steps applied, plus any ``PUT /v1/params/{name}/value``, which this client never
+        sends). Covers every parameter of this optimizer's group on the server.
+        """
+        status = self._json("GET", "/v1/status", retry=True)
+        groups = {g["id"]: g for g in status["groups"]}
+        group = groups.get(self._group_id) if self._group_id else None
+        if group is None:  # nothing registered yet: what connect() was given
+            lr = self._lr if self._lr is not None else self._hyperparams.get("lr")
+            return {
+                "algorithm": self._algorithm,
+                "hyperparams": json.loads(json.dumps(self._hyperparams)),
+                "global_step": int(status["global_step"]),
+                "lr": lr,
+                "lr_scales": {n: self._pending_scales[n] for n in self._pending_scales},
+                "state": {},
+            }
+        lr_scales: dict[str, float] = {}
+        state: dict[str, Any] = {}
+        for info in self._json("GET", "/v1/params", retry=True):
+            if info["group"] != self._group_id:
+                continue
+            name = info["name"]
+            if info["lr_scale"] != 1.0 or name in self._explicit_scales:
+                lr_scales[name] = float(info["lr_scale"])
+            if info["version"] == 0:
+                continue  # never stepped: no state yet, as in process
+            stats = self._json("GET", f"/v1/params/{_path(name)}/stats", retry=True)
+            slots = {
+                slot: np.array(self._tensor(f"/v1/params/{_path(name)}/state/{_path(slot)}"))
+                for slot in stats["slots"]
+            }
+            state[name] = {"shape": list(info["shape"]), "count": info["version"], "slots": slots}
+        return {
+            "algorithm": group["algorithm"],
+            "hyperparams": group["hyperparams"],
+            "global_step": int(status["global_step"]),
+            "lr": float(group["lr"]),
+            "lr_scales": lr_scales,
+            "state": state,
+        }

@@ -1,0 +1,249 @@
+"""The rlx-optim ``Optimizer`` contract as a Python object, over any transport.
+
+``connect(url, algorithm, **hyperparams)`` picks the transport from the URL scheme:
+
+- ``http://host:port`` (or ``https://``): the stepd HTTP API (:mod:`client.http`);
+- ``local://``: the numeric core in this process, no server (:mod:`client.local`);
+- ``shm://``: not implemented yet.
+
+:class:`StepdOptimizer` validates every argument before anything is sent (``TypeError`` /
+``ValueError``, nothing changed), then hands one op to the transport. It is not thread-safe:
+use one per thread, or a lock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from .errors import StepdError
+from .transport import (
+    EndIteration,
+    GetLr,
+    GetLrScale,
+    GetStateDict,
+    Item,
+    LoadStateDict,
+    Register,
+    SetLr,
+    SetLrScale,
+    Step,
+    Transport,
+)
+
+StepArgs = tuple[str, Sequence[int], np.ndarray, np.ndarray]
+_F32 = np.dtype(np.float32)
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """What training code may rely on, whatever the transport (rlx-optim's trait)."""
+
+    def step(
+        self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray
+    ) -> None: ...
+    def step_batch(self, items: Iterable[StepArgs]) -> None: ...
+    def end_iteration(self) -> int: ...
+    def lr_scale(self, name: str) -> float: ...
+    def set_lr_scale(self, name: str, scale: float) -> None: ...
+    def set_lr(self, lr: float) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+def _name(name: Any) -> str:
+    if type(name) is not str or not name:
+        raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
+    return name
+
+
+def _shape(name: str, shape: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name!r}: shape must be a sequence of ints, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"{name!r}: shape must hold non-negative ints, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def _array(name: str, role: str, arr: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name!r}: {role} must be a numpy.ndarray, got {type(arr).__name__}")
+    if arr.dtype != _F32:
+        raise TypeError(f"{name!r}: {role} must be float32 (native little-endian), got {arr.dtype}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name!r}: {role} must be C-contiguous (no silent copies)")
+    if arr.size != math.prod(shape):
+        raise ValueError(
+            f"{name!r}: {role} has {arr.size} elements, shape {list(shape)} needs "
+            f"{math.prod(shape)}"
+        )
+
+
+def _rate(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{what} must be finite and >= 0, got {value}")
+    return value
+
+
+class StepdOptimizer:
+    """Named float32 parameters stepped by a stepd optimizer behind ``transport``.
+
+    ``param`` arrays are updated in place with the optimizer's result; a call that raises
+    leaves them exactly as they were. Over HTTP a name's first step registers it, and if the
+    server already holds that name (same config), the server's copy wins (see
+    :mod:`client.http`).
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._closed = False
+
+    # -- the rlx-optim Optimizer trait ------------------------------------------------------
+
+    def step(self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray) -> None:
+        """Apply ``grad`` to ``name``; ``param`` (contiguous float32) is updated in place."""
+        self.step_batch([(name, shape, param, grad)])
+
+    def step_batch(self, items: Iterable[StepArgs]) -> None:
+        """Step several parameters in one round trip; all are validated before any is sent."""
+        checked = self._check_items(items, with_grad=True)
+        if checked:
+            self._call(Step(checked))
+            self._remember(checked)
+
+    def register(self, name: str, shape: Sequence[int], param: np.ndarray) -> None:
+        """Register ``name`` now rather than on its first step (server copy wins, in place)."""
+        checked = self._check_items([(name, shape, param, None)], with_grad=False)
+        self._call(Register(checked))
+        self._remember(checked)
+
+    def end_iteration(self) -> int:
+        """Advance the global step counter; returns the new value."""
+        return int(self._call(EndIteration()))
+
+    def lr_scale(self, name: str) -> float:
+        return float(self._call(GetLrScale(_name(name))))
+
+    def set_lr_scale(self, name: str, scale: float) -> None:
+        name = _name(name)
+        self._call(SetLrScale(name, _rate(f"lr_scale for {name!r}", scale)))
+
+    def set_lr(self, lr: float) -> None:
+        self._call(SetLr(_rate("learning rate", lr)))
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate now in force (over HTTP: ``None`` until known to the server)."""
+        return self._call(GetLr())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The structure of ``kernels.Optimizer.state_dict()`` (arrays are host copies)."""
+        return self._call(GetStateDict())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace all state (``local://``; ``http://`` raises ``NotImplementedError``)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
+        self._call(LoadStateDict(state))
+        self._shapes = {n: tuple(s["shape"]) for n, s in state.get("state", {}).items()}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    def __enter__(self) -> StepdOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _call(self, op: Any) -> Any:
+        if self._closed:
+            raise StepdError("this optimizer is closed")
+        return self.transport.handle(op)
+
+    def _check_items(self, items: Iterable[Any], with_grad: bool) -> tuple[Item, ...]:
+        checked = []
+        seen = set()
+        for item in items:
+            try:
+                name, shape, param, grad = item
+            except (TypeError, ValueError):
+                raise TypeError(f"expected (name, shape, param, grad), got {item!r}") from None
+            name = _name(name)
+            if name in seen:
+                raise ValueError(f"{name!r} appears more than once in one step_batch")
+            seen.add(name)
+            dims = _shape(name, shape)
+            _array(name, "param", param, dims)
+            if not param.flags.writeable:
+                raise ValueError(f"{name!r}: param must be writable (it is updated in place)")
+            if with_grad:
+                _array(name, "grad", grad, dims)
+            known = self._shapes.get(name)
+            if known is not None and known != dims:
+                raise ValueError(f"{name!r}: shape {dims} differs from its registered {known}")
+            checked.append((name, dims, param, grad))
+        return tuple(checked)
+
+    def _remember(self, items: tuple[Item, ...]) -> None:
+        for name, dims, _, _ in items:
+            self._shapes[name] = dims
+
+
+def connect(
+    url: str,
+    algorithm: str = "adamw",
+    *,
+    token: str | None = None,
+    timeout: float = 30.0,
+    **hyperparams: Any,
+) -> StepdOptimizer:
+    """An optimizer behind ``url``: ``http://host:port``, ``local://`` or ``local://?backend=cpu``.
+
+    ``hyperparams`` follow torch.optim names (``lr``, ``betas``, ``weight_decay``…). Over HTTP
+    the server is asked for ``/v1/status`` first, so a dead server (``TransportError``) or a
+    wrong token (``AuthError``) shows here; hyperparameters are validated by the server on the
+    first registration (``InvalidRequestError``). ``local://`` validates them at once
+    (``ValueError`` / ``TypeError``).
+    """
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a str, got {algorithm!r}")
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        from .http import HttpTransport
+
+        timeout = _rate("timeout", timeout)
+        transport = HttpTransport(url, algorithm, hyperparams, token=token, timeout=timeout)
+        try:
+            transport.check()
+        except BaseException:
+            transport.close()
+            raise
+        return StepdOptimizer(transport)
+    if parts.scheme == "local":
+        from .local import LocalTransport
+
+        query = parse_qs(parts.query)
+        backend = query.pop("backend", ["auto"])[-1]
+        if query or parts.netloc or parts.path not in ("", "/"):
+            raise ValueError(f"local:// takes only ?backend=..., got {url!r}")
+        return StepdOptimizer(LocalTransport(algorithm, hyperparams, backend=backend))
+    if parts.scheme == "shm":
+        raise NotImplementedError("the shm:// transport is not implemented yet; use http://")
+    raise ValueError(f"unsupported URL {url!r}: expected http://host:port or local://")

@@ -1,0 +1,80 @@
+"""local:// and http:// (a real server process) give bit-identical results for the same calls.
+
+One server serves every family (names prefixed by the algorithm, one group each); its global
+step is shared, so the in-process optimizer starts from the server's step (via
+``load_state_dict``) and both then see exactly the same sequence of calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client import connect
+
+from .conftest import assert_same_state
+
+SHAPES = {"w": (4, 6), "b": (6,), "m": (3, 3)}
+
+FAMILIES = {
+    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    "adam": {"lr": 1e-2},
+    "adamw": {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1},
+    "nadamw": {"lr": 1e-2},
+    "radam": {"lr": 1e-2},
+    "qhadamw": {"lr": 1e-2},
+    "lion": {"lr": 1e-3, "weight_decay": 0.1},
+    "lamb": {"lr": 1e-2, "weight_decay": 0.01},
+    "adafactor": {"beta1": 0.9},
+    "muon": {"lr": 0.02},
+    "soap": {"lr": 1e-2},
+    "kron": {"lr": 1e-2},
+    "mars": {"lr": 1e-2},
+}
+
+
+def run(opt, algorithm: str, lr: float | None, step0: int) -> list[dict]:
+    """One fixed sequence of calls; returns every parameter after every iteration."""
+    rng = np.random.default_rng(7)
+    shapes = {f"{algorithm}.{n}": s for n, s in SHAPES.items()}
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    opt.set_lr_scale(f"{algorithm}.m", 0.25)  # before the name exists anywhere
+    if lr is not None:
+        opt.set_lr(lr * 0.8)  # before the group exists on the server
+    history = []
+    for t in range(20):
+        grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        if t % 2 == 0:
+            opt.step_batch([(n, shapes[n], params[n], grads[n]) for n in shapes])
+        else:
+            for n in shapes:
+                opt.step(n, shapes[n], params[n], grads[n])
+        assert opt.end_iteration() == step0 + t + 1
+        if t == 3:
+            opt.set_lr_scale(f"{algorithm}.b", 0.5)
+            assert opt.lr_scale(f"{algorithm}.b") == 0.5
+        if t == 9 and lr is not None:
+            opt.set_lr(lr * 0.3)
+        history.append({n: p.copy() for n, p in params.items()})
+    return history
+
+
+@pytest.mark.parametrize("algorithm", sorted(FAMILIES))
+def test_local_and_http_are_bit_identical(shared_server, algorithm) -> None:
+    hp = FAMILIES[algorithm]
+    lr = hp.get("lr")
+    with connect(shared_server.url, algorithm, **hp) as remote:
+        step0 = remote.state_dict()["global_step"]
+        with connect("local://?backend=cpu", algorithm, **hp) as local:
+            local.load_state_dict({**local.state_dict(), "global_step": step0})
+            want = run(local, algorithm, lr, step0)
+            want_sd = local.state_dict()
+        got = run(remote, algorithm, lr, step0)
+        got_sd = remote.state_dict()
+    for t, (a, b) in enumerate(zip(want, got, strict=True)):
+        for n in a:
+            np.testing.assert_array_equal(b[n], a[n], err_msg=f"{algorithm} {n} iteration {t}")
+    w = f"{algorithm}.w"
+    assert not np.array_equal(want[-1][w], want[0][w])  # it did move
+    assert_same_state(want_sd, got_sd)
+    assert got_sd["lr_scales"] == {f"{algorithm}.b": 0.5, f"{algorithm}.m": 0.25}
