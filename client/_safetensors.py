@@ -17,9 +17,9 @@ import numpy as np
 F32 = np.dtype("<f4")
 
 
-def dump(tensors: Mapping[str, np.ndarray]) -> bytes:
+def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise float32 arrays (keys in the given order) into one safetensors buffer."""
-    header: dict = {}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, arr in tensors.items():
         size = arr.size * 4

@@ -72,14 +72,31 @@ class HttpTransport(Transport):
         hyperparams: Mapping[str, Any],
         token: str | None = None,
         timeout: float = 30.0,
+        worker: str | None = None,
+        workers: Mapping[str, Any] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
+        """``worker``: this process's id, sent with every step and ``end_iteration`` (sync
+        groups need it); ``workers``: the group's workers config (``{"mode": "sync", "count":
+        4}``, ``{"mode": "async", "max_staleness": 8}``; see the server's service/workers.py);
+        ``shard``: the (index, count) this server has in a sharded deployment, checked by the
+        server at registration."""
         headers = {"user-agent": "stepd-client"}
         if token:
             headers["authorization"] = f"Bearer {token}"
         self.url = url.rstrip("/")
         self._algorithm = algorithm
         self._hyperparams = dict(hyperparams)
-        self._group_spec = {"algorithm": algorithm, "hyperparams": self._hyperparams}
+        self._group_spec: dict[str, Any] = {
+            "algorithm": algorithm,
+            "hyperparams": self._hyperparams,
+        }
+        if workers is not None:
+            self._group_spec["workers"] = dict(workers)
+        self._async = workers is not None and workers.get("mode") == "async"
+        self._worker_query = {"worker": worker} if worker is not None else {}
+        self._shard = shard
+        self._versions: dict[str, int] = {}  # async groups: the version each param came from
         self._http = httpx.Client(
             base_url=self.url,
             headers=headers,
@@ -146,7 +163,8 @@ class HttpTransport(Transport):
             case Register(items=items):
                 return self._ensure_registered(items)
             case EndIteration():
-                return int(self._json("POST", "/v1/iteration/end")["global_step"])
+                r = self._json("POST", "/v1/iteration/end", params=self._worker_query)
+                return int(r["global_step"])
             case GetLr():
                 return self._get_lr()
             case SetLr(lr=lr):
@@ -188,6 +206,8 @@ class HttpTransport(Transport):
             "lr_scale": self._pending_scales.get(name, 1.0),
             "value": base64.b64encode(param.tobytes()).decode("ascii"),
         }
+        if self._shard is not None:
+            body["shard"] = {"index": self._shard[0], "count": self._shard[1]}
         r = self.request("POST", "/v1/params", json=body, retry=True)
         server_copy = None
         if r.status_code == 200:  # already there with the same config: the server's copy wins
@@ -198,6 +218,7 @@ class HttpTransport(Transport):
             if self._lr is not None:  # set_lr came before the group existed
                 self._put_lr(self._lr)
         self._registered[name] = shape
+        self._versions[name] = int(r.json()["version"])
         self._pending_scales.pop(name, None)
         if server_copy is not None:
             np.copyto(param.reshape(-1), server_copy.reshape(-1))
@@ -206,19 +227,36 @@ class HttpTransport(Transport):
         self._ensure_registered(items)
         if len(items) == 1:
             [(name, _, param, grad)] = items
+            query = dict(self._worker_query)
+            if self._async:
+                query["version"] = self._versions[name]
             r = self.request(
-                "POST", f"/v1/params/{_path(name)}/step", content=grad.tobytes(), headers=OCTET
+                "POST",
+                f"/v1/params/{_path(name)}/step",
+                content=grad.tobytes(),
+                headers=OCTET,
+                params=query,
             )
             if len(r.content) != param.nbytes:
                 raise TransportError(
                     f"step {name!r}: reply has {len(r.content)} bytes, expected {param.nbytes}"
                 )
             np.copyto(param.reshape(-1), np.frombuffer(r.content, dtype=F32))
+            if "x-stepd-version" in r.headers:
+                self._versions[name] = int(r.headers["x-stepd-version"])
             return
-        body = _safetensors.dump({name: grad.reshape(shape) for name, shape, _, grad in items})
-        r = self.request("POST", "/v1/step", content=body, headers=SAFETENSORS)
+        meta = None
+        if self._async:
+            meta = {"versions": json.dumps({name: self._versions[name] for name, *_ in items})}
+        body = _safetensors.dump(
+            {name: grad.reshape(shape) for name, shape, _, grad in items}, meta
+        )
+        r = self.request(
+            "POST", "/v1/step", content=body, headers=SAFETENSORS, params=self._worker_query
+        )
         try:
-            out, _ = _safetensors.parse(r.content)
+            out, reply_meta = _safetensors.parse(r.content)
+            versions = json.loads(reply_meta.get("versions", "{}"))
         except (ValueError, KeyError, TypeError) as exc:
             raise TransportError(f"POST /v1/step: malformed safetensors reply: {exc}") from exc
         for name, _, param, _ in items:  # check everything before writing anything
@@ -227,6 +265,8 @@ class HttpTransport(Transport):
                 raise TransportError(f"POST /v1/step: reply lacks a matching {name!r}")
         for name, _, param, _ in items:
             np.copyto(param.reshape(-1), out[name].reshape(-1))
+            if name in versions:
+                self._versions[name] = int(versions[name])
 
     def _put_lr(self, lr: float) -> None:
         body = {"lr": lr, "group": self._group_id}

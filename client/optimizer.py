@@ -4,7 +4,7 @@
 
 - ``http://host:port`` (or ``https://``): the stepd HTTP API (:mod:`client.http`);
 - ``local://``: the numeric core in this process, no server (:mod:`client.local`);
-- ``shm://``: not implemented yet.
+- ``shm:///path/to/stepd.sock``: same host, shared memory (:mod:`client.shm`).
 
 :class:`StepdOptimizer` validates every argument before anything is sent (``TypeError`` /
 ``ValueError``, nothing changed), then hands one op to the transport. It is not thread-safe:
@@ -207,13 +207,15 @@ class StepdOptimizer:
 
 
 def connect(
-    url: str,
+    url: str | Sequence[str],
     algorithm: str = "adamw",
     *,
     token: str | None = None,
     timeout: float = 30.0,
+    worker: str | None = None,
+    workers: Mapping[str, Any] | None = None,
     **hyperparams: Any,
-) -> StepdOptimizer:
+) -> Any:
     """An optimizer behind ``url``: ``http://host:port``, ``local://`` or ``local://?backend=cpu``.
 
     ``hyperparams`` follow torch.optim names (``lr``, ``betas``, ``weight_decay``…). Over HTTP
@@ -221,21 +223,43 @@ def connect(
     wrong token (``AuthError``) shows here; hyperparameters are validated by the server on the
     first registration (``InvalidRequestError``). ``local://`` validates them at once
     (``ValueError`` / ``TypeError``).
+
+    Several servers: ``connect([url0, url1, ...])`` shards the parameters over them by a
+    stable hash of the name (:mod:`client.sharding`). Distributed workers (http://):
+    ``worker`` is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync",
+    "count": 4}`` or ``{"mode": "async", "max_staleness": 8}``.
     """
+    if not isinstance(url, str):
+        from .sharding import ShardedOptimizer
+
+        urls = list(url)
+        opts: list[StepdOptimizer] = []
+        try:
+            for index, one in enumerate(urls):
+                opts.append(
+                    _connect_http(
+                        one,
+                        algorithm,
+                        token,
+                        timeout,
+                        worker,
+                        workers,
+                        hyperparams,
+                        shard=(index, len(urls)),
+                    )
+                )
+        except BaseException:
+            for opt in opts:
+                opt.close()
+            raise
+        return ShardedOptimizer(opts)
     if not isinstance(algorithm, str):
         raise TypeError(f"algorithm must be a str, got {algorithm!r}")
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
-        from .http import HttpTransport
-
-        timeout = _rate("timeout", timeout)
-        transport = HttpTransport(url, algorithm, hyperparams, token=token, timeout=timeout)
-        try:
-            transport.check()
-        except BaseException:
-            transport.close()
-            raise
-        return StepdOptimizer(transport)
+        return _connect_http(url, algorithm, token, timeout, worker, workers, hyperparams)
+    if worker is not None or workers is not None:
+        raise ValueError(f"worker modes need a server over http://, not {parts.scheme}://")
     if parts.scheme == "local":
         from .local import LocalTransport
 
@@ -245,5 +269,47 @@ def connect(
             raise ValueError(f"local:// takes only ?backend=..., got {url!r}")
         return StepdOptimizer(LocalTransport(algorithm, hyperparams, backend=backend))
     if parts.scheme == "shm":
-        raise NotImplementedError("the shm:// transport is not implemented yet; use http://")
-    raise ValueError(f"unsupported URL {url!r}: expected http://host:port or local://")
+        from .shm import ShmTransport
+
+        if parts.netloc or not parts.path or parts.query:
+            raise ValueError(f"shm:// takes a socket path, shm:///path/to/stepd.sock, got {url!r}")
+        timeout = _rate("timeout", timeout)
+        return StepdOptimizer(ShmTransport(parts.path, algorithm, hyperparams, timeout=timeout))
+    raise ValueError(f"unsupported URL {url!r}: expected http://host:port, shm:///path or local://")
+
+
+def _connect_http(
+    url: str,
+    algorithm: str,
+    token: str | None,
+    timeout: float,
+    worker: str | None,
+    workers: Mapping[str, Any] | None,
+    hyperparams: Mapping[str, Any],
+    shard: tuple[int, int] | None = None,
+) -> StepdOptimizer:
+    from .http import HttpTransport
+
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"sharding needs http:// servers, got {url!r}")
+    transport = HttpTransport(
+        url,
+        algorithm,
+        hyperparams,
+        token=token,
+        timeout=_rate("timeout", timeout),
+        worker=worker,
+        workers=workers,
+        shard=shard,
+    )
+    try:
+        status = transport.check()
+        if shard is not None and status.get("shard") != {"index": shard[0], "count": shard[1]}:
+            raise ValueError(
+                f"{url} is shard {status.get('shard')}, but the client's server list makes it "
+                f"shard {shard[0]} of {shard[1]}"
+            )
+    except BaseException:
+        transport.close()
+        raise
+    return StepdOptimizer(transport)

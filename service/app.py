@@ -23,6 +23,7 @@ from .config import Settings, get_settings
 from .metrics import Metrics
 from .store import Conflict, Invalid, NotFound, ParamStore
 from .tensors import BadTensor
+from .workers import StragglerTimeout
 
 log = logging.getLogger("stepd")
 
@@ -66,7 +67,12 @@ def create_app(settings: Settings | None = None) -> StepdApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = ParamStore(pick_device(settings.device), settings.nonfinite, settings.stats_every)
+        store = ParamStore(
+            pick_device(settings.device),
+            settings.nonfinite,
+            settings.stats_every,
+            (settings.shard_index, settings.shard_count),
+        )
         ckpts = CheckpointDir(settings.checkpoint_dir)
         removed = ckpts.clean_temporaries()
         if removed:
@@ -75,7 +81,18 @@ def create_app(settings: Settings | None = None) -> StepdApp:
         app.state.store = store
         app.state.checkpoints = ckpts
         app.state.metrics = Metrics(store.device_bytes)
-        yield
+        shm = None
+        if settings.shm_socket is not None:
+            from .shm import ShmServer
+
+            shm = ShmServer(store, settings.shm_socket)
+            shm.start()
+        app.state.shm = shm
+        try:
+            yield
+        finally:
+            if shm is not None:
+                shm.stop()
         if settings.checkpoint_on_shutdown and store.names():
             info = await run_in_threadpool(
                 checkpoints.save_checkpoint, store, ckpts, app.state.metrics, None
@@ -95,7 +112,13 @@ def create_app(settings: Settings | None = None) -> StepdApp:
     app.include_router(health.metrics_router, dependencies=protected)
     handlers = {
         exc_type: _handler(status)
-        for exc_type, status in ((NotFound, 404), (Conflict, 409), (Invalid, 422), (BadTensor, 422))
+        for exc_type, status in (
+            (NotFound, 404),
+            (Conflict, 409),
+            (Invalid, 422),
+            (BadTensor, 422),
+            (StragglerTimeout, 504),
+        )
     }
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)

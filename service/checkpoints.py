@@ -47,7 +47,7 @@ class CheckpointInfo:
 
 
 def check_checkpoint_name(name: str) -> str:
-    if not CHECKPOINT_NAME.match(name) or name.endswith(SUFFIX):
+    if not CHECKPOINT_NAME.fullmatch(name) or name.endswith(SUFFIX):
         raise Invalid(
             f"invalid checkpoint name {name!r}: 1-128 letters, digits, _ . - (not starting "
             "with . or -)"
@@ -135,7 +135,7 @@ class CheckpointDir:
         infos = []
         for p in sorted(self.root.glob(f"*{SUFFIX}")):
             name = p.name[: -len(SUFFIX)]
-            if not CHECKPOINT_NAME.match(name):
+            if not CHECKPOINT_NAME.fullmatch(name):
                 continue
             try:
                 infos.append(

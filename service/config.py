@@ -6,7 +6,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,8 +29,22 @@ class Settings(BaseSettings):
     autosave_keep: int = Field(3, ge=1)
     # Write a final checkpoint on graceful shutdown.
     checkpoint_on_shutdown: bool = False
+    # Sharded deployments: this server owns the parameters whose stable hash modulo
+    # shard_count is shard_index, and refuses the others (and clients that disagree).
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1)
     # Bearer token required on every endpoint but /healthz when set.
     token: str | None = None
+    # Also serve the shared-memory transport (shm://PATH) on this Unix socket (mode 0600).
+    shm_socket: Path | None = None
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> Settings:
+        if self.shard_index >= self.shard_count:
+            raise ValueError(
+                f"shard_index {self.shard_index} must be below shard_count {self.shard_count}"
+            )
+        return self
 
 
 @cache

@@ -1,122 +1,209 @@
-"""``stepd demo``: a two-layer classifier on a synthetic spiral, trained with each optimizer.
+"""``stepd demo``: the whole system at work in under a minute.
 
-Everything runs in process through ``kernels.create_optimizer``: the model keeps its
-parameters, the optimizer gets ``step(name, shape, param, grad)`` calls, exactly what a
-stepd client sends to a server.
+It starts ``stepd serve`` in the background (CPU, a free loopback port, a temporary
+checkpoint directory), then launches worker processes that train a small classifier on
+scikit-learn's bundled digits, data-parallel: each worker computes gradients on its own slice
+of every batch and sends them with ``client.connect(url, worker=..., workers={"mode": "sync",
+...})``; the server averages the workers' gradients, steps once per iteration and returns the
+same parameters to all of them. The demo shows the loss per iteration, then the held-out
+accuracy of the parameters the server holds, and where to look.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
-from kernels import create_optimizer, global_grad_clip_scale
-
-# One sensible configuration per algorithm, as a user would start.
-CONFIGS: dict[str, dict] = {
-    "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
-    "adam": {"lr": 1e-2},
-    "adamw": {"lr": 1e-2, "weight_decay": 1e-4},
-    "nadamw": {"lr": 1e-2, "weight_decay": 1e-4},
-    "radam": {"lr": 3e-2},
-    "qhadamw": {"lr": 1e-2, "betas": (0.9, 0.999)},
-    "lion": {"lr": 3e-3, "weight_decay": 1e-3},
-    "lamb": {"lr": 3e-2},
-    "adafactor": {"lr": 5e-2, "beta1": 0.9},
-    "muon": {"lr": 2e-2, "adamw_lr": 1e-2},  # matrices by Muon, biases by its AdamW
-    "soap": {"lr": 1e-2},
-    "kron": {"lr": 1e-2},
-    "sophia": {"lr": 0.3, "rho": 0.05},  # fed a Hutchinson Hessian estimate every 10 steps
-    "mars": {"lr": 1e-2, "lr_1d": 1e-2},
-}
+SHAPES = {"fc1.weight": (64, 32), "fc1.bias": (32,), "fc2.weight": (32, 10), "fc2.bias": (10,)}
+HYPERPARAMS = {"lr": 1e-2, "weight_decay": 1e-4}
 
 
-def spiral(n_per_class: int, classes: int, rng: np.random.Generator) -> tuple:
-    r = np.tile(np.linspace(0.05, 1.0, n_per_class), classes)
-    k = np.repeat(np.arange(classes), n_per_class)
-    theta = k * 2 * np.pi / classes + r * 4.0 + rng.normal(0, 0.15, r.size)
-    x = np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1).astype(np.float32)
-    return x, k
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], data.target[order]
+    return x[:1500], y[:1500], x[1500:], y[1500:]
 
 
-def init_params(rng: np.random.Generator, hidden: int, classes: int) -> dict[str, np.ndarray]:
-    def he(fan_in: int, shape: tuple) -> np.ndarray:
-        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    return {
-        "fc1.weight": he(2, (2, hidden)),
-        "fc1.bias": np.zeros(hidden, np.float32),
-        "fc2.weight": he(hidden, (hidden, classes)),
-        "fc2.bias": np.zeros(classes, np.float32),
-    }
-
-
-def loss_and_grads(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple:
+def forward(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float, dict]:
+    """Cross-entropy loss, accuracy and gradients of a 64-32-10 ReLU MLP."""
     h_pre = x @ p["fc1.weight"] + p["fc1.bias"]
     h = np.maximum(h_pre, 0)
     logits = h @ p["fc2.weight"] + p["fc2.bias"]
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
-    n = x.shape[0]
+    n = len(y)
     loss = float(-np.log(probs[np.arange(n), y] + 1e-12).mean())
-    d_logits = probs
-    d_logits[np.arange(n), y] -= 1
-    d_logits /= n
-    d_h = (d_logits @ p["fc2.weight"].T) * (h_pre > 0)
+    acc = float((probs.argmax(axis=1) == y).mean())
+    d = probs
+    d[np.arange(n), y] -= 1
+    d /= n
+    dh = (d @ p["fc2.weight"].T) * (h_pre > 0)
     grads = {
-        "fc2.weight": h.T @ d_logits,
-        "fc2.bias": d_logits.sum(axis=0),
-        "fc1.weight": x.T @ d_h,
-        "fc1.bias": d_h.sum(axis=0),
+        "fc2.weight": h.T @ d,
+        "fc2.bias": d.sum(0),
+        "fc1.weight": x.T @ dh,
+        "fc1.bias": dh.sum(0),
     }
-    accuracy = float((logits.argmax(axis=1) == y).mean())
-    return loss, accuracy, {k: np.ascontiguousarray(v, np.float32) for k, v in grads.items()}
+    return loss, acc, {k: np.ascontiguousarray(v, np.float32) for k, v in grads.items()}
 
 
-def hutchinson(p: dict, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict:
-    """Hessian-diagonal estimate z * (H z), H z by central differences of the gradient."""
-    eps = 1e-3
-    z = {k: rng.choice(np.float32([-1, 1]), v.shape) for k, v in p.items()}
-    plus = loss_and_grads({k: v + eps * z[k] for k, v in p.items()}, x, y)[2]
-    minus = loss_and_grads({k: v - eps * z[k] for k, v in p.items()}, x, y)[2]
-    return {k: (z[k] * (plus[k] - minus[k]) / (2 * eps)).astype(np.float32) for k in p}
+def worker(url: str, rank: int, count: int, iterations: int, batch: int, losses: Any) -> None:
+    """One data-parallel worker: its slice of each batch, one sync step per iteration."""
+    from client import connect
+
+    x, y, _, _ = digits()
+    # Whichever worker registers a parameter first sets its value; the others receive the
+    # server's copy on registration, so all of them agree from the first step.
+    rng = np.random.default_rng(rank + 1)
+    params = {
+        name: (rng.standard_normal(shape) * np.sqrt(2 / shape[0])).astype(np.float32)
+        if len(shape) == 2
+        else np.zeros(shape, np.float32)
+        for name, shape in SHAPES.items()
+    }
+    workers = {"mode": "sync", "count": count, "timeout_s": 60}
+    with connect(url, "adamw", worker=f"worker-{rank}", workers=workers, **HYPERPARAMS) as opt:
+        order = np.random.default_rng(0).permutation(len(x))
+        for it in range(iterations):
+            start = (it * batch) % (len(x) - batch)
+            idx = order[start : start + batch][rank::count]  # this worker's slice of the batch
+            loss, _, grads = forward(params, x[idx], y[idx])
+            opt.step_batch([(name, p.shape, p, grads[name]) for name, p in params.items()])
+            opt.end_iteration()
+            losses.put((rank, it, loss))
 
 
-def train(algorithm: str, steps: int, backend: str, seed: int) -> tuple[float, float, float, float]:
-    rng = np.random.default_rng(seed)
-    x, y = spiral(200, 3, rng)
-    params = init_params(rng, hidden=64, classes=3)
-    opt = create_optimizer(algorithm, backend=backend, **CONFIGS[algorithm])
-    first = None
-    start = time.perf_counter()
-    for step in range(steps):
-        loss, acc, grads = loss_and_grads(params, x, y)
-        first = loss if first is None else first
-        if algorithm == "sophia" and step % 10 == 0:
-            for name, h in hutchinson(params, x, y, rng).items():
-                opt.update_hessian(name, params[name].shape, h)
-        scale = global_grad_clip_scale(grads.values(), max_norm=5.0)
-        opt.set_lr(CONFIGS[algorithm]["lr"] * min(1.0, (step + 1) / 20))  # warm-up
-        opt.step_batch(
-            [(name, p.shape, p, grads[name] * np.float32(scale)) for name, p in params.items()]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(port: int, checkpoints: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        checkpoints,
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read().decode()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not become healthy within 60 s")
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool = False) -> int:
+    import httpx
+
+    if not 2 <= workers <= 4:
+        raise SystemExit("--workers must be 2, 3 or 4")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    checkpoints = tempfile.mkdtemp(prefix="stepd-demo-")
+    print(f"stepd demo: a server on {url}, {workers} worker processes, data-parallel AdamW")
+    print("  (sync mode: every iteration the server averages the workers' gradients)\n")
+    server = _start_server(port, checkpoints)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        losses = ctx.Queue()
+        procs = [
+            ctx.Process(target=worker, args=(url, r, workers, iterations, batch, losses))
+            for r in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        per_iteration: dict[int, list[float]] = {}
+        shown = 0
+        while shown < iterations:
+            try:
+                _, it, loss = losses.get(timeout=1)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"workers failed with exit codes {dead}") from None
+                continue
+            per_iteration.setdefault(it, []).append(loss)
+            while len(per_iteration.get(shown, [])) == workers:
+                mean = float(np.mean(per_iteration.pop(shown)))
+                shown += 1
+                end = "\n" if shown % 10 == 0 or shown == iterations else "\r"
+                print(f"  {_bar(shown, iterations)}  loss {mean:.4f}", end=end, flush=True)
+        for p in procs:
+            p.join(60)
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"workers failed with exit codes {failed}")
+
+        _, _, x_test, y_test = digits()
+        served = {
+            name: np.frombuffer(
+                httpx.get(f"{url}/v1/params/{name}/value").content, np.float32
+            ).reshape(shape)
+            for name, shape in SHAPES.items()
+        }
+        _, acc, _ = forward(served, x_test, y_test)
+        status = httpx.get(f"{url}/v1/status").json()
+        print(
+            f"\nheld-out accuracy of the served parameters: {acc:.1%} "
+            f"(global step {status['global_step']}, {status['params']} parameters)"
         )
-        opt.end_iteration()
-    loss, acc, _ = loss_and_grads(params, x, y)
-    return first, loss, acc, time.perf_counter() - start
-
-
-def run_demo(steps: int = 300, backend: str = "auto", seed: int = 0) -> int:
-    print(f"stepd demo: 2-64-3 MLP on a 3-arm spiral (600 points), {steps} steps per optimizer")
-    print(f"{'algorithm':<10} {'loss start':>10} {'loss end':>9} {'accuracy':>9} {'time':>7}")
-    worst = 1.0
-    for algorithm in CONFIGS:
-        first, last, acc, secs = train(algorithm, steps, backend, seed)
-        worst = min(worst, acc)
-        print(f"{algorithm:<10} {first:>10.4f} {last:>9.4f} {acc:>8.1%} {secs:>6.2f}s")
-    print(
-        "Each training step hands all four tensors to the optimizer in one step_batch call; "
-        "the elementwise work runs in fused kernels."
-    )
-    return 0 if worst > 0.5 else 1
+        print("where to look:")
+        print(f"  {url}/docs                       the API")
+        print(f"  {url}/v1/params                  what it holds")
+        print(f"  {url}/v1/params/fc1.weight/stats per-slot statistics")
+        print(f"  {url}/v1/workers                 who trained")
+        print(f"  {url}/metrics                    Prometheus metrics")
+        if keep:
+            print("serving until Ctrl-C ...")
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
+        else:
+            print("(this server stops now; `stepd demo --keep-serving` keeps it up)")
+        return 0 if acc >= 0.85 else 1
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        shutil.rmtree(checkpoints, ignore_errors=True)

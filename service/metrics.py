@@ -30,6 +30,15 @@ class Metrics:
             buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
             registry=r,
         )
+        self.staleness = Histogram(
+            "stepd_gradient_staleness",
+            "Async groups: parameter versions a gradient lagged when applied",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.stale_rejected = Counter(
+            "stepd_stale_rejected", "Async gradients refused beyond max_staleness", registry=r
+        )
         self.iterations = Gauge("stepd_global_step", "Global step", registry=r)
         device = Gauge("stepd_device_bytes", "Bytes of parameters and state held", registry=r)
         device.set_function(device_bytes)

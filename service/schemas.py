@@ -7,10 +7,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class WorkersSpec(BaseModel):
+    """How the group's gradients from several workers combine (see service/workers.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["plain", "sync", "async"] = "plain"
+    count: int | None = Field(None, description="sync: the number of workers per round")
+    timeout_s: float | None = Field(None, description="sync: straggler timeout (default 60)")
+    max_staleness: int | None = Field(None, description="async: versions a gradient may lag")
+
+
 class GroupSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     algorithm: str = Field(examples=["adamw"])
     hyperparams: dict[str, Any] = Field(default_factory=dict, examples=[{"lr": 1e-3}])
+    workers: WorkersSpec | None = None
+
+
+class ShardView(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
 
 
 class RegisterRequest(BaseModel):
@@ -22,6 +39,9 @@ class RegisterRequest(BaseModel):
     lr_scale: float = 1.0
     value: str | None = Field(
         None, description="initial value: base64 of little-endian float32 bytes; zeros if absent"
+    )
+    shard: ShardView | None = Field(
+        None, description="the shard the client believes this server is (checked when given)"
     )
 
 
@@ -85,6 +105,7 @@ class Checkpoint(BaseModel):
 
 class Status(BaseModel):
     global_step: int
+    shard: ShardView
     device: str
     params: int
     device_bytes: int

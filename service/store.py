@@ -27,6 +27,8 @@ import numpy as np
 from kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
 from .rwlock import RWLock, WouldBlock
+from .sharding import shard_of
+from .workers import SyncRounds, WorkerRegistry, parse_workers
 
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]]{1,256}$")
@@ -48,8 +50,12 @@ class Invalid(StoreError):  # 422
     pass
 
 
+class Stale(Conflict):  # 409: an async gradient beyond the staleness bound
+    pass
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise Invalid(
             f"invalid parameter name {name!r}: 1-256 characters of letters, digits and _ . : - [ ]"
         )
@@ -62,15 +68,24 @@ class Group:
 
     algorithm: str
     hyperparams: Mapping[str, Any]
+    workers: Mapping[str, Any] = field(default_factory=lambda: {"mode": "plain"})
     id: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        canon = json.dumps({"a": self.algorithm, "h": self.hyperparams}, sort_keys=True)
+        config: dict[str, Any] = {"a": self.algorithm, "h": self.hyperparams}
+        if self.workers["mode"] != "plain":  # plain groups keep the ids they always had
+            config["w"] = self.workers
+        canon = json.dumps(config, sort_keys=True)
         digest = hashlib.sha256(canon.encode()).hexdigest()[:10]
         object.__setattr__(self, "id", f"{self.algorithm}-{digest}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "algorithm": self.algorithm, "hyperparams": dict(self.hyperparams)}
+        return {
+            "id": self.id,
+            "algorithm": self.algorithm,
+            "hyperparams": dict(self.hyperparams),
+            "workers": dict(self.workers),
+        }
 
 
 @dataclass
@@ -96,16 +111,22 @@ class StepOutcome:
     version: int
     applied: bool  # False: the gradient was non-finite and skipped
     param: np.ndarray | None = None  # host copy right after this step, when asked for
+    staleness: int | None = None  # async groups: versions the gradient lagged
 
 
 class ParamStore:
     def __init__(
-        self, device: str = "cpu", nonfinite: str = "reject", stats_every: int = 16
+        self,
+        device: str = "cpu",
+        nonfinite: str = "reject",
+        stats_every: int = 16,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.backend = get_backend(device)
         self.device = device
         self.nonfinite = nonfinite
         self.stats_every = stats_every
+        self.shard = shard  # (index, count)
         self.xp = self.backend.xp
         self.lock = RWLock()
         self._meta = threading.Lock()  # guards the dicts while sharing `lock`
@@ -114,16 +135,49 @@ class ParamStore:
         self._group_info: dict[str, Group] = {}
         self.global_step = 0
         self.skipped_nonfinite = 0
+        self.workers = WorkerRegistry()
+        self.sync = SyncRounds(self)
 
     # -- registration ----------------------------------------------------------------------
 
-    def resolve_group(self, algorithm: str, hyperparams: Mapping[str, Any]) -> tuple[Group, Any]:
-        """Validate a group config through the algorithm's dataclass (ValueError/TypeError)."""
+    def resolve_group(
+        self,
+        algorithm: str,
+        hyperparams: Mapping[str, Any],
+        workers: Mapping[str, Any] | None = None,
+    ) -> tuple[Group, Any]:
+        """Validate a group config through the algorithm's dataclass and the workers rules."""
         try:
             opt = create_optimizer(algorithm, backend="reference", **dict(hyperparams))
-        except (TypeError, ValueError) as exc:
+            return Group(algorithm, opt.hyperparams.to_dict(), parse_workers(workers)), opt
+        except (TypeError, ValueError, OverflowError) as exc:  # Overflow: an int past float
             raise Invalid(str(exc)) from None
-        return Group(algorithm, opt.hyperparams.to_dict()), opt
+
+    def _check_shard(self, name: str, view: tuple[int, int] | None) -> None:
+        index, count = self.shard
+        if view is not None and tuple(view) != self.shard:
+            raise Conflict(
+                f"the client expects shard {view[0]} of {view[1]}, this server is shard "
+                f"{index} of {count}: check the client's server list"
+            )
+        owner = shard_of(name, count)
+        if owner != index:
+            raise Conflict(
+                f"{name!r} belongs to shard {owner} of {count}; this server is shard {index}"
+            )
+
+    def sync_timeout(self) -> float:
+        return max(
+            (g.workers["timeout_s"] for g in self._group_info.values() if "timeout_s" in g.workers),
+            default=60.0,
+        )
+
+    def sync_count(self) -> int | None:
+        """The worker count of this server's sync groups (they all share one), if any."""
+        counts = {
+            g.workers["count"] for g in self._group_info.values() if g.workers["mode"] == "sync"
+        }
+        return counts.pop() if counts else None
 
     def register(
         self,
@@ -133,13 +187,20 @@ class ParamStore:
         algorithm: str,
         hyperparams: Mapping[str, Any],
         lr_scale: float = 1.0,
+        workers: Mapping[str, Any] | None = None,
+        shard_view: tuple[int, int] | None = None,
     ) -> tuple[Entry, bool]:
-        """Create ``name`` (True) or confirm an identical registration (False); else Conflict."""
+        """Create ``name`` (True) or confirm an identical registration (False); else Conflict.
+
+        ``shard_view``: the (index, count) the client believes this server has; a client
+        that disagrees, or a name this server does not own, is refused (Conflict).
+        """
         check_name(name)
+        self._check_shard(name, shard_view)
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape) or math.prod(shape) > 1 << 34:
             raise Invalid(f"{name!r}: invalid shape {list(shape)}")
-        group, _ = self.resolve_group(algorithm, hyperparams)
+        group, _ = self.resolve_group(algorithm, hyperparams, workers)
         if not (math.isfinite(lr_scale) and lr_scale >= 0):
             raise Invalid(f"Invalid lr_scale for {name!r}: {lr_scale} (must be finite and >= 0)")
         if value is not None:
@@ -164,6 +225,12 @@ class ParamStore:
                         f"{name!r} is registered with lr_scale {opt.lr_scale(name)}, got {lr_scale}"
                     )
                 return existing, False
+            count = self.sync_count()
+            if group.workers["mode"] == "sync" and count not in (None, group.workers["count"]):
+                raise Conflict(
+                    f"{name!r}: this server's sync groups have {count} workers; all sync groups "
+                    f"share one worker count, got {group.workers['count']}"
+                )
             opt = self._group(group)
             host = np.zeros(math.prod(shape), np.float32) if value is None else value
             param = self.xp.array(np.ascontiguousarray(host, np.float32).reshape(-1), copy=True)
@@ -191,7 +258,11 @@ class ParamStore:
             raise NotFound(f"parameter {name!r} is not registered") from None
 
     def step(
-        self, grads: Mapping[str, np.ndarray], read_back: bool = False, blocking: bool = True
+        self,
+        grads: Mapping[str, np.ndarray],
+        read_back: bool = False,
+        blocking: bool = True,
+        based_on: Mapping[str, int] | None = None,
     ) -> list[StepOutcome]:
         """Apply one gradient per name (host float32 arrays), one fused launch per group.
 
@@ -199,6 +270,9 @@ class ParamStore:
         under the same lock hold, so no other step can slip in between). ``blocking=False``
         raises ``WouldBlock`` instead of waiting for a lock: the server then retries on a
         worker thread, so a tiny step runs on the event loop only when it cannot stall it.
+        ``based_on``: the parameter versions the gradients were computed from; in an async
+        group a gradient more than ``max_staleness`` versions behind is refused (Conflict),
+        checked under the parameter's lock so no step can slip in between.
         """
         with self.lock.shared(blocking):
             entries = [self.entry(n) for n in grads]
@@ -218,6 +292,9 @@ class ParamStore:
                     if not e.lock.acquire(blocking):
                         raise WouldBlock
                     stack.callback(e.lock.release)
+                staleness = {
+                    n: self._staleness(self._entries[n], v) for n, v in (based_on or {}).items()
+                }
                 by_group: dict[str, list[Entry]] = {}
                 for e in entries:
                     if finite[e.name]:
@@ -233,9 +310,23 @@ class ParamStore:
                         e.version,
                         finite[e.name],
                         self._host(e.param).reshape(e.shape) if read_back else None,
+                        staleness.get(e.name),
                     )
                     for e in entries
                 ]
+
+    @staticmethod
+    def _staleness(e: Entry, based_on: int) -> int:
+        lag = e.version - based_on
+        if lag < 0:
+            raise Invalid(f"{e.name!r}: version {based_on} is ahead of the parameter's {e.version}")
+        bound = e.group.workers.get("max_staleness")
+        if bound is not None and lag > bound:
+            raise Stale(
+                f"{e.name!r}: stale gradient, computed from version {based_on} while the "
+                f"parameter is at {e.version} (max_staleness {bound}); not applied"
+            )
+        return lag
 
     def _apply(self, opt: Optimizer, members: list[Entry], grads: Mapping[str, Any]) -> None:
         xp = self.xp
@@ -293,6 +384,8 @@ class ParamStore:
             return self.global_step
 
     def set_lr(self, lr: float, group_id: str | None = None) -> list[str]:
+        if not (math.isfinite(lr) and lr >= 0):  # also with no group to check it
+            raise Invalid(f"Invalid learning rate: {lr}")
         with self.lock.exclusive():
             targets = self._select_groups(group_id)
             for opt in targets.values():
@@ -405,6 +498,7 @@ class ParamStore:
                     tensors[f"state/{name}/{slot}"] = arr
                 params[name]["count"] = st["count"]
             groups[gid] = {
+                "workers": dict(self._group_info[gid].workers),
                 "algorithm": sd["algorithm"],
                 "hyperparams": sd["hyperparams"],
                 "lr": sd["lr"],
@@ -425,7 +519,7 @@ class ParamStore:
             built: dict[str, Optimizer] = {}
             infos: dict[str, Group] = {}
             for gid, g in meta["groups"].items():
-                group, _ = self.resolve_group(g["algorithm"], g["hyperparams"])
+                group, _ = self.resolve_group(g["algorithm"], g["hyperparams"], g.get("workers"))
                 opt = create_optimizer(g["algorithm"], backend=self.device, **g["hyperparams"])
                 state = {}
                 for name, p in meta["params"].items():
@@ -463,6 +557,7 @@ class ParamStore:
         with self.lock.exclusive(), self._meta:
             self._groups, self._group_info, self._entries = built, infos, entries
             self.global_step = global_step
+            self.sync = SyncRounds(self)  # rounds in flight belonged to the replaced state
 
 
 def _norm(x: Any) -> float:

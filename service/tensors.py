@@ -27,6 +27,8 @@ def from_bytes(
     body: bytes | bytearray | memoryview, shape: tuple[int, ...], what: str
 ) -> np.ndarray:
     """Zero-copy float32 view of ``body`` (read-only), checked against ``shape``."""
+    if any(d < 0 for d in shape):
+        raise BadTensor(f"{what}: invalid shape {list(shape)}")
     need = math.prod(shape) * 4
     if len(body) != need:
         raise BadTensor(

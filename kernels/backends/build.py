@@ -74,7 +74,16 @@ def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
 
 
 def build_cpu_library() -> Path:
-    """Path of the compiled CPU kernels, compiling them first if no cached build matches."""
+    """Path of the compiled CPU kernels, compiling them first if no cached build matches.
+
+    ``$STEPD_CPU_LIBRARY`` names a library built beforehand from the same sources (the
+    container image's, compiled in its build stage): it is used as is, no compiler needed.
+    """
+    prebuilt = os.environ.get("STEPD_CPU_LIBRARY")
+    if prebuilt:
+        if not Path(prebuilt).is_file():
+            raise KernelBuildError(f"$STEPD_CPU_LIBRARY={prebuilt} is not a file")
+        return Path(prebuilt)
     compiler = find_compiler()
     if compiler is None:
         raise KernelBuildError(

@@ -11,9 +11,9 @@ from ..checkpoints import CheckpointDir
 from ..metrics import Metrics
 from ..schemas import Checkpoint, CheckpointRequest
 from ..store import ParamStore
-from .deps import CheckpointsDep, MetricsDep, StoreDep
+from .deps import ERRORS, CheckpointsDep, MetricsDep, StoreDep
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=ERRORS)
 
 
 def save_checkpoint(

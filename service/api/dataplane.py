@@ -10,6 +10,7 @@ drift; the token check and the error bodies are the same as everywhere else.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -18,28 +19,85 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from ..rwlock import WouldBlock
-from ..store import Invalid, ParamStore, StepOutcome
+from ..store import Invalid, ParamStore, Stale, StepOutcome
 from ..tensors import dump_safetensors, from_bytes, parse_safetensors
-from .deps import read_body, require_token
+from .deps import ERRORS, read_body, require_token
 
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
 # Steps up to this many elements run on the event loop when their locks are free: a thread
 # hop costs more than the kernel. Anything bigger, or contended, goes to a worker thread.
 INLINE_MAX_ELEMENTS = 1 << 16
+WORKER_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
 async def run_step(
-    store: ParamStore, grads: dict[str, np.ndarray], read_back: bool
+    store: ParamStore,
+    grads: dict[str, np.ndarray],
+    read_back: bool,
+    based_on: dict[str, int] | None = None,
 ) -> list[StepOutcome]:
     if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
         try:
-            return store.step(grads, read_back, blocking=False)
+            return store.step(grads, read_back, blocking=False, based_on=based_on)
         except WouldBlock:
             pass
-    return await run_in_threadpool(store.step, grads, read_back)
+    return await run_in_threadpool(store.step, grads, read_back, True, based_on)
+
+
+async def apply(
+    request: Request, grads: dict[str, np.ndarray], read_back: bool, versions: dict[str, int]
+) -> list[StepOutcome]:
+    """Route each gradient by its group's workers mode (service/workers.py)."""
+    store: ParamStore = request.app.state.store
+    metrics = request.app.state.metrics
+    worker = request.query_params.get("worker")
+    if worker is not None and not WORKER_RE.fullmatch(worker):
+        raise Invalid(f"invalid worker id {worker!r}: 1-128 letters, digits and _ . : -")
+    entries = {n: store.entry(n) for n in grads}
+    sync = [n for n, e in entries.items() if e.group.workers["mode"] == "sync"]
+    if sync and worker is None:
+        raise Invalid(f"{sync[0]!r} is in a sync group: pass ?worker=<id>")
+    missing = [
+        n for n, e in entries.items() if e.group.workers["mode"] == "async" and n not in versions
+    ]
+    if missing:
+        raise Invalid(
+            f"{missing[0]!r} is in an async group: pass the parameter version its gradient was "
+            "computed from (?version=N, or metadata 'versions' in a batch)"
+        )
+    if worker is not None:
+        store.workers.touch(worker, len(grads))
+    iteration = _int(request, "iteration")
+    rest = {n: g for n, g in grads.items() if n not in sync}
+    based_on = {n: v for n, v in versions.items() if n in rest}
+    outcomes: dict[str, StepOutcome] = {}
+    if rest:
+        try:
+            for o in await run_step(store, rest, read_back, based_on or None):
+                outcomes[o.name] = o
+                if o.staleness is not None:
+                    metrics.staleness.observe(o.staleness)
+        except Stale:
+            metrics.stale_rejected.inc()
+            raise
+    for n in sync:  # every worker sends the same names: the rounds complete in order
+        cfg = entries[n].group.workers
+        outcomes[n] = await run_in_threadpool(
+            store.sync.contribute, n, grads[n], worker, iteration, cfg
+        )
+    return [outcomes[n] for n in grads]
+
+
+def _int(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    if not value.lstrip("-").isdigit():
+        raise HTTPException(422, f"query parameter {name!r} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -71,7 +129,10 @@ async def step_one(request: Request) -> Response:
     entry = store.entry(name)
     body = await read_body(request, settings.max_body_bytes)
     grad = from_bytes(body, entry.shape, f"{name!r} gradient")
-    [outcome] = await run_step(store, {name: grad}, return_param)
+    version = _int(request, "version")
+    [outcome] = await apply(
+        request, {name: grad}, return_param, {} if version is None else {name: version}
+    )
     headers = {
         "X-Stepd-Version": str(outcome.version),
         "X-Stepd-Applied": "true" if outcome.applied else "false",
@@ -87,13 +148,13 @@ async def step_one(request: Request) -> Response:
 async def step_many(request: Request) -> Response:
     start = time.perf_counter()
     await require_token(request)
-    store, settings = request.app.state.store, request.app.state.settings
+    settings = request.app.state.settings
     return_params = _flag(request, "return_params")
     body = await read_body(request, settings.max_body_bytes)
-    grads, _ = parse_safetensors(body)
+    grads, metadata = parse_safetensors(body)
     if not grads:
         raise Invalid("the safetensors body holds no gradients")
-    outcomes = await run_step(store, grads, return_params)
+    outcomes = await apply(request, grads, return_params, _versions(metadata))
     meta = {
         "versions": {o.name: o.version for o in outcomes},
         "skipped": [o.name for o in outcomes if not o.applied],
@@ -108,13 +169,25 @@ async def step_many(request: Request) -> Response:
     return Response(payload, media_type=SAFETENSORS)
 
 
+def _versions(metadata: dict[str, str]) -> dict[str, int]:
+    if "versions" not in metadata:
+        return {}
+    try:
+        versions = json.loads(metadata["versions"])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions.values()):
+            raise TypeError
+        return versions
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        raise Invalid("safetensors metadata 'versions' must be a JSON object of ints") from None
+
+
 FAST_ROUTES = [
     Route("/v1/params/{name}/step", step_one, methods=["POST"]),
     Route("/v1/step", step_many, methods=["POST"]),
 ]
 
 # The OpenAPI description of the same endpoints (and a fallback that calls the same code).
-router = APIRouter(prefix="/v1", tags=["steps"])
+router = APIRouter(prefix="/v1", tags=["steps"], responses=ERRORS)
 
 
 @router.post(
@@ -122,9 +195,20 @@ router = APIRouter(prefix="/v1", tags=["steps"])
     responses={200: {"content": {OCTET: {}}, "description": "the updated parameter"}},
     response_class=Response,
 )
-async def step(name: str, request: Request, return_param: bool = True) -> Response:
+async def step(
+    name: str,
+    request: Request,
+    return_param: bool = True,
+    worker: str | None = None,
+    iteration: int | None = None,
+    version: int | None = None,
+) -> Response:
     """Body: the gradient as raw little-endian float32 bytes. Returns the new parameter
-    (headers ``X-Stepd-Version``, ``X-Stepd-Applied``), or 204 with ``return_param=false``."""
+    (headers ``X-Stepd-Version``, ``X-Stepd-Applied``), or 204 with ``return_param=false``.
+
+    ``worker``: the sender's id (required in sync groups); ``iteration``: the sync round
+    (default: the current one); ``version``: the parameter version the gradient was computed
+    from (required in async groups; stale ones are refused with 409)."""
     return await step_one(request)
 
 
@@ -133,7 +217,12 @@ async def step(name: str, request: Request, return_param: bool = True) -> Respon
     responses={200: {"content": {SAFETENSORS: {}}, "description": "updated parameters"}},
     response_class=Response,
 )
-async def step_batch(request: Request, return_params: bool = True) -> Response:
+async def step_batch(
+    request: Request,
+    return_params: bool = True,
+    worker: str | None = None,
+    iteration: int | None = None,
+) -> Response:
     """Body: safetensors of gradients keyed by parameter name; one fused launch per group.
 
     The reply is a safetensors of the updated parameters whose ``__metadata__`` holds

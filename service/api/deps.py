@@ -7,9 +7,10 @@ thread, and four thread hops per request cost more than a tiny step itself.
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from pydantic import BaseModel, Field
 
 from ..checkpoints import CheckpointDir
 from ..config import Settings
@@ -32,6 +33,25 @@ async def get_checkpoints(request: Request) -> CheckpointDir:
 async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
+
+class ErrorBody(BaseModel):
+    """Every error reply: ``detail`` says what was wrong (a list for request-shape errors)."""
+
+    detail: str | list[dict[str, Any]] = Field(description="what was wrong with the request")
+
+
+# Documented on every router, so the OpenAPI schema describes the error replies as they are.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what}
+    for status, what in (
+        (400, "the body cannot be parsed at all (not UTF-8 JSON)"),
+        (401, "missing or wrong bearer token"),
+        (404, "unknown parameter, slot, group or checkpoint"),
+        (409, "conflicting registration"),
+        (413, "body over the size limit"),
+        (422, "invalid request"),
+    )
+}
 
 StoreDep = Annotated[ParamStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import MetricsDep
+from .deps import ERRORS, MetricsDep
 
 router = APIRouter(tags=["health"])
-metrics_router = APIRouter(tags=["health"])  # behind the token, unlike /healthz
+# behind the token, unlike /healthz
+metrics_router = APIRouter(tags=["health"], responses={401: ERRORS[401]})
 
 
 @router.get("/healthz")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Annotated, Literal
 
 import numpy as np
@@ -13,9 +14,9 @@ from fastapi.concurrency import run_in_threadpool
 from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
 from ..store import Entry, Invalid, ParamStore
 from ..tensors import dump_safetensors, from_bytes
-from .deps import SettingsDep, StoreDep, read_body
+from .deps import ERRORS, SettingsDep, StoreDep, read_body
 
-router = APIRouter(prefix="/v1/params", tags=["params"])
+router = APIRouter(prefix="/v1/params", tags=["params"], responses=ERRORS)
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
 Format = Annotated[Literal["raw", "safetensors"], Query(description="raw bytes or safetensors")]
@@ -44,8 +45,15 @@ def _shape(arr: np.ndarray) -> str:
 
 
 @router.post("", status_code=201, response_model=ParamInfo)
-async def register(body: RegisterRequest, store: StoreDep, response: Response) -> ParamInfo:
+async def register(
+    body: RegisterRequest, store: StoreDep, settings: SettingsDep, response: Response
+) -> ParamInfo:
     """Register a parameter. The same config again is idempotent (200); another is a 409."""
+    if math.prod(body.shape) * 4 > settings.max_body_bytes:  # before allocating its zeros
+        raise Invalid(
+            f"{body.name!r}: shape {body.shape} needs more than the body limit of "
+            f"{settings.max_body_bytes} bytes per gradient"
+        )
     value = None
     if body.value is not None:
         try:
@@ -61,6 +69,8 @@ async def register(body: RegisterRequest, store: StoreDep, response: Response) -
         body.group.algorithm,
         body.group.hyperparams,
         body.lr_scale,
+        body.group.workers.model_dump(exclude_none=True) if body.group.workers else None,
+        (body.shard.index, body.shard.count) if body.shard else None,
     )
     if not created:
         response.status_code = 200

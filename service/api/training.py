@@ -8,23 +8,38 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from ..checkpoints import AUTO_PREFIX
-from ..schemas import Iteration, LrRequest, Status
+from ..schemas import Iteration, LrRequest, ShardView, Status
 from .checkpoints import save_checkpoint
-from .deps import CheckpointsDep, MetricsDep, SettingsDep, StoreDep
+from .deps import ERRORS, CheckpointsDep, MetricsDep, SettingsDep, StoreDep
 
-router = APIRouter(prefix="/v1", tags=["training"])
+router = APIRouter(prefix="/v1", tags=["training"], responses=ERRORS)
 
 
 @router.post("/iteration/end", response_model=Iteration)
 async def end_iteration(
-    store: StoreDep, metrics: MetricsDep, settings: SettingsDep, ckpts: CheckpointsDep
+    store: StoreDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    ckpts: CheckpointsDep,
+    worker: str | None = None,
 ) -> Iteration:
     """Advance the global step (rlx-optim's ``end_iteration``); returns the new step.
 
-    Every ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
+    With sync groups, each worker passes ``?worker=<id>`` and the call is a barrier: it
+    returns once all of them have called it (the last one advances the step). Every
+    ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
     ``autosave_keep`` automatic checkpoints.
     """
-    step = await run_in_threadpool(store.end_iteration)
+    count = store.sync_count()
+    if worker is not None and count is not None:
+        store.workers.touch(worker)
+        step, advanced = await run_in_threadpool(
+            store.sync.end_iteration, worker, count, store.sync_timeout()
+        )
+        if not advanced:  # another worker's call advanced it (and autosaves)
+            return Iteration(global_step=step)
+    else:
+        step = await run_in_threadpool(store.end_iteration)
     metrics.iterations.set(step)
     every = settings.autosave_every
     if every and step % every == 0:
@@ -44,6 +59,12 @@ async def set_lr(body: LrRequest, store: StoreDep) -> dict[str, Any]:
     return {"lr": body.lr, "groups": groups}
 
 
+@router.get("/workers")
+async def workers(store: StoreDep) -> list[dict[str, Any]]:
+    """The workers seen so far: id, first and last seen (Unix time), gradients sent."""
+    return store.workers.list()
+
+
 @router.get("/groups")
 async def groups(store: StoreDep) -> list[dict[str, Any]]:
     return store.groups()
@@ -53,6 +74,7 @@ async def groups(store: StoreDep) -> list[dict[str, Any]]:
 async def status(store: StoreDep) -> Status:
     return Status(
         global_step=store.global_step,
+        shard=ShardView(index=store.shard[0], count=store.shard[1]),
         device=store.backend.name,
         params=len(store.names()),
         device_bytes=store.device_bytes(),

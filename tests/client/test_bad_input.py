@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client import StepdOptimizer, connect
+from client import StepdOptimizer, TransportError, connect
 
 from .conftest import Spy
 
@@ -94,7 +94,9 @@ def test_bad_urls() -> None:
         connect("ftp://x")
     with pytest.raises(ValueError, match="local://"):
         connect("local://?flavour=x")
-    with pytest.raises(NotImplementedError, match="shm://"):
-        connect("shm:///run/stepd.sock")
+    with pytest.raises(TransportError, match="shm://"):  # no server listens there
+        connect("shm:///nonexistent/stepd.sock")
+    with pytest.raises(ValueError, match="socket path"):
+        connect("shm://host/x.sock")
     with pytest.raises(ValueError, match="unknown algorithm"):
         connect("local://", "nope")

@@ -78,3 +78,13 @@ def test_python_op_args_match_the_cpp_structs() -> None:
         assert list(op.args) == structs[struct], op.name
         assert getattr(lib, f"stepd_{op.name}_nargs")() == len(op.args)
         assert getattr(lib, f"stepd_{op.name}_nslots")() == len(op.slots)
+
+
+def test_a_prebuilt_library_needs_no_compiler(monkeypatch, tmp_path) -> None:
+    built = get_backend("cpu").library_path
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    monkeypatch.setenv("STEPD_CPU_LIBRARY", str(built))
+    assert build_cpu_library() == built
+    monkeypatch.setenv("STEPD_CPU_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(KernelBuildError, match="is not a file"):
+        build_cpu_library()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,3 +51,13 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
     assert a[0].keys() == b[0].keys()
     for k in a[0]:
         np.testing.assert_array_equal(a[0][k], b[0][k], err_msg=k)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``soak`` tests (long variants) run only when asked: ``-m soak`` or STEPD_SOAK=1."""
+    if "soak" in (config.getoption("-m") or "") or os.environ.get("STEPD_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="soak test: run with -m soak or STEPD_SOAK=1")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

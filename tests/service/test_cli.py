@@ -12,9 +12,20 @@ def _stepd() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "service.cli"]
 
 
-def test_demo_trains_every_algorithm() -> None:
+def test_demo_runs_a_server_and_workers_end_to_end() -> None:
     proc = subprocess.run(
-        [*_stepd(), "demo", "--steps", "150"], capture_output=True, text=True, timeout=300
+        [*_stepd(), "demo", "--workers", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "60/60" in proc.stdout
+    accuracy = next(line for line in proc.stdout.splitlines() if "held-out accuracy" in line)
+    assert float(accuracy.split(": ")[1].split("%")[0]) >= 85.0
+    assert "/docs" in proc.stdout
+
+
+def test_tour_trains_every_algorithm() -> None:
+    proc = subprocess.run(
+        [*_stepd(), "tour", "--steps", "150"], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {

@@ -1,0 +1,94 @@
+"""Parameters sharded over several servers: ``connect([url0, url1, ...], ...)``.
+
+The owner of a parameter is a stable hash of its name (BLAKE2b, the same function as the
+server's ``service/sharding.py``; never Python's salted ``hash``), so every process and every
+run agree. Each server is told which shard the client thinks it is and refuses a mismatch, so
+a client with a wrong server list fails loudly instead of scattering state. ``step_batch``
+sends one request per server; ``end_iteration``, ``set_lr`` and ``state_dict`` fan out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .optimizer import StepArgs, StepdOptimizer
+
+
+def shard_of(name: str, count: int) -> int:
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
+
+
+class ShardedOptimizer:
+    """The Optimizer contract over one :class:`StepdOptimizer` per server."""
+
+    def __init__(self, shards: Sequence[StepdOptimizer]) -> None:
+        if not shards:
+            raise ValueError("a sharded optimizer needs at least one server")
+        self.shards = list(shards)
+
+    def _owner(self, name: str) -> StepdOptimizer:
+        if type(name) is not str or not name:
+            raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
+        return self.shards[shard_of(name, len(self.shards))]
+
+    def step(self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray) -> None:
+        self._owner(name).step(name, shape, param, grad)
+
+    def step_batch(self, items: Iterable[StepArgs]) -> None:
+        by_shard: dict[int, list[StepArgs]] = {}
+        for item in items:
+            self._owner(item[0])  # validates the name
+            by_shard.setdefault(shard_of(item[0], len(self.shards)), []).append(item)
+        for index, group in sorted(by_shard.items()):
+            self.shards[index].step_batch(group)
+
+    def end_iteration(self) -> int:
+        steps = {opt.end_iteration() for opt in self.shards}
+        if len(steps) != 1:
+            raise RuntimeError(f"the shards disagree on the global step: {sorted(steps)}")
+        return steps.pop()
+
+    def lr_scale(self, name: str) -> float:
+        return self._owner(name).lr_scale(name)
+
+    def set_lr_scale(self, name: str, scale: float) -> None:
+        self._owner(name).set_lr_scale(name, scale)
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.shards:
+            opt.set_lr(lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shards' state merged into one (as a single server's would be)."""
+        parts = [opt.state_dict() for opt in self.shards]
+        merged = dict(parts[0])
+        merged["state"] = {k: v for p in parts for k, v in p["state"].items()}
+        merged["lr_scales"] = {k: v for p in parts for k, v in p["lr_scales"].items()}
+        return merged
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for index, opt in enumerate(self.shards):
+            mine = {
+                k: v for k, v in state["state"].items() if shard_of(k, len(self.shards)) == index
+            }
+            scales = {
+                k: v
+                for k, v in state.get("lr_scales", {}).items()
+                if shard_of(k, len(self.shards)) == index
+            }
+            opt.load_state_dict({**state, "state": mine, "lr_scales": scales})
+
+    def close(self) -> None:
+        for opt in self.shards:
+            opt.close()
+
+    def __enter__(self) -> ShardedOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

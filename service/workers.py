@@ -1,0 +1,219 @@
+"""Distributed workers: synchronous rounds, staleness-bounded asynchronous steps, and who
+has been seen.
+
+A group's ``workers`` config is chosen at registration:
+
+- ``{"mode": "plain"}`` (default): every gradient is applied on arrival; no worker ids.
+- ``{"mode": "sync", "count": N, "timeout_s": T}``: the step of a parameter for iteration
+  ``t`` completes when all N workers have sent their gradient for it. The server averages them
+  (summed in worker-id order, so the result does not depend on arrival order), steps once, and
+  every worker's call returns the same new parameter. A second gradient from one worker for
+  the same iteration, or one for an iteration that is already done or not yet started, is a
+  409. If the round is not complete within T seconds, every waiting call fails (504) and the
+  state stays at the last completed step — never a partial average.
+- ``{"mode": "async", "max_staleness": S}``: each gradient is applied when it arrives (under
+  the parameter's lock, Hogwild-style across parameters); the client says which parameter
+  version its gradient was computed from, and a gradient more than S versions behind is
+  rejected (409), never down-weighted: a rejected gradient is visible to its sender, a
+  down-weighted one silently changes the algorithm. Staleness is exported in /metrics.
+
+Iterations: in a sync group each worker calls ``end_iteration`` with its id; the global step
+advances when all N have (a barrier that does not block: the N-th call advances it).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .store import ParamStore, StepOutcome
+
+MODES = ("plain", "sync", "async")
+
+
+class StragglerTimeout(Exception):
+    """A sync round did not complete in time (504)."""
+
+
+def parse_workers(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate a group's workers config into its canonical form (ValueError on bad input)."""
+    spec = dict(spec or {"mode": "plain"})
+    mode = spec.pop("mode", "plain")
+    if mode not in MODES:
+        raise ValueError(f"Invalid workers mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "plain":
+        if spec:
+            raise ValueError(f"workers mode 'plain' takes no options, got {sorted(spec)}")
+        return {"mode": "plain"}
+    if mode == "sync":
+        count, timeout_s = spec.pop("count", None), spec.pop("timeout_s", 60.0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"sync workers need count, an int >= 1; got {count!r}")
+        if (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not (0 < timeout_s <= 86400 and math.isfinite(timeout_s))
+        ):
+            raise ValueError(f"Invalid timeout_s value: {timeout_s!r} (seconds, in (0, 86400])")
+        out = {"mode": "sync", "count": count, "timeout_s": float(timeout_s)}
+    else:
+        staleness = spec.pop("max_staleness", None)
+        if staleness is not None and (
+            isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0
+        ):
+            raise ValueError(f"Invalid max_staleness value: {staleness!r} (an int >= 0 or null)")
+        out = {"mode": "async", "max_staleness": staleness}
+    if spec:
+        raise ValueError(f"unknown workers option(s) {sorted(spec)} for mode {mode!r}")
+    return out
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    first_seen: float
+    last_seen: float
+    gradients: int = 0
+
+
+class WorkerRegistry:
+    """Which workers the server has seen, and when."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, WorkerInfo] = {}
+
+    def touch(self, worker: str, gradients: int = 0) -> None:
+        now = time.time()
+        with self._lock:
+            info = self._seen.get(worker)
+            if info is None:
+                info = self._seen[worker] = WorkerInfo(worker, now, now)
+            info.last_seen = now
+            info.gradients += gradients
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [vars(i).copy() for i in self._seen.values()]
+
+
+@dataclass
+class _Round:
+    iteration: int
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+    outcome: StepOutcome | None = None
+    error: Exception | None = None
+
+
+class SyncRounds:
+    """Per-parameter rounds of a sync group: collect N gradients, average, step once."""
+
+    def __init__(self, store: ParamStore) -> None:
+        self.store = store
+        self._cond = threading.Condition()
+        self._rounds: dict[str, _Round] = {}
+        self._done: dict[str, int] = {}  # name -> last completed iteration
+        self._ended: dict[int, set[str]] = {}  # iteration -> workers that called end_iteration
+
+    def contribute(
+        self, name: str, grad: np.ndarray, worker: str, iteration: int | None, cfg: Mapping
+    ) -> StepOutcome:
+        from .store import Conflict
+
+        with self._cond:
+            current = self.store.global_step + 1
+            it = current if iteration is None else iteration
+            if it <= self._done.get(name, 0):
+                raise Conflict(f"{name!r}: iteration {it} is already done")
+            if it != current:
+                raise Conflict(
+                    f"{name!r}: iteration {it} has not started (the server is at {current})"
+                )
+            rnd = self._rounds.get(name)
+            if rnd is None or rnd.iteration != it:
+                rnd = self._rounds[name] = _Round(it)
+            if worker in rnd.grads:
+                raise Conflict(
+                    f"{name!r}: worker {worker!r} already sent its gradient for iteration {it}"
+                )
+            rnd.grads[worker] = np.array(grad, dtype=np.float32, copy=True).reshape(-1)
+            if len(rnd.grads) == cfg["count"]:
+                self._complete(name, rnd, cfg["count"])
+            else:
+                deadline = time.monotonic() + cfg["timeout_s"]
+                while rnd.outcome is None and rnd.error is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and self._rounds.get(name) is not rnd:
+                        left = 0.05  # being applied right now: its outcome is moments away
+                    elif left <= 0:
+                        rnd.error = StragglerTimeout(
+                            f"{name!r}: straggler timeout after {cfg['timeout_s']} s at iteration "
+                            f"{it}: {len(rnd.grads)} of {cfg['count']} workers sent a gradient "
+                            f"({', '.join(sorted(rnd.grads))}); nothing was applied"
+                        )
+                        del self._rounds[name]
+                        self._cond.notify_all()
+                        break
+                    self._cond.wait(left)
+            if rnd.error is not None:
+                raise rnd.error
+            return rnd.outcome
+
+    def _complete(self, name: str, rnd: _Round, count: int) -> None:
+        """Average and step; called holding ``_cond``, which it releases around the step so
+        other parameters' rounds go on meanwhile."""
+        total = np.zeros_like(next(iter(rnd.grads.values())))
+        for worker in sorted(rnd.grads):  # a fixed order: the same bits whoever came first
+            total += rnd.grads[worker]
+        total /= np.float32(count)
+        previous = self._done.get(name, 0)
+        self._done[name] = rnd.iteration  # late duplicates now see "already done"
+        del self._rounds[name]
+        self._cond.release()
+        try:
+            [outcome] = self.store.step({name: total}, read_back=True)
+        except Exception as exc:  # e.g. a non-finite average: every waiter gets the error
+            outcome, error = None, exc
+        else:
+            error = None
+        finally:
+            self._cond.acquire()
+        if error is not None:
+            self._done[name] = previous
+        rnd.outcome, rnd.error = outcome, error
+        self._cond.notify_all()
+
+    def end_iteration(self, worker: str, count: int, timeout_s: float) -> tuple[int, bool]:
+        """A barrier: returns the new global step once all ``count`` workers have called it,
+        and whether this call was the one that advanced it."""
+        from .store import Conflict
+
+        with self._cond:
+            current = self.store.global_step + 1
+            ended = self._ended.setdefault(current, set())
+            if worker in ended:
+                raise Conflict(f"worker {worker!r} already ended iteration {current}")
+            ended.add(worker)
+            if len(ended) == count:
+                del self._ended[current]
+                step = self.store.end_iteration()
+                self._cond.notify_all()
+                return step, True
+            deadline = time.monotonic() + timeout_s
+            while self.store.global_step < current:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    ended.discard(worker)
+                    raise StragglerTimeout(
+                        f"straggler timeout after {timeout_s} s ending iteration {current}: "
+                        f"{len(ended) + 1} of {count} workers arrived; the step did not advance"
+                    )
+                self._cond.wait(left)
+            return self.store.global_step, False

@@ -1,0 +1,176 @@
+"""Distributed workers against the real server: sync rounds, async staleness, bookkeeping."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from kernels import create_optimizer
+
+from . import sync_worker
+from .server import Server
+
+WORKERS = ["w0", "w1", "w2", "w3"]
+
+
+def _register(c: httpx.Client, name: str, shape, algorithm: str, hp: dict, workers: dict) -> None:
+    body = {
+        "name": name,
+        "shape": list(shape),
+        "group": {"algorithm": algorithm, "hyperparams": hp, "workers": workers},
+    }
+    r = c.post("/v1/params", json=body)
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "hp", "specs"),
+    [
+        ("adamw", {"lr": 1e-2, "weight_decay": 0.01}, {"w": (16, 8), "b": (8,)}),
+        ("muon", {"lr": 2e-2, "adamw_lr": 1e-2}, {"w": (12, 20), "b": (20,)}),
+    ],
+)
+def test_sync_four_worker_processes_equal_one_averaging_process(tmp_path, algorithm, hp, specs):
+    steps = 6
+    with Server(tmp_path) as server:
+        with httpx.Client(base_url=server.url) as c:
+            for name, shape in specs.items():
+                _register(c, name, shape, algorithm, hp, {"mode": "sync", "count": 4})
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(4) as pool:
+            results = pool.starmap(
+                sync_worker.run, [(server.url, w, steps, specs) for w in WORKERS]
+            )
+        with httpx.Client(base_url=server.url) as c:
+            assert c.get("/v1/status").json()["global_step"] == steps
+            seen = sorted(w["id"] for w in c.get("/v1/workers").json())
+            assert seen == WORKERS
+    for other in results[1:]:
+        assert other == results[0]  # every worker got the same parameter bytes
+
+    local = create_optimizer(algorithm, backend="cpu", **hp)
+    params = {n: np.zeros(s, np.float32) for n, s in specs.items()}
+    for step in range(steps):
+        for name, shape in specs.items():
+            total = np.zeros(shape, np.float32)
+            for w in WORKERS:  # the server sums in worker-id order, then divides
+                total += sync_worker.gradient(w, step, shape)
+            local.step(name, shape, params[name], total / np.float32(4))
+        local.end_iteration()
+    for name, shape in specs.items():
+        served = np.frombuffer(results[0][name], np.float32).reshape(shape)
+        np.testing.assert_allclose(served, params[name], rtol=1e-6, atol=1e-7)
+
+
+def test_sync_refuses_duplicates_and_times_out_stragglers(tmp_path) -> None:
+    with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        _register(c, "w", (4,), "sgd", {"lr": 0.1}, {"mode": "sync", "count": 3, "timeout_s": 1})
+        g = np.ones(4, np.float32).tobytes()
+        assert c.post("/v1/params/w/step", content=g).status_code == 422  # no worker id
+        results: dict[str, httpx.Response] = {}
+
+        def send(worker: str) -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as own:
+                results[worker] = own.post(f"/v1/params/w/step?worker={worker}", content=g)
+
+        threads = [threading.Thread(target=send, args=(w,)) for w in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results.values():  # only 2 of 3 came: the round fails for both
+            assert r.status_code == 504
+            assert "straggler timeout" in r.json()["detail"]
+            assert "2 of 3 workers" in r.json()["detail"]
+        value = np.frombuffer(c.get("/v1/params/w/value").content, np.float32)
+        np.testing.assert_array_equal(value, np.zeros(4, np.float32))  # nothing applied
+        assert c.get("/v1/params/w").json()["version"] == 0
+
+        # A complete round, then a worker sending twice / for a finished iteration.
+        results.clear()
+        threads = [threading.Thread(target=send, args=(w,)) for w in ("a", "b", "c")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {r.status_code for r in results.values()} == {200}
+        r = c.post("/v1/params/w/step?worker=a&iteration=1", content=g)
+        assert r.status_code == 409
+        assert "iteration 1 is already done" in r.json()["detail"]
+        r = c.post("/v1/params/w/step?worker=a&iteration=5", content=g)
+        assert r.status_code == 409
+        assert "has not started" in r.json()["detail"]
+
+
+def test_sync_groups_share_one_worker_count(tmp_path) -> None:
+    with Server(tmp_path) as server, httpx.Client(base_url=server.url) as c:
+        _register(c, "a", (2,), "sgd", {}, {"mode": "sync", "count": 2})
+        body = {
+            "name": "b",
+            "shape": [2],
+            "group": {"algorithm": "adam", "workers": {"mode": "sync", "count": 3}},
+        }
+        r = c.post("/v1/params", json=body)
+        assert r.status_code == 409
+        assert "share one worker count" in r.json()["detail"]
+        body["group"]["workers"] = {"mode": "sync"}
+        assert "count" in c.post("/v1/params", json=body).json()["detail"]
+
+
+def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> None:
+    n_workers, steps, bound = 8, 500, 3
+    with Server(tmp_path) as server:
+        with httpx.Client(base_url=server.url) as c:
+            _register(
+                c, "w", (64,), "sgd", {"lr": 2.0**-12}, {"mode": "async", "max_staleness": bound}
+            )
+        accepted = [0] * n_workers
+        stale = [0] * n_workers
+        errors: list[str] = []
+
+        def work(i: int) -> None:
+            g = np.ones(64, np.float32).tobytes()
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                version = 0
+                for _ in range(steps):
+                    r = c.post(f"/v1/params/w/step?worker=a{i}&version={version}", content=g)
+                    if r.status_code == 200:
+                        accepted[i] += 1
+                        version = int(r.headers["x-stepd-version"])
+                    elif r.status_code == 409 and "stale gradient" in r.json()["detail"]:
+                        stale[i] += 1
+                        version = c.get("/v1/params/w").json()["version"]  # catch up
+                    else:
+                        errors.append(f"{r.status_code} {r.text}")
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n_workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with httpx.Client(base_url=server.url) as c:
+            info = c.get("/v1/params/w").json()
+            assert info["version"] == sum(accepted)  # every accepted gradient applied once
+            value = np.frombuffer(c.get("/v1/params/w/value").content, np.float32)
+            np.testing.assert_array_equal(value, np.float32(-(2.0**-12) * sum(accepted)))
+            metrics = c.get("/metrics").text
+            assert f"stepd_stale_rejected_total {float(sum(stale))}" in metrics
+            assert "stepd_gradient_staleness_bucket" in metrics
+            # Explicitly stale, and from the future:
+            r = c.post("/v1/params/w/step?version=0", content=np.ones(64, np.float32).tobytes())
+            assert r.status_code == 409
+            assert f"max_staleness {bound}" in r.json()["detail"]
+            r = c.post(
+                f"/v1/params/w/step?version={info['version'] + 5}",
+                content=np.ones(64, np.float32).tobytes(),
+            )
+            assert r.status_code == 422
+            r = c.post("/v1/params/w/step", content=np.ones(64, np.float32).tobytes())
+            assert r.status_code == 422
+            assert "async group" in r.json()["detail"]
+            assert c.get("/v1/params/w").json()["version"] == info["version"]
