@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
@@ -17,7 +19,6 @@ from starlette.applications import Starlette
 from kernels.backends import get_backend
 
 from .api import checkpoints, dataplane, health, params, training
-from .api.deps import require_token
 from .checkpoints import CheckpointDir
 from .config import Settings, get_settings
 from .metrics import Metrics
@@ -39,10 +40,14 @@ def pick_device(device: str) -> str:
 
 
 class StepdApp:
-    """The served ASGI app: the two step endpoints go straight to a bare Starlette app, the
-    rest to FastAPI. FastAPI's own per-request layers cost ~0.25 ms here even for a plain
-    route — as much as a whole tiny step — so the data plane skips them. Both apps share one
-    ``state`` and the same exception handlers; FastAPI runs the lifespan and the docs."""
+    """The served ASGI app, the front door of every request.
+
+    It checks the bearer token (every path but ``/healthz``) before anything reads the body,
+    and caps every body at ``max_body_bytes`` (413) — JSON included, which FastAPI would
+    otherwise read whole. Then the two step endpoints go straight to a bare Starlette app and
+    the rest to FastAPI: FastAPI's own per-request layers cost ~0.25 ms here even for a plain
+    route — as much as a whole tiny step. Both apps share one ``state`` and the same exception
+    handlers; FastAPI runs the lifespan and the docs."""
 
     def __init__(self, api: FastAPI, fast: Starlette) -> None:
         self.api, self.fast = api, fast
@@ -53,10 +58,55 @@ class StepdApp:
         return self.api.state
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and FAST_PATH.match(scope["path"]):
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)  # the lifespan
+            return
+        settings = self.api.state.settings
+        headers = dict(scope["headers"])
+        if settings.token and scope["path"] != "/healthz":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {settings.token}".encode()):
+                await _reply(send, 401, "missing or wrong bearer token", WWW_AUTHENTICATE)
+                return
+        limit = settings.max_body_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _reply(send, 413, f"body of {int(declared)} bytes exceeds the limit of {limit}")
+            return
+        receive = _capped(receive, limit)
+        if scope["method"] == "POST" and FAST_PATH.fullmatch(scope["path"]):
             await self.fast(scope, receive, send)
         else:
             await self.api(scope, receive, send)
+
+
+WWW_AUTHENTICATE = [(b"www-authenticate", b"Bearer")]
+
+
+async def _reply(send: Any, status: int, detail: str, extra: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _capped(receive: Any, limit: int) -> Any:
+    """``receive`` that raises 413 once a body streamed without Content-Length passes
+    ``limit`` (the HTTPException reaches the apps' handlers like any other)."""
+    seen = 0
+
+    async def capped() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        return message
+
+    return capped
 
 
 FAST_PATH = re.compile(r"^/v1/(?:step|params/[^/]+/step)$")
@@ -106,10 +156,10 @@ def create_app(settings: Settings | None = None) -> StepdApp:
         lifespan=lifespan,
     )
     app.include_router(health.router)
-    protected = [Depends(require_token)]
+    # The token is checked once, in StepdApp, before any route (or body parsing) runs.
     for module in (params, dataplane, training, checkpoints):
-        app.include_router(module.router, dependencies=protected)
-    app.include_router(health.metrics_router, dependencies=protected)
+        app.include_router(module.router)
+    app.include_router(health.metrics_router)
     handlers = {
         exc_type: _handler(status)
         for exc_type, status in (

@@ -4,7 +4,7 @@ These two endpoints carry every training step, so they are served by a bare Star
 front of FastAPI (``service.app.StepdApp``): FastAPI's per-request machinery costs about a
 quarter of a millisecond here, as much as the rest of a tiny step. The FastAPI routes below
 describe the same endpoints in the OpenAPI schema and call the same code, so behaviour cannot
-drift; the token check and the error bodies are the same as everywhere else.
+drift; the error bodies are the same as everywhere else (the token is checked by StepdApp).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.routing import Route
 from ..rwlock import WouldBlock
 from ..store import Invalid, ParamStore, Stale, StepOutcome
 from ..tensors import dump_safetensors, from_bytes, parse_safetensors
-from .deps import ERRORS, read_body, require_token
+from .deps import ERRORS, read_body
 
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
@@ -122,7 +122,6 @@ def _count(request: Request, outcomes: list[StepOutcome], body: int, out: int, s
 
 async def step_one(request: Request) -> Response:
     start = time.perf_counter()
-    await require_token(request)
     store, settings = request.app.state.store, request.app.state.settings
     name = request.path_params["name"]
     return_param = _flag(request, "return_param")
@@ -147,7 +146,6 @@ async def step_one(request: Request) -> Response:
 
 async def step_many(request: Request) -> Response:
     start = time.perf_counter()
-    await require_token(request)
     settings = request.app.state.settings
     return_params = _flag(request, "return_params")
     body = await read_body(request, settings.max_body_bytes)

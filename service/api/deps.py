@@ -6,7 +6,6 @@ thread, and four thread hops per request cost more than a tiny step itself.
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -57,16 +56,6 @@ StoreDep = Annotated[ParamStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 CheckpointsDep = Annotated[CheckpointDir, Depends(get_checkpoints)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-
-
-async def require_token(request: Request) -> None:
-    token = request.app.state.settings.token
-    if not token:
-        return
-    given = request.headers.get("authorization", "")
-    expected = f"Bearer {token}"
-    if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
-        raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 
 async def read_body(request: Request, limit: int) -> bytes:

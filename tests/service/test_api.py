@@ -377,13 +377,12 @@ def test_bad_request_is_4xx_and_changes_nothing(client, method, url, kwargs, sta
 
 
 def test_body_over_the_limit_is_413(tmp_path) -> None:
-    with make_client(tmp_path, max_body_bytes=16) as c:
-        _primed_small = register(c, shape=(4,))  # its gradient fits; the one sent does not
-        assert _primed_small.status_code == 201
+    with make_client(tmp_path, max_body_bytes=256) as c:
+        assert register(c, shape=(8,)).status_code == 201  # its gradient fits the limit
         before = full_state(c)
-        r = c.post("/v1/params/w/step", content=f32(np.ones(8)))
+        r = c.post("/v1/params/w/step", content=f32(np.ones(100)))
         assert r.status_code == 413
-        assert "exceeds the limit of 16" in r.json()["detail"]
+        assert "exceeds the limit of 256" in r.json()["detail"]
         assert_same_state(full_state(c), before)
 
 
