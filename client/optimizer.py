@@ -225,7 +225,7 @@ def connect(
     (``ValueError`` / ``TypeError``).
 
     Several servers: ``connect([url0, url1, ...])`` shards the parameters over them by a
-    stable hash of the name (:mod:`client.sharding`). Distributed workers (http://):
+    stable hash of the name (:mod:`client.sharding`). Distributed workers (http://, shm://):
     ``worker`` is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync",
     "count": 4}`` or ``{"mode": "async", "max_staleness": 8}``.
     """
@@ -258,8 +258,10 @@ def connect(
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
         return _connect_http(url, algorithm, token, timeout, worker, workers, hyperparams)
-    if worker is not None or workers is not None:
-        raise ValueError(f"worker modes need a server over http://, not {parts.scheme}://")
+    if (worker is not None or workers is not None) and parts.scheme != "shm":
+        raise ValueError(
+            f"worker modes need a server over http:// or shm://, not {parts.scheme}://"
+        )
     if parts.scheme == "local":
         from .local import LocalTransport
 
@@ -274,7 +276,11 @@ def connect(
         if parts.netloc or not parts.path or parts.query:
             raise ValueError(f"shm:// takes a socket path, shm:///path/to/stepd.sock, got {url!r}")
         timeout = _rate("timeout", timeout)
-        return StepdOptimizer(ShmTransport(parts.path, algorithm, hyperparams, timeout=timeout))
+        return StepdOptimizer(
+            ShmTransport(
+                parts.path, algorithm, hyperparams, timeout=timeout, worker=worker, workers=workers
+            )
+        )
     raise ValueError(f"unsupported URL {url!r}: expected http://host:port, shm:///path or local://")
 
 

@@ -59,6 +59,7 @@ U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 F64 = struct.Struct("<d")
 STEP_REPLY = struct.Struct("<QB")
+SLOT_VERSION = struct.Struct("<IQ")
 F32 = np.dtype("<f4")
 SHM_DIR = "/dev/shm"
 PREFIX = "stepd-"
@@ -66,11 +67,13 @@ PREFIX = "stepd-"
 # ops (service/shm.py)
 ATTACH, REGISTER, STEP, STEP_BATCH, END_ITERATION, SET_LR = 1, 2, 3, 4, 5, 6
 GET_LR_SCALE, SET_LR_SCALE, GET_GROUP, STATE, CLOSE, PING = 7, 8, 9, 10, 11, 12
+HELLO, STEP_V = 13, 14
 OP_NAMES = {
     v: k
     for k, v in dict(
         ATTACH=1, REGISTER=2, STEP=3, STEP_BATCH=4, END_ITERATION=5, SET_LR=6,
         GET_LR_SCALE=7, SET_LR_SCALE=8, GET_GROUP=9, STATE=10, CLOSE=11, PING=12,
+        HELLO=13, STEP_V=14,
     ).items()
 }  # fmt: skip
 
@@ -104,9 +107,21 @@ class ShmTransport(Transport):
         algorithm: str,
         hyperparams: Mapping[str, Any],
         timeout: float = 30.0,
+        worker: str | None = None,
+        workers: Mapping[str, Any] | None = None,
     ) -> None:
+        """``worker``: this process's id, sent once per connection (``HELLO``); sync groups
+        need it. ``workers``: the group's workers config, as for :mod:`client.http`
+        (``{"mode": "sync", "count": 4}``, ``{"mode": "async", "max_staleness": 8}``)."""
         self.path = path
-        self._group_spec = {"algorithm": algorithm, "hyperparams": dict(hyperparams)}
+        self._group_spec: dict[str, Any] = {
+            "algorithm": algorithm,
+            "hyperparams": dict(hyperparams),
+        }
+        if workers is not None:
+            self._group_spec["workers"] = dict(workers)
+        self._async = workers is not None and workers.get("mode") == "async"
+        self._versions: dict[str, int] = {}  # async groups: the version each param came from
         self._algorithm = algorithm
         self._hyperparams = dict(hyperparams)
         self._pid = os.getpid()
@@ -129,6 +144,12 @@ class ShmTransport(Transport):
         self._rbuf = bytearray(1 << 16)
         self._rview = memoryview(self._rbuf)
         _live.add(self)
+        if worker is not None:
+            try:
+                self.request(HELLO, json.dumps({"worker": worker}).encode())
+            except BaseException:
+                self.close()
+                raise
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -308,6 +329,8 @@ class ShmTransport(Transport):
                 os.unlink(os.path.join(SHM_DIR, seg_name))
             raise
         seg.slot = int(reply["slot"])
+        if "version" in reply:
+            self._versions[name] = int(reply["version"])
         if self._group_id is None:
             self._group_id = reply["group"]
             if self._lr is not None:  # set_lr came before the group existed
@@ -326,9 +349,15 @@ class ShmTransport(Transport):
             user = seg.user
             if user is None or grad is not user[1]:
                 np.copyto(seg.grad, grad.reshape(-1))
-            reply = self.request(STEP, U32.pack(seg.slot))
+            if self._async:
+                payload = U32.pack(1) + SLOT_VERSION.pack(seg.slot, self._versions[name])
+                reply = self.request(STEP_V, payload)
+            else:
+                reply = self.request(STEP, U32.pack(seg.slot))
             if len(reply) != STEP_REPLY.size:
                 raise TransportError(f"shm://{self.path}: malformed step reply")
+            if self._async:
+                self._versions[name] = STEP_REPLY.unpack(reply)[0]
             if user is None or param is not user[0]:
                 np.copyto(param.reshape(-1), seg.param)
             return
@@ -337,10 +366,20 @@ class ShmTransport(Transport):
             if seg.user is None or grad is not seg.user[1]:
                 np.copyto(seg.grad, grad.reshape(-1))
         count = len(chosen)
-        payload = U32.pack(count) + struct.pack(f"<{count}I", *(s.slot for s in chosen))
-        reply = self.request(STEP_BATCH, payload)
+        if self._async:
+            payload = U32.pack(count) + b"".join(
+                SLOT_VERSION.pack(seg.slot, self._versions[name])
+                for seg, (name, *_) in zip(chosen, items, strict=True)
+            )
+            reply = self.request(STEP_V, payload)
+        else:
+            payload = U32.pack(count) + struct.pack(f"<{count}I", *(s.slot for s in chosen))
+            reply = self.request(STEP_BATCH, payload)
         if len(reply) != STEP_REPLY.size * count:
             raise TransportError(f"shm://{self.path}: malformed step reply")
+        if self._async:
+            for k, (name, *_) in enumerate(items):
+                self._versions[name] = STEP_REPLY.unpack_from(reply, k * STEP_REPLY.size)[0]
         for seg, (_, _, param, _) in zip(chosen, items, strict=True):
             if seg.user is None or param is not seg.user[0]:
                 np.copyto(param.reshape(-1), seg.param)

@@ -1,18 +1,21 @@
 """``stepd demo``: the whole system at work in under a minute.
 
 It starts ``stepd serve`` in the background (CPU, a free loopback port, a temporary
-checkpoint directory), then launches worker processes that train a small classifier on
-scikit-learn's bundled digits, data-parallel: each worker computes gradients on its own slice
-of every batch and sends them with ``client.connect(url, worker=..., workers={"mode": "sync",
-...})``; the server averages the workers' gradients, steps once per iteration and returns the
-same parameters to all of them. The demo shows the loss per iteration, then the held-out
-accuracy of the parameters the server holds, and where to look.
+checkpoint directory, and the shared-memory transport on a Unix socket next to it), then
+launches worker processes that train a small classifier on scikit-learn's bundled digits,
+data-parallel: each worker computes gradients on its own slice of every batch and sends them
+with ``client.connect(url, worker=..., workers={"mode": "sync", ...})``; the server averages
+the workers' gradients, steps once per iteration and returns the same parameters to all of
+them. The workers alternate transports in one sync group: even ranks use ``shm://`` (same
+host, shared memory), odd ranks ``http://``. The demo shows the loss per iteration, then the
+held-out accuracy of the parameters the server holds, and where to look.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import shutil
 import signal
@@ -95,7 +98,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(port: int, checkpoints: str) -> subprocess.Popen:
+def _start_server(port: int, checkpoints: str, shm_socket: str) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -107,6 +110,8 @@ def _start_server(port: int, checkpoints: str) -> subprocess.Popen:
         "cpu",
         "--checkpoint-dir",
         checkpoints,
+        "--shm-socket",
+        shm_socket,
         "--log-level",
         "warning",
     ]
@@ -118,10 +123,12 @@ def _start_server(port: int, checkpoints: str) -> subprocess.Popen:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited: {proc.stdout.read().decode()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+            healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+            if healthy.status_code == 200 and os.path.exists(shm_socket):
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the server did not become healthy within 60 s")
 
@@ -138,15 +145,25 @@ def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool
         raise SystemExit("--workers must be 2, 3 or 4")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    checkpoints = tempfile.mkdtemp(prefix="stepd-demo-")
-    print(f"stepd demo: a server on {url}, {workers} worker processes, data-parallel AdamW")
-    print("  (sync mode: every iteration the server averages the workers' gradients)\n")
-    server = _start_server(port, checkpoints)
+    tmp = tempfile.mkdtemp(prefix="stepd-demo-")  # short: a socket path has <= 107 bytes
+    checkpoints = os.path.join(tmp, "checkpoints")
+    os.mkdir(checkpoints)
+    shm_socket = os.path.join(tmp, "stepd.sock")
+    shm_url = f"shm://{shm_socket}"
+    print(f"stepd demo: a server on {url} and {shm_url},")
+    print(f"  {workers} worker processes, data-parallel AdamW")
+    print("  (sync mode: every iteration the server averages the workers' gradients)")
+    urls = [shm_url if r % 2 == 0 else url for r in range(workers)]
+    for r, u in enumerate(urls):
+        kind = "shm:// (shared memory)" if u.startswith("shm://") else "http://"
+        print(f"  worker-{r}: {kind}")
+    print()
+    server = _start_server(port, checkpoints, shm_socket)
     try:
         ctx = multiprocessing.get_context("spawn")
         losses = ctx.Queue()
         procs = [
-            ctx.Process(target=worker, args=(url, r, workers, iterations, batch, losses))
+            ctx.Process(target=worker, args=(urls[r], r, workers, iterations, batch, losses))
             for r in range(workers)
         ]
         for p in procs:
@@ -206,4 +223,4 @@ def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)

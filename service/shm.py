@@ -15,6 +15,15 @@ uses the HTTP API's codes: 200 ok, 404 ``NotFound``, 409 ``Conflict``, 422 ``Inv
 (UTF-8). JSON appears only in rare metadata (attach, register, group, state); steps are
 ``struct``-packed ids. No pickle, ever.
 
+Distributed workers (service/workers.py) work as over HTTP. The worker id belongs to the
+connection: ``HELLO`` (JSON ``{"worker": id}``, validated like HTTP's ``?worker=``) names it,
+once, before its steps. A group's ``workers`` config travels in REGISTER's group JSON. A step
+of a sync-group name blocks in the connection's thread until its round completes (a straggler
+timeout is a 504); an async-group name must be stepped with ``STEP_V``, which carries the
+parameter version each gradient was computed from (a stale one is a 409, nothing applied).
+``END_ITERATION`` on a connection with a worker id, when the server has sync groups, is the
+barrier of :meth:`SyncRounds.end_iteration`.
+
 When a connection closes (``CLOSE``, a clean exit or a client crash), the server drops its
 views, unmaps and unlinks every segment that connection attached, and only those.
 """
@@ -38,7 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from .store import Conflict, Invalid, NotFound, ParamStore
+from .api.dataplane import WORKER_RE
+from .store import Conflict, Invalid, NotFound, ParamStore, StepOutcome
+from .workers import StragglerTimeout
 
 log = logging.getLogger("stepd.shm")
 
@@ -51,7 +62,7 @@ MAX_PAYLOAD = 64 << 20  # control messages are small; a batch of 16M ids at most
 
 # ops
 ATTACH = 1  # JSON {"segment": name, "bytes": n} -> u32 segment handle
-REGISTER = 2  # JSON {name, shape, group, lr_scale, segment} -> JSON {created, group, slot}
+REGISTER = 2  # JSON {name, shape, group, lr_scale, segment} -> JSON {created, group, slot, version}
 STEP = 3  # u32 slot -> u64 version, u8 applied
 STEP_BATCH = 4  # u32 n, n x u32 slot -> n x (u64 version, u8 applied)
 END_ITERATION = 5  # -> u64 global step
@@ -62,8 +73,11 @@ GET_GROUP = 9  # UTF-8 group id -> JSON group info (with "lr")
 STATE = 10  # UTF-8 group id ("": global step only) -> u32 n, JSON (n bytes), raw slots
 CLOSE = 11  # -> nothing; the server then detaches everything and closes
 PING = 12  # -> nothing (a bare round trip)
+HELLO = 13  # JSON {"worker": id} -> nothing; names this connection's worker, once
+STEP_V = 14  # u32 n, n x (u32 slot, u64 based_on version) -> n x (u64 version, u8 applied)
+SLOT_VERSION = struct.Struct("<IQ")
 
-OK, BAD, NOT_FOUND, CONFLICT, INVALID, INTERNAL = 200, 400, 404, 409, 422, 500
+OK, BAD, NOT_FOUND, CONFLICT, INVALID, INTERNAL, TIMEOUT = 200, 400, 404, 409, 422, 500, 504
 SEGMENT_RE = re.compile(r"^stepd-[A-Za-z0-9_.\-]{1,200}$")
 SHM_DIR = Path("/dev/shm")
 F32 = np.dtype("<f4")
@@ -93,6 +107,7 @@ class Connection:
     sock: socket.socket
     segments: list[Segment | None] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
+    worker: str | None = None  # set by HELLO: the distributed worker this connection is
 
 
 class ShmServer:
@@ -211,6 +226,8 @@ class ShmServer:
             return INVALID, str(exc).encode()
         except ProtocolError as exc:
             return BAD, str(exc).encode()
+        except StragglerTimeout as exc:
+            return TIMEOUT, str(exc).encode()
         except Exception as exc:  # never let one bad call kill the connection thread
             log.exception("shm op %d failed", op)
             return INTERNAL, f"internal error: {exc!r}".encode()
@@ -230,11 +247,32 @@ class ShmServer:
             if len(set(ids)) != count:
                 raise ProtocolError("STEP_BATCH: a slot appears twice")
             return self._step(conn, [self._slot(conn, i) for i in ids])
+        if op == STEP_V:
+            count = _u32(payload, 0, len(payload) >= 4)
+            if len(payload) != 4 + SLOT_VERSION.size * count:
+                raise ProtocolError("STEP_V: payload does not match its count")
+            pairs = [
+                SLOT_VERSION.unpack_from(payload, 4 + SLOT_VERSION.size * k) for k in range(count)
+            ]
+            if len({i for i, _ in pairs}) != count:
+                raise ProtocolError("STEP_V: a slot appears twice")
+            slots = [self._slot(conn, i) for i, _ in pairs]
+            return self._step(
+                conn, slots, {s.name: v for s, (_, v) in zip(slots, pairs, strict=True)}
+            )
+        if op == HELLO:
+            self._hello(conn, _json(payload))
+            return b""
         if op == ATTACH:
             return U32.pack(self._attach(conn, _json(payload)))
         if op == REGISTER:
             return json.dumps(self._register(conn, _json(payload))).encode()
         if op == END_ITERATION:
+            count = store.sync_count()
+            if conn.worker is not None and count is not None:
+                store.workers.touch(conn.worker)
+                step, _ = store.sync.end_iteration(conn.worker, count, store.sync_timeout())
+                return U64.pack(step)
             return U64.pack(store.end_iteration())
         if op == SET_LR:
             lr = _f64(payload)
@@ -262,17 +300,58 @@ class ShmServer:
             raise NotFound(f"slot {i} is not registered on this connection")
         return conn.slots[i]
 
-    def _step(self, conn: Connection, slots: list[Slot]) -> bytes:
+    def _hello(self, conn: Connection, meta: dict[str, Any]) -> None:
+        worker = meta.get("worker")
+        if not isinstance(worker, str) or not WORKER_RE.fullmatch(worker):
+            raise Invalid(f"invalid worker id {worker!r}: 1-128 letters, digits and _ . : -")
+        if conn.worker is not None and conn.worker != worker:
+            raise Conflict(f"this connection is worker {conn.worker!r} already, not {worker!r}")
+        conn.worker = worker
+        self.store.workers.touch(worker)
+
+    def _step(
+        self, conn: Connection, slots: list[Slot], versions: dict[str, int] | None = None
+    ) -> bytes:
+        """Route each gradient by its group's workers mode, as HTTP's dataplane.apply does."""
         store = self.store
-        outcomes = store.step({s.name: s.grad for s in slots})
-        for s in slots:  # the new value, straight into the client's segment
-            entry = store.entry(s.name)
-            with entry.lock:
-                if hasattr(entry.param, "get"):  # cupy: device -> pinned host segment
-                    entry.param.get(out=s.param)
-                else:
-                    np.copyto(s.param, entry.param)
-        return b"".join(STEP_REPLY.pack(o.version, o.applied) for o in outcomes)
+        versions = versions or {}
+        entries = {s.name: store.entry(s.name) for s in slots}
+        sync = [s for s in slots if entries[s.name].group.workers["mode"] == "sync"]
+        if sync and conn.worker is None:
+            raise Invalid(f"{sync[0].name!r} is in a sync group: send HELLO with a worker id")
+        missing = [
+            n
+            for n, e in entries.items()
+            if e.group.workers["mode"] == "async" and n not in versions
+        ]
+        if missing:
+            raise Invalid(
+                f"{missing[0]!r} is in an async group: step it with STEP_V and the parameter "
+                "version its gradient was computed from"
+            )
+        if conn.worker is not None:
+            store.workers.touch(conn.worker, len(slots))
+        sync_names = {s.name for s in sync}
+        rest = [s for s in slots if s.name not in sync_names]
+        outcomes: dict[str, StepOutcome] = {}
+        if rest:
+            based_on = {s.name: versions[s.name] for s in rest if s.name in versions}
+            for o in store.step({s.name: s.grad for s in rest}, based_on=based_on or None):
+                outcomes[o.name] = o
+            for s in rest:  # the new value, straight into the client's segment
+                entry = entries[s.name]
+                with entry.lock:
+                    if hasattr(entry.param, "get"):  # cupy: device -> pinned host segment
+                        entry.param.get(out=s.param)
+                    else:
+                        np.copyto(s.param, entry.param)
+        for s in sync:  # blocks until every worker's gradient for this round is in
+            cfg = entries[s.name].group.workers
+            o = outcomes[s.name] = store.sync.contribute(s.name, s.grad, conn.worker, None, cfg)
+            np.copyto(s.param, np.asarray(o.param, F32).reshape(-1))
+        return b"".join(
+            STEP_REPLY.pack(outcomes[s.name].version, outcomes[s.name].applied) for s in slots
+        )
 
     def _attach(self, conn: Connection, meta: dict[str, Any]) -> int:
         name, size = meta.get("segment"), meta.get("bytes")
@@ -309,10 +388,13 @@ class ShmServer:
             handle = int(meta["segment"])
             lr_scale = float(meta.get("lr_scale", 1.0))
             algorithm, hyperparams = group["algorithm"], group.get("hyperparams", {})
+            workers = group.get("workers")
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"REGISTER: malformed request: {exc!r}") from None
         if not isinstance(name, str) or not isinstance(hyperparams, dict):
             raise ProtocolError("REGISTER: name must be a string, hyperparams an object")
+        if workers is not None and not isinstance(workers, dict):
+            raise ProtocolError("REGISTER: the group's workers must be an object")
         if any(d < 0 for d in shape):
             raise Invalid(f"{name!r}: invalid shape {list(shape)}")
         size = math.prod(shape)
@@ -323,11 +405,18 @@ class ShmServer:
             raise Invalid(f"{name!r}: segment has {seg.size} bytes, needs {8 * size}")
         param = np.frombuffer(seg.mm, F32, size, 0)
         grad = np.frombuffer(seg.mm, F32, size, 4 * size)
-        entry, created = self.store.register(name, shape, param, algorithm, hyperparams, lr_scale)
+        entry, created = self.store.register(
+            name, shape, param, algorithm, hyperparams, lr_scale, workers=workers
+        )
         if not created:  # the server's copy wins: the client reads it from the segment
             np.copyto(param, self.store.read(name).reshape(-1))
         conn.slots.append(Slot(name, param, grad))
-        return {"created": created, "group": entry.group.id, "slot": len(conn.slots) - 1}
+        return {
+            "created": created,
+            "group": entry.group.id,
+            "slot": len(conn.slots) - 1,
+            "version": entry.version,
+        }
 
     def _state(self, gid: str) -> bytes:
         store = self.store
