@@ -19,6 +19,7 @@ from kernels.backends import get_backend
 from kernels.ops import Launch
 
 from .gpu import cuda_or_skip
+from .problems import linear_regression_loss_ratio
 
 # 0-d and 1-D (AdamW unless optimize_1d), matrices around the vector width and across the
 # parallel threshold (32768 elements), a 3-D tensor.
@@ -163,26 +164,8 @@ def test_chunked_norm_agrees_with_one_chunk(monkeypatch) -> None:
 
 def test_converges_on_linear_regression() -> None:
     """W by MARS, b by the 1-D AdamW, one group; lr decays linearly to 0."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((256, 8)).astype(np.float32)
-    w_true = rng.standard_normal((4, 8)).astype(np.float32)
-    b_true = rng.standard_normal(4).astype(np.float32)
-    y = x @ w_true.T + b_true
-    w, b = np.zeros((4, 8), np.float32), np.zeros(4, np.float32)
-
-    def loss_and_grads() -> tuple[float, np.ndarray, np.ndarray]:
-        r = x @ w.T + b - y
-        return float(0.5 * (r * r).sum(1).mean()), r.T @ x / len(x), r.mean(0)
-
     opt = create_optimizer("mars", lr=0.05, lr_1d=0.05, weight_decay_1d=0.0)
-    first = loss_and_grads()[0]
-    steps = 300
-    for i in range(steps):
-        opt.set_lr(0.05 * (1 - i / steps))
-        _, gw, gb = loss_and_grads()
-        opt.step_batch([("w", w.shape, w, gw), ("b", b.shape, b, gb)])
-        opt.end_iteration()
-    assert loss_and_grads()[0] < 1e-4 * first
+    assert linear_regression_loss_ratio(opt, lr=0.05, steps=300) < 1e-4
 
 
 @pytest.mark.parametrize("hparams", HPARAMS, ids=["optimize-1d", "adamw-1d"])

@@ -22,6 +22,7 @@ from kernels.algorithms.muon import (
 from kernels.ops import Launch
 
 from .gpu import cuda_or_skip
+from .problems import linear_regression_loss_ratio
 
 # -- Newton–Schulz -------------------------------------------------------------------------
 
@@ -294,26 +295,8 @@ def test_cuda_matches_reference() -> None:
 
 def test_converges_on_linear_regression() -> None:
     """W by Muon, b by the AdamW fallback, one group; lr decays linearly to 0."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((256, 8)).astype(np.float32)
-    w_true = rng.standard_normal((4, 8)).astype(np.float32)
-    b_true = rng.standard_normal(4).astype(np.float32)
-    y = x @ w_true.T + b_true
-    w, b = np.zeros((4, 8), np.float32), np.zeros(4, np.float32)
-
-    def loss_and_grads() -> tuple[float, np.ndarray, np.ndarray]:
-        r = x @ w.T + b - y
-        return float(0.5 * (r * r).sum(1).mean()), r.T @ x / len(x), r.mean(0)
-
     opt = create_optimizer("muon", lr=0.1, weight_decay=0.0, adamw_weight_decay=0.0)
-    first = loss_and_grads()[0]
-    steps = 200
-    for i in range(steps):
-        opt.set_lr(0.1 * (1 - i / steps))
-        _, gw, gb = loss_and_grads()
-        opt.step_batch([("w", w.shape, w, gw), ("b", b.shape, b, gb)])
-        opt.end_iteration()
-    assert loss_and_grads()[0] < 1e-5 * first
+    assert linear_regression_loss_ratio(opt, lr=0.1, steps=200) < 1e-5
 
 
 def test_resume_is_bit_identical() -> None:
