@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from ..hyperparams import Hyperparams, check_betas, check_eps, check_lr, check_weight_decay
 from ..ops import Launch, Op
+from .adam import AdamHyperparams
 from .base import Algorithm, StepItem
 
 _CHUNK = 1 << 20  # elements per chunk of the norm computation (bounds its temporaries)
@@ -90,18 +90,11 @@ LAMB_APPLY = Op(
 
 
 @dataclass(frozen=True)
-class LambHyperparams(Hyperparams):
-    algorithm = "lamb"
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.0
+class LambHyperparams(AdamHyperparams):
+    """Adam's hyperparameters and checks; optax.lamb's eps default."""
 
-    def validate(self) -> None:
-        check_lr(self.lr)
-        check_betas(self.betas)
-        check_eps(self.eps)
-        check_weight_decay(self.weight_decay)
+    algorithm = "lamb"
+    eps: float = 1e-6
 
 
 def _sum_sq(xp: Any, x: Any) -> Any:

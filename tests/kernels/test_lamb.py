@@ -3,7 +3,6 @@ cases against optax, chunked norms, convergence, resume, and bad hyperparameters
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
@@ -18,6 +17,7 @@ from kernels.ops import Launch
 
 from .gpu import cuda_or_skip
 from .oracles.lamb import optax_lamb
+from .problems import assert_resume_bit_identical
 
 # Around the vector width (16 floats) and the parallel threshold (32768), plus 0-d and a
 # shaped tensor; "zero" starts at 0 (trust ratio 1), "still" never gets a gradient (u = 0).
@@ -175,34 +175,7 @@ def test_converges_on_linear_regression() -> None:
 
 
 def test_resume_is_bit_identical() -> None:
-    rng = np.random.default_rng(2)
-    shapes = {"w": (6, 5), "b": (5,), "s": ()}
-    init = {k: np.asarray(rng.standard_normal(s), np.float32) for k, s in shapes.items()}
-    grads = [
-        {k: np.asarray(rng.standard_normal(s), np.float32) for k, s in shapes.items()}
-        for _ in range(10)
-    ]
-
-    def run(opt, params, gs) -> None:
-        for g in gs:
-            opt.step_batch([(k, p.shape, p, g[k]) for k, p in params.items()])
-            opt.end_iteration()
-
-    straight = copy.deepcopy(init)
-    a = create_optimizer("lamb", lr=1e-2, weight_decay=0.01)
-    a.set_lr_scale("b", 0.5)
-    run(a, straight, grads)
-
-    resumed = copy.deepcopy(init)
-    b = create_optimizer("lamb", lr=1e-2, weight_decay=0.01)
-    b.set_lr_scale("b", 0.5)
-    run(b, resumed, grads[:4])
-    c = create_optimizer("lamb")
-    c.load_state_dict(copy.deepcopy(b.state_dict()))
-    run(c, resumed, grads[4:])
-    for k in init:
-        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
-    assert c.state_dict()["global_step"] == a.state_dict()["global_step"] == 10
+    assert_resume_bit_identical("lamb", {"lr": 1e-2, "weight_decay": 0.01})
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ resume, and bad hyperparameters."""
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
@@ -19,7 +18,7 @@ from kernels.backends import get_backend
 from kernels.ops import Launch
 
 from .gpu import cuda_or_skip
-from .problems import linear_regression_loss_ratio
+from .problems import assert_resume_bit_identical, linear_regression_loss_ratio
 
 # 0-d and 1-D (AdamW unless optimize_1d), matrices around the vector width and across the
 # parallel threshold (32768 elements), a 3-D tensor.
@@ -170,33 +169,7 @@ def test_converges_on_linear_regression() -> None:
 
 @pytest.mark.parametrize("hparams", HPARAMS, ids=["optimize-1d", "adamw-1d"])
 def test_resume_is_bit_identical(hparams: dict) -> None:
-    rng = np.random.default_rng(2)
-    shapes = {"w": (6, 5), "b": (5,), "s": ()}
-    init = {k: np.asarray(rng.standard_normal(s), np.float32) for k, s in shapes.items()}
-    grads = [
-        {k: np.asarray(rng.standard_normal(s), np.float32) for k, s in shapes.items()}
-        for _ in range(10)
-    ]
-
-    def run(opt, params, gs) -> None:
-        for g in gs:
-            opt.step_batch([(k, p.shape, p, g[k]) for k, p in params.items()])
-            opt.end_iteration()
-
-    straight = copy.deepcopy(init)
-    a = create_optimizer("mars", **hparams)
-    a.set_lr_scale("b", 0.5)
-    run(a, straight, grads)
-
-    resumed = copy.deepcopy(init)
-    b = create_optimizer("mars", **hparams)
-    b.set_lr_scale("b", 0.5)
-    run(b, resumed, grads[:4])
-    c = create_optimizer("mars")
-    c.load_state_dict(copy.deepcopy(b.state_dict()))
-    run(c, resumed, grads[4:])
-    for k in init:
-        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+    assert_resume_bit_identical("mars", hparams)
 
 
 def test_defaults_are_pytorch_optimizer_defaults() -> None:
