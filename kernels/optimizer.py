@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .algorithms import ALGORITHMS, Algorithm, StepItem
+from .algorithms import ALGORITHMS, Algorithm, ElementwiseAlgorithm, StepItem
 from .backends import get_backend
 from .hyperparams import check_lr, check_lr_scale
+from .ops import MAX_ARGS, Launch
 
 StepArgs = tuple[str, Sequence[int], Any, Any]  # (name, shape, param, grad)
 _F32 = np.dtype(np.float32)
+MAX_PLANS = 8  # prepared step_batch layouts kept per optimizer
 
 
 @dataclass
@@ -32,6 +34,22 @@ class ParamState:
     shape: tuple[int, ...]
     slots: dict[str, Any]
     count: int = 0  # steps applied to this name
+
+
+@dataclass
+class _Plan:
+    """A prepared launch and what a step_batch must match to reuse it."""
+
+    launch: Any  # the backend's PreparedLaunch
+    shapes: tuple[tuple[int, ...], ...]
+    params: tuple[Any, ...]  # the very arrays (identity is checked)
+    states: tuple[ParamState, ...]
+    scales: tuple[float, ...]  # lr_scale per item (set_lr_scale drops every plan)
+    sizes: tuple[int, ...]
+
+    @property
+    def uniform(self) -> bool:
+        return all(s == self.scales[0] for s in self.scales)
 
 
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -57,6 +75,10 @@ class Optimizer:
         self._global_step = 0
         self._lr_scales: dict[str, float] = {}
         self._state: dict[str, ParamState] = {}
+        # Prepared launches of recent step_batch layouts (names in order): a repeated layout
+        # with the same param arrays skips the per-tensor pointer table. Bounded, because a
+        # plan keeps its params alive.
+        self._plans: dict[tuple[str, ...], _Plan] = {}
 
     # -- the rlx-optim Optimizer trait ---------------------------------------------------
 
@@ -67,6 +89,11 @@ class Optimizer:
     def step_batch(self, items: Iterable[StepArgs]) -> None:
         """Step several parameters together (the elementwise family: one fused launch for
         all of them); every item is validated before anything is written."""
+        if not isinstance(items, (list, tuple)):
+            items = list(items)
+        plan = self._plan(items)
+        if plan is not None:
+            return self._run_plan(plan, items)
         checked = [self._check(*item) for item in items]
         names = [c[0] for c in checked]
         if len(set(names)) != len(names):
@@ -85,6 +112,8 @@ class Optimizer:
         self.algorithm.step(self.backend, step_items, self._global_step + 1)
         for name in names:
             self._state[name].count += 1
+        if not any(it.fresh for it in step_items):
+            self._prepare(step_items)
 
     def update_hessian(self, name: str, shape: Sequence[int], hessian: Any) -> None:
         """Pass a Hessian-diagonal estimate for ``name`` (curvature-aware algorithms only).
@@ -114,6 +143,7 @@ class Optimizer:
         scale = float(scale)
         check_lr_scale(name, scale)
         self._lr_scales[name] = scale
+        self._plans.clear()  # they hold per-item scales
 
     def set_lr(self, lr: float) -> None:
         lr = float(lr)
@@ -218,6 +248,62 @@ class Optimizer:
         self._lr = lr
         self._lr_scales = lr_scales
         self._state = states
+        self._plans.clear()  # they hold the replaced slots
+
+    # -- prepared layouts ----------------------------------------------------------------
+
+    def _prepare(self, items: list[StepItem]) -> None:
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is None or not isinstance(self.algorithm, ElementwiseAlgorithm):
+            return
+        if not all(isinstance(it.param, np.ndarray) and it.param.flags.writeable for it in items):
+            return
+        op = self.algorithm.op()
+        launch = prepare(
+            op, [Launch(it.param, it.grad, [it.slots[s] for s in op.slots], None) for it in items]
+        )
+        if len(self._plans) >= MAX_PLANS:
+            del self._plans[next(iter(self._plans))]  # the oldest
+        self._plans[tuple(it.name for it in items)] = _Plan(
+            launch,
+            tuple(it.shape for it in items),
+            tuple(it.param for it in items),
+            tuple(self._state[it.name] for it in items),
+            tuple(self._lr_scales.get(it.name, 1.0) for it in items),
+            tuple(it.param.size for it in items),
+        )
+
+    def _plan(self, items: Sequence[Any]) -> _Plan | None:
+        """The prepared launch for exactly these names, shapes and param arrays, if any."""
+        if not self._plans:
+            return None
+        try:
+            plan = self._plans.get(tuple([item[0] for item in items]))
+        except (TypeError, IndexError, KeyError):  # malformed: the checked path says why
+            return None
+        if plan is None:
+            return None
+        for item, shape, param in zip(items, plan.shapes, plan.params, strict=True):
+            if len(item) != 4 or item[2] is not param or item[1] != shape:
+                return None
+            if not param.flags.writeable:
+                return None
+        return plan
+
+    def _run_plan(self, plan: _Plan, items: Sequence[Any]) -> None:
+        for (name, shape, _, grad), size in zip(items, plan.sizes, strict=True):
+            self._check_array(name, "grad", grad, shape, size)
+        t = self._global_step + 1
+        row = self.algorithm.args_row
+        lr = self._lr
+        scales = plan.scales
+        if plan.uniform:
+            args, stride = row(t, lr * scales[0], False), 0
+        else:
+            args, stride = np.stack([row(t, lr * s, False) for s in scales]), MAX_ARGS
+        plan.launch.run([item[3] for item in items], args, stride)
+        for st in plan.states:
+            st.count += 1
 
     # -- internals -----------------------------------------------------------------------
 
