@@ -27,9 +27,9 @@ class StepdError(Exception):
 class TransportError(StepdError):
     """The request got no answer: connection refused or dropped, timeout, protocol error.
 
-    A step that fails this way may or may not have been applied on the server; the client
-    never retries it (a retry could apply the gradient twice) and leaves the local
-    parameter exactly as it was.
+    Over http:// a step is first resent with the same request id (``connect(retries=...)``),
+    which the server applies at most once; a step that still fails this way may or may not
+    have been applied, and the local parameter is left exactly as it was.
     """
 
 

@@ -11,17 +11,36 @@ wins**: its value is downloaded and overwrites the local ``param`` before the st
 worker that joins (or restarts) continues from the server's weights. Another config is a
 ``ConflictError``.
 
-**Retries.** Steps and ``end_iteration`` are never retried: the request may have reached the
-server before the connection broke, and a retry could apply a gradient (or advance the step)
-twice. Idempotent calls (reads, registration, setting lr / lr_scale) are retried once after
-a transport failure. A step that fails leaves the local ``param`` exactly as it was.
+**load_state_dict** uploads the optimizer state with ``PUT /v1/groups/{id}/state``
+(safetensors, :mod:`client.state`): the state of names already registered goes at once,
+replacing the group's state on the server (its other names start afresh, as in process) and
+setting the server-wide global step; the state of names not registered yet stays pending
+and is uploaded right after each registers, before its first step (so the loaded state wins
+over the server's copy for those names; parameter values are not optimizer state and follow
+the rule above). ``lr`` / ``lr_scale`` / ``state_dict`` show the loaded values at once.
+
+**Retries.** Every step (``step`` and ``step_batch``) carries a header
+``X-Stepd-Request-Id: <128 random bits, hex>-<counter>``, new for each call. After a transport
+failure (connect, read or write error, timeout) the client resends the *same* request — same
+id, same body — up to ``retries`` times (``connect(..., retries=2)``; 0 disables), with a
+short backoff, then raises ``TransportError``. The server remembers the ids it has applied
+(the last few thousand) and answers a repeated id with the reply recorded for it instead of
+applying the gradient again, so a step whose reply was lost is applied exactly once; in a
+sync group a repeated delivery does not count as a second contribution either.
+``end_iteration`` is never retried (it has no id; a retry could advance the step twice).
+Idempotent calls (reads, registration, setting lr / lr_scale) are retried once after a
+transport failure. The local ``param`` is written only once a full reply is in hand: a step
+that fails leaves it exactly as it was.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
+import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +50,7 @@ import numpy as np
 
 from . import _safetensors
 from .errors import TransportError, error_for_status
+from .state import StateLoad
 from .transport import (
     EndIteration,
     GetLr,
@@ -44,6 +64,7 @@ from .transport import (
     SetLrScale,
     Step,
     Transport,
+    UpdateHessian,
 )
 
 OCTET = {"content-type": "application/octet-stream"}
@@ -75,8 +96,10 @@ class HttpTransport(Transport):
         worker: str | None = None,
         workers: Mapping[str, Any] | None = None,
         shard: tuple[int, int] | None = None,
+        retries: int = 2,
     ) -> None:
-        """``worker``: this process's id, sent with every step and ``end_iteration`` (sync
+        """``retries``: how often a step is resent (same request id) after a transport
+        failure; ``worker``: this process's id, sent with every step and ``end_iteration`` (sync
         groups need it); ``workers``: the group's workers config (``{"mode": "sync", "count":
         4}``, ``{"mode": "async", "max_staleness": 8}``; see the server's service/workers.py);
         ``shard``: the (index, count) this server has in a sharded deployment, checked by the
@@ -96,6 +119,11 @@ class HttpTransport(Transport):
         self._async = workers is not None and workers.get("mode") == "async"
         self._worker_query = {"worker": worker} if worker is not None else {}
         self._shard = shard
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ValueError(f"retries must be an int in [0, 10], got {retries!r}")
+        self._retries = retries
+        self._request_prefix = secrets.token_hex(16)  # 128 random bits: unique across clients
+        self._request_counter = itertools.count(1)
         self._versions: dict[str, int] = {}  # async groups: the version each param came from
         self._http = httpx.Client(
             base_url=self.url,
@@ -107,17 +135,24 @@ class HttpTransport(Transport):
         self._lr: float | None = None  # set_lr before the group exists on the server
         self._pending_scales: dict[str, float] = {}  # set_lr_scale before registration
         self._explicit_scales: set[str] = set()
+        self._pending_load: StateLoad | None = None  # load_state_dict not fully uploaded yet
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, *, retry: bool = False, **kw: Any) -> httpx.Response:
-        """One request; error statuses raise ``ServerError`` subclasses with the detail."""
-        attempts = 2 if retry else 1
+    def request(
+        self, method: str, path: str, *, retry: bool | int = False, **kw: Any
+    ) -> httpx.Response:
+        """One request; error statuses raise ``ServerError`` subclasses with the detail.
+
+        ``retry``: resend it after a transport failure (``True``: once; an int: that many
+        times, with a short backoff): only for requests that are safe to repeat."""
+        attempts = 1 + int(retry)
         for attempt in range(attempts):
             try:
                 r = self._http.request(method, path, **kw)
             except httpx.TransportError as exc:  # connect/read/write errors and timeouts
                 if attempt + 1 < attempts:
+                    time.sleep(min(0.05 * 2**attempt, 1.0))
                     continue
                 raise TransportError(f"{method} {self.url}{path}: {exc!r}") from exc
             except httpx.HTTPError as exc:
@@ -164,6 +199,8 @@ class HttpTransport(Transport):
                 return self._ensure_registered(items)
             case EndIteration():
                 r = self._json("POST", "/v1/iteration/end", params=self._worker_query)
+                if self._pending_load is not None and self._pending_load.first:
+                    return self._pending_load.advance()  # the loaded step, not uploaded yet
                 return int(r["global_step"])
             case GetLr():
                 return self._get_lr()
@@ -184,19 +221,46 @@ class HttpTransport(Transport):
                 return None
             case GetStateDict():
                 return self._state_dict()
-            case LoadStateDict():
-                raise NotImplementedError(
-                    "load_state_dict over http:// needs a server endpoint to upload optimizer "
-                    "state slots (e.g. PUT /v1/params/{name}/state/{slot}, or uploading a "
-                    "checkpoint for POST /v1/checkpoints/{name}/restore); the server has "
-                    "neither. Restore a server-side checkpoint instead, or use local://."
-                )
+            case UpdateHessian(name=name, hessian=hessian):
+                return self._update_hessian(name, hessian)
+            case LoadStateDict(state=state):
+                return self._load_state(state)
         raise TypeError(f"unknown op {op!r}")
 
     def _ensure_registered(self, items: tuple[Item, ...]) -> None:
         for name, shape, param, _ in items:
             if name not in self._registered:
                 self._register(name, shape, param)
+        if self._pending_load is not None:  # loaded state of names registered just now
+            self._upload_state(self._pending_load)
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        """Upload what can go now; keep the rest pending (see :mod:`client.state`)."""
+        load = StateLoad(state, self._algorithm)
+        if self._group_id is not None:  # lr_scales of this client's names: as loaded, else 1
+            scales = {n: load.lr_scales.get(n, 1.0) for n in self._registered}
+            self._upload_state(load, scales)
+        self._pending_load = None if load.finished else load
+        if load.lr is not None:
+            self._lr = load.lr
+        self._pending_scales = {
+            n: s for n, s in load.lr_scales.items() if n not in self._registered
+        }
+        self._explicit_scales = set(load.lr_scales)
+
+    def _upload_state(self, load: StateLoad, lr_scales: Mapping[str, float] | None = None) -> None:
+        """``PUT /v1/groups/{id}/state`` with the part of ``load`` that is due (idempotent)."""
+        if self._group_id is None:
+            return
+        due = load.next_upload(self._registered, lr_scales)
+        if due is None:
+            return
+        body, names = due
+        path = f"/v1/groups/{_path(self._group_id)}/state"
+        self.request("PUT", path, content=body, headers=SAFETENSORS, retry=True)
+        load.uploaded(names)
+        if load is self._pending_load and load.finished:
+            self._pending_load = None
 
     def _register(self, name: str, shape: tuple[int, ...], param: np.ndarray) -> None:
         body = {
@@ -223,8 +287,19 @@ class HttpTransport(Transport):
         if server_copy is not None:
             np.copyto(param.reshape(-1), server_copy.reshape(-1))
 
+    def _update_hessian(self, name: str, hessian: np.ndarray) -> None:
+        """``POST /v1/params/{name}/hessian`` (raw float32). Never retried: the server folds
+        the estimate into a moving average, so a repeat would count it twice."""
+        path = f"/v1/params/{_path(name)}/hessian"
+        self.request("POST", path, content=hessian.tobytes(), headers=OCTET)
+
+    def _request_id(self) -> str:
+        """A fresh ``X-Stepd-Request-Id``: this client's random prefix and a counter."""
+        return f"{self._request_prefix}-{next(self._request_counter)}"
+
     def _step(self, items: tuple[Item, ...]) -> None:
         self._ensure_registered(items)
+        rid = {"x-stepd-request-id": self._request_id()}  # the same on every retry
         if len(items) == 1:
             [(name, _, param, grad)] = items
             query = dict(self._worker_query)
@@ -234,8 +309,9 @@ class HttpTransport(Transport):
                 "POST",
                 f"/v1/params/{_path(name)}/step",
                 content=grad.tobytes(),
-                headers=OCTET,
+                headers={**OCTET, **rid},
                 params=query,
+                retry=self._retries,
             )
             if len(r.content) != param.nbytes:
                 raise TransportError(
@@ -252,7 +328,12 @@ class HttpTransport(Transport):
             {name: grad.reshape(shape) for name, shape, _, grad in items}, meta
         )
         r = self.request(
-            "POST", "/v1/step", content=body, headers=SAFETENSORS, params=self._worker_query
+            "POST",
+            "/v1/step",
+            content=body,
+            headers={**SAFETENSORS, **rid},
+            params=self._worker_query,
+            retry=self._retries,
         )
         try:
             out, reply_meta = _safetensors.parse(r.content)
@@ -292,10 +373,16 @@ class HttpTransport(Transport):
     def _state_dict(self) -> dict[str, Any]:
         """Assembled from /v1/status, /v1/params, per-param stats and raw slot downloads.
 
-        Not atomic: take it between steps. ``count`` is the server's per-parameter version
-        (steps applied, plus any ``PUT /v1/params/{name}/value``, which this client never
-        sends). Covers every parameter of this optimizer's group on the server.
+        Not atomic: take it between steps. ``count`` is the optimizer's (steps applied, or
+        the loaded count). Covers every parameter of this optimizer's group on the server,
+        and the loaded state still pending (names not registered yet).
         """
+        sd = self._server_state_dict()
+        if self._pending_load is None:
+            return sd
+        return self._pending_load.overlay(sd, self._pending_scales)
+
+    def _server_state_dict(self) -> dict[str, Any]:
         status = self._json("GET", "/v1/status", retry=True)
         groups = {g["id"]: g for g in status["groups"]}
         group = groups.get(self._group_id) if self._group_id else None
@@ -317,14 +404,14 @@ class HttpTransport(Transport):
             name = info["name"]
             if info["lr_scale"] != 1.0 or name in self._explicit_scales:
                 lr_scales[name] = float(info["lr_scale"])
-            if info["version"] == 0:
-                continue  # never stepped: no state yet, as in process
             stats = self._json("GET", f"/v1/params/{_path(name)}/stats", retry=True)
+            if stats.get("count") is None:
+                continue  # never stepped (nor loaded): no state yet, as in process
             slots = {
                 slot: np.array(self._tensor(f"/v1/params/{_path(name)}/state/{_path(slot)}"))
                 for slot in stats["slots"]
             }
-            state[name] = {"shape": list(info["shape"]), "count": info["version"], "slots": slots}
+            state[name] = {"shape": list(info["shape"]), "count": stats["count"], "slots": slots}
         return {
             "algorithm": group["algorithm"],
             "hyperparams": group["hyperparams"],

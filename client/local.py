@@ -3,6 +3,8 @@
 ``local://`` uses the ``auto`` backend (fused CPU kernels, NumPy fallback with a warning);
 ``local://?backend=reference`` (or ``cpu``) picks one explicitly. Registration is a no-op:
 state is created, zero-initialised, on a name's first step, exactly as on a server.
+``update_hessian`` on an algorithm that takes no Hessian raises the numeric core's
+``TypeError`` (over http:// and shm:// the server's 422 is an ``InvalidRequestError``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .transport import (
     SetLrScale,
     Step,
     Transport,
+    UpdateHessian,
 )
 
 
@@ -56,4 +59,6 @@ class LocalTransport(Transport):
                 return opt.state_dict()
             case LoadStateDict(state=state):
                 return opt.load_state_dict(state)
+            case UpdateHessian(name=name, shape=shape, hessian=hessian):
+                return opt.update_hessian(name, shape, hessian)  # TypeError: not Sophia
         raise TypeError(f"unknown op {op!r}")

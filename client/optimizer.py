@@ -33,6 +33,7 @@ from .transport import (
     SetLrScale,
     Step,
     Transport,
+    UpdateHessian,
 )
 
 StepArgs = tuple[str, Sequence[int], np.ndarray, np.ndarray]
@@ -114,6 +115,25 @@ class StepdOptimizer:
 
     def step(self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray) -> None:
         """Apply ``grad`` to ``name``; ``param`` (contiguous float32) is updated in place."""
+        # The common case in one condition (a known name, its shape as a tuple, two good
+        # arrays): this runs per tensor per step, and the general checks cost a few us.
+        known = self._shapes.get(name) if type(name) is str else None
+        if (
+            known is not None
+            and shape == known
+            and type(shape) is tuple
+            and type(param) is np.ndarray
+            and type(grad) is np.ndarray
+            and param.dtype == _F32
+            and grad.dtype == _F32
+            and param.size == grad.size == math.prod(known)
+            and param.flags.c_contiguous
+            and param.flags.writeable
+            and grad.flags.c_contiguous
+            and not self._closed
+        ):
+            self.transport.handle(Step(((name, known, param, grad),)))
+            return
         self.step_batch([(name, shape, param, grad)])
 
     def step_batch(self, items: Iterable[StepArgs]) -> None:
@@ -128,6 +148,31 @@ class StepdOptimizer:
         checked = self._check_items([(name, shape, param, None)], with_grad=False)
         self._call(Register(checked))
         self._remember(checked)
+
+    def update_hessian(self, name: str, shape: Sequence[int], hessian: np.ndarray) -> None:
+        """Pass a Hessian-diagonal estimate for ``name`` (Sophia); the next step uses it.
+
+        ``hessian``: contiguous float32, finite, the size of ``shape``. ``name`` must be known
+        already (registered, stepped, or loaded by ``load_state_dict``): an estimate carries
+        no parameter value to register the name with, so an unknown one is a ``ValueError``
+        — call :meth:`register` first. An algorithm that takes no Hessian refuses it:
+        ``InvalidRequestError`` over http:// and shm:// (the server's 422), the numeric
+        core's ``TypeError`` over local://. Nothing changes on any error.
+        """
+        name = _name(name)
+        dims = _shape(name, shape)
+        _array(name, "hessian", hessian, dims)
+        known = self._shapes.get(name)
+        if known is None:
+            raise ValueError(
+                f"{name!r} is not registered: call register(name, shape, param) or step it "
+                "before sending its Hessian estimate"
+            )
+        if known != dims:
+            raise ValueError(f"{name!r}: shape {dims} differs from its registered {known}")
+        if not np.isfinite(hessian).all():
+            raise ValueError(f"{name!r}: the Hessian estimate has non-finite entries")
+        self._call(UpdateHessian(name, dims, hessian))
 
     def end_iteration(self) -> int:
         """Advance the global step counter; returns the new value."""
@@ -153,7 +198,10 @@ class StepdOptimizer:
         return self._call(GetStateDict())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace all state (``local://``; ``http://`` raises ``NotImplementedError``)."""
+        """Replace all optimizer state, as ``kernels.Optimizer.load_state_dict`` does.
+
+        Over ``http://`` / ``shm://`` the state of names not registered yet is uploaded when
+        they register (see :mod:`client.state`); parameter values are not part of it."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
         self._call(LoadStateDict(state))
@@ -214,6 +262,7 @@ def connect(
     timeout: float = 30.0,
     worker: str | None = None,
     workers: Mapping[str, Any] | None = None,
+    retries: int = 2,
     **hyperparams: Any,
 ) -> Any:
     """An optimizer behind ``url``: ``http://host:port``, ``local://`` or ``local://?backend=cpu``.
@@ -228,7 +277,15 @@ def connect(
     stable hash of the name (:mod:`client.sharding`). Distributed workers (http://, shm://):
     ``worker`` is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync",
     "count": 4}`` or ``{"mode": "async", "max_staleness": 8}``.
+
+    ``retries`` (http:// only): how many times a step is resent, with the same request id,
+    after a transport failure; the server applies it once whatever arrives (see
+    :mod:`client.http`). 0 disables it: a lost reply is then a ``TransportError``.
     """
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int, got {retries!r}")
+    if not 0 <= retries <= 10:
+        raise ValueError(f"retries must be in [0, 10], got {retries}")
     if not isinstance(url, str):
         from .sharding import ShardedOptimizer
 
@@ -246,6 +303,7 @@ def connect(
                         workers,
                         hyperparams,
                         shard=(index, len(urls)),
+                        retries=retries,
                     )
                 )
         except BaseException:
@@ -257,7 +315,9 @@ def connect(
         raise TypeError(f"algorithm must be a str, got {algorithm!r}")
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
-        return _connect_http(url, algorithm, token, timeout, worker, workers, hyperparams)
+        return _connect_http(
+            url, algorithm, token, timeout, worker, workers, hyperparams, retries=retries
+        )
     if (worker is not None or workers is not None) and parts.scheme != "shm":
         raise ValueError(
             f"worker modes need a server over http:// or shm://, not {parts.scheme}://"
@@ -293,6 +353,7 @@ def _connect_http(
     workers: Mapping[str, Any] | None,
     hyperparams: Mapping[str, Any],
     shard: tuple[int, int] | None = None,
+    retries: int = 2,
 ) -> StepdOptimizer:
     from .http import HttpTransport
 
@@ -307,6 +368,7 @@ def _connect_http(
         worker=worker,
         workers=workers,
         shard=shard,
+        retries=retries,
     )
     try:
         status = transport.check()

@@ -56,6 +56,9 @@ class ShardedOptimizer:
     def lr_scale(self, name: str) -> float:
         return self._owner(name).lr_scale(name)
 
+    def update_hessian(self, name: str, shape: Sequence[int], hessian: np.ndarray) -> None:
+        self._owner(name).update_hessian(name, shape, hessian)
+
     def set_lr_scale(self, name: str, scale: float) -> None:
         self._owner(name).set_lr_scale(name, scale)
 

@@ -13,9 +13,14 @@ Segments are unlinked by :meth:`close`, at interpreter exit (``atexit``) and by 
 when it sees the socket close (a crashed client included). ``multiprocessing.shared_memory``
 is not used: its resource tracker unlinks and warns at the wrong times.
 
-Registration, retries and the server's-copy-wins rule are those of :mod:`client.http`;
-steps are never retried. A step that fails leaves ``param`` exactly as it was. The wire
-format is described in ``service/shm.py``.
+Registration, the server's-copy-wins rule and ``load_state_dict`` (uploads now or right
+after a name registers) are those of :mod:`client.http`; the state travels as the same
+safetensors in one ``LOAD_STATE`` message, whose 64 MiB limit (``MAX_PAYLOAD``) a larger
+upload exceeds with a ``ValueError`` before sending: load such a state over http://. Unlike
+http://, steps are never retried (a connection that failed is closed for good). A step that
+fails leaves ``param`` exactly as it was. ``update_hessian`` (Sophia) copies the estimate
+into the name's segment, where a gradient goes, and sends ``HESSIAN``. The wire format is
+described in ``service/shm.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .errors import TransportError, error_for_status
+from .state import StateLoad
 from .transport import (
     EndIteration,
     GetLr,
@@ -52,6 +58,7 @@ from .transport import (
     SetLrScale,
     Step,
     Transport,
+    UpdateHessian,
 )
 
 HEADER = struct.Struct("<HHI")
@@ -67,13 +74,15 @@ PREFIX = "stepd-"
 # ops (service/shm.py)
 ATTACH, REGISTER, STEP, STEP_BATCH, END_ITERATION, SET_LR = 1, 2, 3, 4, 5, 6
 GET_LR_SCALE, SET_LR_SCALE, GET_GROUP, STATE, CLOSE, PING = 7, 8, 9, 10, 11, 12
-HELLO, STEP_V = 13, 14
+HELLO, STEP_V, LOAD_STATE = 13, 14, 15
+HESSIAN = 16
+MAX_PAYLOAD = 64 << 20  # the server's limit on one control message
 OP_NAMES = {
     v: k
     for k, v in dict(
         ATTACH=1, REGISTER=2, STEP=3, STEP_BATCH=4, END_ITERATION=5, SET_LR=6,
         GET_LR_SCALE=7, SET_LR_SCALE=8, GET_GROUP=9, STATE=10, CLOSE=11, PING=12,
-        HELLO=13, STEP_V=14,
+        HELLO=13, STEP_V=14, LOAD_STATE=15, HESSIAN=16,
     ).items()
 }  # fmt: skip
 
@@ -131,6 +140,7 @@ class ShmTransport(Transport):
         self._lr: float | None = None
         self._pending_scales: dict[str, float] = {}
         self._explicit_scales: set[str] = set()
+        self._pending_load: StateLoad | None = None  # load_state_dict not fully uploaded yet
         self._lock = threading.Lock()  # one message in flight per connection
         self._closed = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -238,9 +248,14 @@ class ShmTransport(Transport):
             case Register(items=items):
                 for name, shape, param, _ in items:
                     self._segment(name, shape, param)
+                if self._pending_load is not None:
+                    self._upload_state(self._pending_load)
                 return None
             case EndIteration():
-                return U64.unpack(self.request(END_ITERATION))[0]
+                step = U64.unpack(self.request(END_ITERATION))[0]
+                if self._pending_load is not None and self._pending_load.first:
+                    return self._pending_load.advance()  # the loaded step, not uploaded yet
+                return step
             case GetLr():
                 if self._group_id is not None:
                     return float(self._group()["lr"])
@@ -262,13 +277,48 @@ class ShmTransport(Transport):
                 self._explicit_scales.add(name)
                 return None
             case GetStateDict():
-                return self._state_dict()
-            case LoadStateDict():
-                raise NotImplementedError(
-                    "load_state_dict over shm:// is not supported (the server has no way to "
-                    "upload optimizer state); restore a server-side checkpoint or use local://"
-                )
+                sd = self._state_dict()
+                if self._pending_load is None:
+                    return sd
+                return self._pending_load.overlay(sd, self._pending_scales)
+            case UpdateHessian(name=name, hessian=hessian):
+                return self._update_hessian(name, hessian)
+            case LoadStateDict(state=state):
+                return self._load_state(state)
         raise TypeError(f"unknown op {op!r}")
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        """Upload what can go now; keep the rest pending (see :mod:`client.state`)."""
+        load = StateLoad(state, self._algorithm)
+        if self._group_id is not None:  # lr_scales of this client's names: as loaded, else 1
+            scales = {n: load.lr_scales.get(n, 1.0) for n in self._segments}
+            self._upload_state(load, scales)
+        self._pending_load = None if load.finished else load
+        if load.lr is not None:
+            self._lr = load.lr
+        self._pending_scales = {n: s for n, s in load.lr_scales.items() if n not in self._segments}
+        self._explicit_scales = set(load.lr_scales)
+
+    def _upload_state(self, load: StateLoad, lr_scales: Mapping[str, float] | None = None) -> None:
+        """``LOAD_STATE`` with the part of ``load`` that is due."""
+        if self._group_id is None:
+            return
+        due = load.next_upload(self._segments, lr_scales)
+        if due is None:
+            return
+        body, names = due
+        gid = self._group_id.encode()
+        payload = U32.pack(len(gid)) + gid + body
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(
+                f"load_state_dict: {len(payload)} bytes of state exceed shm://'s limit of "
+                f"{MAX_PAYLOAD} per message; load it over http:// (same server, body limit "
+                "STEPD_MAX_BODY_BYTES) instead"
+            )
+        self.request(LOAD_STATE, payload)
+        load.uploaded(names)
+        if load is self._pending_load and load.finished:
+            self._pending_load = None
 
     def buffers(
         self, name: str, shape: tuple[int, ...], init: np.ndarray
@@ -277,6 +327,8 @@ class ShmTransport(Transport):
         live in its segment: write the gradient into ``grad`` and pass both to ``step``, and
         the step copies nothing. Valid until :meth:`close`."""
         seg = self._segment(name, tuple(shape), np.ascontiguousarray(init, F32).reshape(-1))
+        if self._pending_load is not None:
+            self._upload_state(self._pending_load)
         if seg.user is None:
             seg.user = (seg.param.reshape(shape), seg.grad.reshape(shape))
         return seg.user
@@ -341,11 +393,25 @@ class ShmTransport(Transport):
             np.copyto(param.reshape(-1), seg.param)  # the server's copy wins
         return seg
 
+    def _update_hessian(self, name: str, hessian: np.ndarray) -> None:
+        """``HESSIAN``: the estimate goes into the segment's gradient half, as a gradient
+        would, and the server reads it there."""
+        seg = self._segments.get(name)
+        if seg is None:
+            raise ValueError(
+                f"{name!r} is not registered on this shm:// connection: register or step it first"
+            )
+        if seg.user is None or hessian is not seg.user[1]:
+            np.copyto(seg.grad, hessian.reshape(-1))
+        self.request(HESSIAN, U32.pack(seg.slot))
+
     def _step(self, items: tuple[Item, ...]) -> None:
         segs = self._segments
         if len(items) == 1:  # the latency path: as little Python as possible
             ((name, shape, param, grad),) = items
             seg = segs.get(name) or self._segment(name, shape, param)
+            if self._pending_load is not None:  # loaded state of a name registered just now
+                self._upload_state(self._pending_load)
             user = seg.user
             if user is None or grad is not user[1]:
                 np.copyto(seg.grad, grad.reshape(-1))
@@ -362,6 +428,8 @@ class ShmTransport(Transport):
                 np.copyto(param.reshape(-1), seg.param)
             return
         chosen = [segs.get(name) or self._segment(name, shape, p) for name, shape, p, _ in items]
+        if self._pending_load is not None:
+            self._upload_state(self._pending_load)
         for seg, (_, _, _, grad) in zip(chosen, items, strict=True):
             if seg.user is None or grad is not seg.user[1]:
                 np.copyto(seg.grad, grad.reshape(-1))

@@ -112,7 +112,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the param groups and, when present, the remote state (local:// only)."""
+        """Restore the param groups and, when present, the remote state (any transport)."""
         state_dict = dict(state_dict)
         remote = state_dict.pop("stepd", None)
         if remote is not None:

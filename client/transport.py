@@ -71,6 +71,16 @@ class LoadStateDict:
     state: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class UpdateHessian:
+    """A Hessian-diagonal estimate for ``name`` (Sophia): contiguous float32, finite, the
+    parameter's size; ``name`` is registered on this transport already."""
+
+    name: str
+    shape: tuple[int, ...]
+    hessian: np.ndarray
+
+
 Op = (
     Register
     | Step
@@ -81,6 +91,7 @@ Op = (
     | SetLrScale
     | GetStateDict
     | LoadStateDict
+    | UpdateHessian
 )
 
 

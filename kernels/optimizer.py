@@ -252,6 +252,11 @@ class Optimizer:
 
     # -- prepared layouts ----------------------------------------------------------------
 
+    def drop_prepared(self) -> None:
+        """Forget every prepared layout (they keep their param arrays alive): for a caller
+        about to free or unmap a param's memory."""
+        self._plans.clear()
+
     def _prepare(self, items: list[StepItem]) -> None:
         prepare = getattr(self.backend, "prepare", None)
         if prepare is None or not isinstance(self.algorithm, ElementwiseAlgorithm):

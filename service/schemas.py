@@ -74,6 +74,11 @@ class ParamStats(BaseModel):
     norms_at_version: int | None = Field(
         description="the version after the step whose norms are reported"
     )
+    count: int | None = Field(
+        None,
+        description="steps in the optimizer state (the loaded count after a state upload); "
+        "null: no state yet",
+    )
 
 
 class LrRequest(BaseModel):

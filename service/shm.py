@@ -13,7 +13,13 @@ its payload; a reply is ``"<HHI"`` (status, 0, payload length) and its payload. 
 uses the HTTP API's codes: 200 ok, 404 ``NotFound``, 409 ``Conflict``, 422 ``Invalid``,
 400 a malformed message, 500 anything else; an error's payload is the store's message
 (UTF-8). JSON appears only in rare metadata (attach, register, group, state); steps are
-``struct``-packed ids. No pickle, ever.
+``struct``-packed ids. ``LOAD_STATE`` carries a safetensors body (a client's
+``load_state_dict``), the same bytes and rules as HTTP's ``PUT /v1/groups/{id}/state``,
+within the ``MAX_PAYLOAD`` of every control message. No pickle, ever.
+
+Sophia's Hessian estimate (``HESSIAN``, like HTTP's ``POST /v1/params/{name}/hessian``)
+travels like a gradient: the client writes it into the segment's gradient half and sends the
+slot; the store folds it in from there.
 
 Distributed workers (service/workers.py) work as over HTTP. The worker id belongs to the
 connection: ``HELLO`` (JSON ``{"worker": id}``, validated like HTTP's ``?worker=``) names it,
@@ -49,6 +55,7 @@ import numpy as np
 
 from .api.dataplane import WORKER_RE
 from .store import Conflict, Invalid, NotFound, ParamStore, StepOutcome
+from .tensors import BadTensor, parse_safetensors
 from .workers import StragglerTimeout
 
 log = logging.getLogger("stepd.shm")
@@ -75,6 +82,8 @@ CLOSE = 11  # -> nothing; the server then detaches everything and closes
 PING = 12  # -> nothing (a bare round trip)
 HELLO = 13  # JSON {"worker": id} -> nothing; names this connection's worker, once
 STEP_V = 14  # u32 n, n x (u32 slot, u64 based_on version) -> n x (u64 version, u8 applied)
+LOAD_STATE = 15  # u32 k, group id (k bytes UTF-8), safetensors (PUT /v1/groups/{id}/state's)
+HESSIAN = 16  # u32 slot -> nothing; Sophia's Hessian estimate, in the segment's gradient half
 SLOT_VERSION = struct.Struct("<IQ")
 
 OK, BAD, NOT_FOUND, CONFLICT, INVALID, INTERNAL, TIMEOUT = 200, 400, 404, 409, 422, 500, 504
@@ -100,6 +109,7 @@ class Slot:
     name: str  # the parameter
     param: np.ndarray  # views into the segment
     grad: np.ndarray
+    adopted: bool = False  # the store keeps the parameter in ``param`` (ParamStore.adopt)
 
 
 @dataclass(eq=False)  # hashable by identity: kept in a set
@@ -222,7 +232,7 @@ class ShmServer:
             return NOT_FOUND, str(exc).encode()
         except Conflict as exc:
             return CONFLICT, str(exc).encode()
-        except Invalid as exc:
+        except (Invalid, BadTensor) as exc:
             return INVALID, str(exc).encode()
         except ProtocolError as exc:
             return BAD, str(exc).encode()
@@ -238,7 +248,17 @@ class ShmServer:
         store = self.store
         if op == STEP:
             slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
-            return self._step(conn, [slot])
+            entry = store.entry(slot.name)
+            if entry.group.workers["mode"] != "plain":
+                return self._step(conn, [slot])
+            # the latency path: one parameter of a plain group, as little Python as possible
+            if conn.worker is not None:
+                store.workers.touch(conn.worker, 1)
+            (outcome,) = store.step({slot.name: slot.grad})
+            if entry.param is not slot.param:  # not adopted: copy the new value out
+                with entry.lock:
+                    _copy_out(entry.param, slot.param)
+            return STEP_REPLY.pack(outcome.version, outcome.applied)
         if op == STEP_BATCH:
             count = _u32(payload, 0, len(payload) >= 4)
             if len(payload) != 4 + 4 * count:
@@ -291,6 +311,21 @@ class ShmServer:
             raise NotFound(f"group {gid!r} does not exist")
         if op == STATE:
             return self._state(payload.decode())
+        if op == LOAD_STATE:  # the body of HTTP's PUT /v1/groups/{id}/state, same rules
+            k = _u32(payload, 0, len(payload) >= 4)
+            if len(payload) < 4 + k:
+                raise ProtocolError("LOAD_STATE: group id longer than the payload")
+            try:
+                gid = payload[4 : 4 + k].decode()
+            except UnicodeDecodeError:
+                raise ProtocolError("LOAD_STATE: group id is not UTF-8") from None
+            tensors, meta = parse_safetensors(memoryview(payload)[4 + k :])
+            store.load_group_state(gid, tensors, meta)
+            return b""
+        if op == HESSIAN:  # the client wrote the estimate where a gradient goes
+            slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
+            store.update_hessian(slot.name, slot.grad)
+            return b""
         if op in (CLOSE, PING):
             return b""
         raise ProtocolError(f"unknown op {op}")
@@ -340,11 +375,10 @@ class ShmServer:
                 outcomes[o.name] = o
             for s in rest:  # the new value, straight into the client's segment
                 entry = entries[s.name]
+                if entry.param is s.param:  # adopted: the kernel wrote it there already
+                    continue
                 with entry.lock:
-                    if hasattr(entry.param, "get"):  # cupy: device -> pinned host segment
-                        entry.param.get(out=s.param)
-                    else:
-                        np.copyto(s.param, entry.param)
+                    _copy_out(entry.param, s.param)
         for s in sync:  # blocks until every worker's gradient for this round is in
             cfg = entries[s.name].group.workers
             o = outcomes[s.name] = store.sync.contribute(s.name, s.grad, conn.worker, None, cfg)
@@ -410,7 +444,10 @@ class ShmServer:
         )
         if not created:  # the server's copy wins: the client reads it from the segment
             np.copyto(param, self.store.read(name).reshape(-1))
-        conn.slots.append(Slot(name, param, grad))
+        # Unless workers average into it (sync), the parameter lives in this segment from now
+        # on: the step's kernel writes it in place and no copy follows (until detach).
+        adopted = entry.group.workers["mode"] != "sync" and self.store.adopt(name, param)
+        conn.slots.append(Slot(name, param, grad, adopted))
         return {
             "created": created,
             "group": entry.group.id,
@@ -454,6 +491,12 @@ class ShmServer:
 
     def _detach_all(self, conn: Connection) -> None:
         """Drop the views, unpin, unmap and unlink every segment this connection attached."""
+        for slot in conn.slots:  # first, adopted parameters move back into the store's memory
+            if slot.adopted:
+                try:
+                    self.store.release(slot.name, slot.param)
+                except Exception:  # never leave the other segments mapped and linked
+                    log.exception("cannot move %s out of its segment", slot.name)
         conn.slots.clear()
         for seg in conn.segments:
             if seg is None:
@@ -471,6 +514,14 @@ class ShmServer:
             except OSError as exc:
                 log.warning("cannot unlink segment %s: %s", seg.name, exc)
         conn.segments.clear()
+
+
+def _copy_out(param: Any, out: np.ndarray) -> None:
+    """A parameter's value into a client's segment (``out``, host memory)."""
+    if hasattr(param, "get"):  # cupy: device -> pinned host segment
+        param.get(out=out)
+    else:
+        np.copyto(out, param)
 
 
 def _u32(payload: bytes, offset: int, ok: bool) -> int:

@@ -18,7 +18,6 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
+from .requests import RequestLog
 from .rwlock import RWLock, WouldBlock
 from .sharding import shard_of
 from .workers import SyncRounds, WorkerRegistry, parse_workers
@@ -112,6 +112,7 @@ class StepOutcome:
     applied: bool  # False: the gradient was non-finite and skipped
     param: np.ndarray | None = None  # host copy right after this step, when asked for
     staleness: int | None = None  # async groups: versions the gradient lagged
+    replayed: bool = False  # a repeated request id: nothing was applied this time
 
 
 class ParamStore:
@@ -137,6 +138,7 @@ class ParamStore:
         self.skipped_nonfinite = 0
         self.workers = WorkerRegistry()
         self.sync = SyncRounds(self)
+        self.requests = RequestLog()  # step request ids already applied (service/requests.py)
 
     # -- registration ----------------------------------------------------------------------
 
@@ -263,6 +265,7 @@ class ParamStore:
         read_back: bool = False,
         blocking: bool = True,
         based_on: Mapping[str, int] | None = None,
+        request_id: str | None = None,
     ) -> list[StepOutcome]:
         """Apply one gradient per name (host float32 arrays), one fused launch per group.
 
@@ -273,9 +276,12 @@ class ParamStore:
         ``based_on``: the parameter versions the gradients were computed from; in an async
         group a gradient more than ``max_staleness`` versions behind is refused (Conflict),
         checked under the parameter's lock so no step can slip in between.
+        ``request_id``: a request already applied under this id is not applied again; the
+        reply is the one recorded for it (see :meth:`_replay`).
         """
         with self.lock.shared(blocking):
             entries = [self.entry(n) for n in grads]
+            finite = []
             for e in entries:
                 g = grads[e.name]
                 if g.size != e.size:
@@ -283,37 +289,82 @@ class ParamStore:
                         f"{e.name!r}: gradient has {g.size} elements, shape {list(e.shape)} "
                         f"needs {e.size}"
                     )
-            finite = {e.name: self.backend.all_finite(grads[e.name]) for e in entries}
-            bad = [n for n, ok in finite.items() if not ok]
+                finite.append(self.backend.all_finite(g))
+            bad = (
+                []
+                if all(finite)
+                else [e.name for e, ok in zip(entries, finite, strict=True) if not ok]
+            )
             if bad and self.nonfinite == "reject":
                 raise Invalid(f"non-finite gradient values for {', '.join(map(repr, bad))}")
-            with ExitStack() as stack:
-                for e in sorted(entries, key=lambda e: e.name):  # one order: no deadlock
-                    if not e.lock.acquire(blocking):
+            # Plain acquire/release rather than an ExitStack: this runs on every step.
+            held: list[threading.Lock] = []
+            try:
+                for e in sorted(entries, key=_by_name) if len(entries) > 1 else entries:
+                    if not e.lock.acquire(blocking):  # one order for all: no deadlock
                         raise WouldBlock
-                    stack.callback(e.lock.release)
+                    held.append(e.lock)
+                if request_id is not None:  # under the locks: one delivery of an id applies
+                    replay = self._replay(request_id, entries, read_back)
+                    if replay is not None:
+                        return replay
                 staleness = {
                     n: self._staleness(self._entries[n], v) for n, v in (based_on or {}).items()
                 }
                 by_group: dict[str, list[Entry]] = {}
-                for e in entries:
-                    if finite[e.name]:
+                for e, ok in zip(entries, finite, strict=True):
+                    if ok:
                         by_group.setdefault(e.group.id, []).append(e)
                 for gid, members in by_group.items():
                     self._apply(self._groups[gid], members, grads)
                 if bad:
                     with self._meta:
                         self.skipped_nonfinite += len(bad)
+                if request_id is not None:
+                    self.requests.put(
+                        request_id,
+                        {e.name: (e.version, ok) for e, ok in zip(entries, finite, strict=True)},
+                    )
                 return [
                     StepOutcome(
                         e.name,
                         e.version,
-                        finite[e.name],
+                        ok,
                         self._host(e.param).reshape(e.shape) if read_back else None,
                         staleness.get(e.name),
                     )
-                    for e in entries
+                    for e, ok in zip(entries, finite, strict=True)
                 ]
+            finally:
+                for lock in held:
+                    lock.release()
+
+    def _replay(
+        self, request_id: str, entries: list[Entry], read_back: bool
+    ) -> list[StepOutcome] | None:
+        """The reply to an id already applied (None if it is new); call holding the locks.
+
+        Versions and applied flags are the recorded ones, the values the current ones: for
+        a single client, exactly the original reply.
+        """
+        record = self.requests.get(request_id)
+        if record is None:
+            return None
+        if set(record) != {e.name for e in entries}:
+            raise Conflict(
+                f"request id {request_id!r} was already used to step {sorted(record)}, "
+                f"not {sorted(e.name for e in entries)}"
+            )
+        return [
+            StepOutcome(
+                e.name,
+                record[e.name][0],
+                record[e.name][1],
+                self._host(e.param).reshape(e.shape) if read_back else None,
+                replayed=True,
+            )
+            for e in entries
+        ]
 
     @staticmethod
     def _staleness(e: Entry, based_on: int) -> int:
@@ -330,8 +381,13 @@ class ParamStore:
 
     def _apply(self, opt: Optimizer, members: list[Entry], grads: Mapping[str, Any]) -> None:
         xp = self.xp
-        dev = {e.name: xp.asarray(grads[e.name]).reshape(-1) for e in members}
-        measure = [e for e in members if self.stats_every and e.version % self.stats_every == 0]
+        dev = {
+            e.name: g if xp is np and g.ndim == 1 else xp.asarray(g).reshape(-1)
+            for e in members
+            for g in (grads[e.name],)
+        }
+        every = self.stats_every
+        measure = [e for e in members if every and e.version % every == 0] if every else []
         before = {e.name: e.param.copy() for e in measure}
         opt.step_batch([(e.name, e.shape, e.param, dev[e.name]) for e in members])
         for e in members:
@@ -373,6 +429,39 @@ class ParamStore:
                 e.param[...] = self.xp.asarray(value).reshape(-1)
                 e.version += 1
                 return e.version
+
+    # -- storage lent by a same-host client (service/shm.py) -------------------------------
+
+    def adopt(self, name: str, storage: np.ndarray) -> bool:
+        """Keep ``name``'s value in ``storage`` (a flat float32 host array, e.g. a client's
+        shared-memory segment) instead of a buffer of the store's own: the fused kernel then
+        updates it in place and nothing is copied after a step. The current value moves in.
+
+        CPU store only, and only while the store owns the value (one lender at a time):
+        returns whether it did. :meth:`release` must come before ``storage`` goes away.
+        """
+        if self.xp is not np:
+            return False
+        with self.lock.shared():
+            e = self.entry(name)
+            with e.lock:
+                if storage.size != e.size or e.size == 0 or not e.param.flags.owndata:
+                    return False
+                np.copyto(storage, e.param)
+                e.param = storage
+                return True
+
+    def release(self, name: str, storage: np.ndarray) -> None:
+        """Stop keeping ``name`` in ``storage``: its value moves into a buffer of our own."""
+        with self.lock.shared():
+            e = self._entries.get(name)
+            if e is None:
+                return
+            with e.lock:
+                if e.param is storage:
+                    e.param = storage.copy()
+                    # prepared launches still point into ``storage``
+                    self._groups[e.group.id].drop_prepared()
 
     # -- iteration, lr ---------------------------------------------------------------------
 
@@ -462,6 +551,8 @@ class ParamStore:
                 "last_update_norm": e.last_update_norm,
                 "norms_at_version": e.norms_at_version,
             }
+            opt = self._groups[e.group.id]
+            counters["count"] = opt.state(name).count if name in opt.names() else None
         return param, slots, counters
 
     def _host(self, arr: Any) -> np.ndarray:
@@ -558,9 +649,123 @@ class ParamStore:
             self._groups, self._group_info, self._entries = built, infos, entries
             self.global_step = global_step
             self.sync = SyncRounds(self)  # rounds in flight belonged to the replaced state
+            self.requests = RequestLog()  # ids applied to the replaced state may apply again
+
+    # -- loading a group's optimizer state (client load_state_dict) -------------------------
+
+    def load_group_state(
+        self, group_id: str, tensors: Mapping[str, Any], meta: Mapping[str, str]
+    ) -> None:
+        """Replace a group's optimizer state, as ``kernels.Optimizer.load_state_dict`` does.
+
+        ``tensors``: ``{param}/{slot}`` float32 arrays; ``meta``: safetensors metadata, each
+        value JSON: ``algorithm`` and ``hyperparams`` (must be the group's: 409), ``counts``
+        ``{param: count}`` (the parameters whose state is given) and ``shapes`` ``{param:
+        shape}`` (each must be the registered one: 409), and optionally ``lr``,
+        ``lr_scales`` ``{param: scale}``, ``global_step`` and ``replace`` (default true:
+        parameters of the group absent from ``counts`` lose their state, fresh as after a
+        local ``load_state_dict``; false: only the named ones change). ``global_step`` is
+        server-wide: every group's optimizer gets it, as in :meth:`restore`. Every named
+        parameter must be registered in this group with the shape of its state (404 / 409 /
+        422). Parameter values and versions are left alone (torch semantics). Everything is
+        validated, into a new optimizer for the group, before the swap: a bad upload
+        changes nothing.
+        """
+        fields = _decode_meta(meta)
+        counts, lr_scales = fields.get("counts", {}), fields.get("lr_scales", {})
+        shapes = fields.get("shapes", {})
+        replace, global_step = fields.get("replace", True), fields.get("global_step")
+        for key, value in (("counts", counts), ("lr_scales", lr_scales), ("shapes", shapes)):
+            if not isinstance(value, dict):
+                raise Invalid(f"state metadata {key!r} must be an object, got {value!r}")
+        if not isinstance(replace, bool):
+            raise Invalid(f"state metadata 'replace' must be true or false, got {replace!r}")
+        slots: dict[str, dict[str, Any]] = {name: {} for name in counts}
+        for key, arr in tensors.items():
+            name, _, slot = key.partition("/")
+            if name not in slots or not slot:
+                raise Invalid(f"state tensor {key!r} is not '<param>/<slot>' of a param in counts")
+            slots[name][slot] = np.ascontiguousarray(arr, np.float32)
+        with self.lock.exclusive(), self._meta:
+            opt = self._groups.get(group_id)
+            if opt is None:
+                raise NotFound(f"group {group_id!r} does not exist")
+            group = self._group_info[group_id]
+            if fields.get("algorithm") != group.algorithm:
+                raise Conflict(
+                    f"the state is for algorithm {fields.get('algorithm')!r}, group "
+                    f"{group_id!r} runs {group.algorithm!r}"
+                )
+            hyperparams = fields.get("hyperparams")
+            if not isinstance(hyperparams, dict):
+                raise Invalid(
+                    f"state metadata 'hyperparams' must be an object, got {hyperparams!r}"
+                )
+            given, _ = self.resolve_group(group.algorithm, hyperparams, group.workers)
+            if given.hyperparams != group.hyperparams:
+                raise Conflict(
+                    f"the state's hyperparams {dict(given.hyperparams)} differ from group "
+                    f"{group_id!r}'s {dict(group.hyperparams)}"
+                )
+            for name in {**counts, **lr_scales}:
+                e = self.entry(check_name(name))
+                if e.group.id != group_id:
+                    raise Conflict(f"{name!r} belongs to group {e.group.id!r}, not {group_id!r}")
+            current = opt.state_dict(copy=False)
+            state = {} if replace else dict(current["state"])
+            for name, count in counts.items():
+                shape = list(self._entries[name].shape)
+                if shapes.get(name) != shape:
+                    raise Conflict(
+                        f"{name!r} is registered with shape {shape}, its state is for shape "
+                        f"{shapes.get(name)!r}"
+                    )
+                state[name] = {"shape": shape, "count": count, "slots": slots[name]}
+            sd = {
+                "algorithm": group.algorithm,
+                "hyperparams": dict(group.hyperparams),
+                "global_step": self.global_step if global_step is None else global_step,
+                "lr": fields.get("lr", current["lr"]),
+                "lr_scales": {**current["lr_scales"], **lr_scales},
+                "state": state,
+            }
+            built = create_optimizer(group.algorithm, backend=self.device, **group.hyperparams)
+            try:
+                built.load_state_dict(sd)
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                raise Invalid(f"group {group_id!r}: invalid state: {exc}") from None
+            others = {}
+            if built.global_step != self.global_step:  # server-wide: every group follows
+                for gid, other in self._groups.items():
+                    if gid != group_id:
+                        g = self._group_info[gid]
+                        others[gid] = create_optimizer(
+                            g.algorithm, backend=self.device, **g.hyperparams
+                        )
+                        others[gid].load_state_dict(
+                            {**other.state_dict(copy=False), "global_step": built.global_step}
+                        )
+            self._groups.update(others)
+            self._groups[group_id] = built
+            self.global_step = built.global_step
+
+
+def _by_name(e: Entry) -> str:
+    return e.name
 
 
 def _norm(x: Any) -> float:
     if hasattr(x, "get"):  # cupy
         x = x.get()
     return l2_norm(x)
+
+
+def _decode_meta(meta: Mapping[str, str]) -> dict[str, Any]:
+    """safetensors metadata (strings) whose values are JSON, decoded."""
+    out = {}
+    for key, raw in meta.items():
+        try:
+            out[key] = json.loads(raw)
+        except (TypeError, ValueError):
+            raise Invalid(f"state metadata {key!r} is not JSON: {raw!r}") from None
+    return out

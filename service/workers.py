@@ -9,8 +9,10 @@ A group's ``workers`` config is chosen at registration:
   (summed in worker-id order, so the result does not depend on arrival order), steps once, and
   every worker's call returns the same new parameter. A second gradient from one worker for
   the same iteration, or one for an iteration that is already done or not yet started, is a
-  409. If the round is not complete within T seconds, every waiting call fails (504) and the
-  state stays at the last completed step — never a partial average.
+  409 — unless it repeats the request id of the first (a retried delivery, see
+  service/requests.py): that one joins the original's round and gets its reply, never
+  counting twice. If the round is not complete within T seconds, every waiting call fails
+  (504) and the state stays at the last completed step — never a partial average.
 - ``{"mode": "async", "max_staleness": S}``: each gradient is applied when it arrives (under
   the parameter's lock, Hogwild-style across parameters); the client says which parameter
   version its gradient was computed from, and a gradient more than S versions behind is
@@ -27,10 +29,12 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .requests import RequestLog
 
 if TYPE_CHECKING:
     from .store import ParamStore, StepOutcome
@@ -110,6 +114,7 @@ class _Round:
     grads: dict[str, np.ndarray] = field(default_factory=dict)
     outcome: StepOutcome | None = None
     error: Exception | None = None
+    ids: list[tuple[str, str]] = field(default_factory=list)  # (request id, name) keys
 
 
 class SyncRounds:
@@ -121,50 +126,89 @@ class SyncRounds:
         self._rounds: dict[str, _Round] = {}
         self._done: dict[str, int] = {}  # name -> last completed iteration
         self._ended: dict[int, set[str]] = {}  # iteration -> workers that called end_iteration
+        # (request id, name) -> the round that delivery joined while it runs, then its
+        # outcome without the value (a StepOutcome) or its error: settled rounds keep no arrays
+        self._requests = RequestLog()
 
     def contribute(
-        self, name: str, grad: np.ndarray, worker: str, iteration: int | None, cfg: Mapping
+        self,
+        name: str,
+        grad: np.ndarray,
+        worker: str,
+        iteration: int | None,
+        cfg: Mapping,
+        request_id: str | None = None,
     ) -> StepOutcome:
+        """``request_id``: a repeat of a delivery already counted adds nothing; it waits for
+        the round the first one joined and answers like it (the value is the current one)."""
+        with self._cond:
+            key = (request_id or "", name)
+            seen = self._requests.get(key) if request_id is not None else None
+            if seen is None:
+                rnd = self._join(name, grad, worker, iteration, cfg)
+                if request_id is not None:
+                    rnd.ids.append(key)
+                    self._requests.put(key, rnd)
+                if len(rnd.grads) == cfg["count"]:
+                    self._complete(name, rnd, cfg["count"])
+                return self._wait(name, rnd, cfg)
+            if isinstance(seen, _Round):  # the first delivery's round is still running
+                return replace(self._wait(name, seen, cfg), replayed=True)
+            if isinstance(seen, Exception):
+                raise seen
+        # settled: read the value outside _cond (store.read takes the parameter's lock)
+        return replace(seen, param=self.store.read(name), replayed=True)
+
+    def _settle(self, rnd: _Round) -> None:
+        """A round is over: its deliveries' ids now map to the outcome, minus the arrays."""
+        done = rnd.error if rnd.error is not None else replace(rnd.outcome, param=None)
+        for key in rnd.ids:
+            self._requests.put(key, done)
+
+    def _join(
+        self, name: str, grad: np.ndarray, worker: str, iteration: int | None, cfg: Mapping
+    ) -> _Round:
+        """Add ``worker``'s gradient to the round of ``name`` (holding ``_cond``)."""
         from .store import Conflict
 
-        with self._cond:
-            current = self.store.global_step + 1
-            it = current if iteration is None else iteration
-            if it <= self._done.get(name, 0):
-                raise Conflict(f"{name!r}: iteration {it} is already done")
-            if it != current:
-                raise Conflict(
-                    f"{name!r}: iteration {it} has not started (the server is at {current})"
+        current = self.store.global_step + 1
+        it = current if iteration is None else iteration
+        if it <= self._done.get(name, 0):
+            raise Conflict(f"{name!r}: iteration {it} is already done")
+        if it != current:
+            raise Conflict(f"{name!r}: iteration {it} has not started (the server is at {current})")
+        rnd = self._rounds.get(name)
+        if rnd is None or rnd.iteration != it:
+            rnd = self._rounds[name] = _Round(it)
+        if worker in rnd.grads:
+            raise Conflict(
+                f"{name!r}: worker {worker!r} already sent its gradient for iteration {it}"
+            )
+        rnd.grads[worker] = np.array(grad, dtype=np.float32, copy=True).reshape(-1)
+        return rnd
+
+    def _wait(self, name: str, rnd: _Round, cfg: Mapping) -> StepOutcome:
+        """The outcome of ``rnd`` once complete, or its error (holding ``_cond``)."""
+        it = rnd.iteration
+        deadline = time.monotonic() + cfg["timeout_s"]
+        while rnd.outcome is None and rnd.error is None:
+            left = deadline - time.monotonic()
+            if left <= 0 and self._rounds.get(name) is not rnd:
+                left = 0.05  # being applied right now: its outcome is moments away
+            elif left <= 0:
+                rnd.error = StragglerTimeout(
+                    f"{name!r}: straggler timeout after {cfg['timeout_s']} s at iteration "
+                    f"{it}: {len(rnd.grads)} of {cfg['count']} workers sent a gradient "
+                    f"({', '.join(sorted(rnd.grads))}); nothing was applied"
                 )
-            rnd = self._rounds.get(name)
-            if rnd is None or rnd.iteration != it:
-                rnd = self._rounds[name] = _Round(it)
-            if worker in rnd.grads:
-                raise Conflict(
-                    f"{name!r}: worker {worker!r} already sent its gradient for iteration {it}"
-                )
-            rnd.grads[worker] = np.array(grad, dtype=np.float32, copy=True).reshape(-1)
-            if len(rnd.grads) == cfg["count"]:
-                self._complete(name, rnd, cfg["count"])
-            else:
-                deadline = time.monotonic() + cfg["timeout_s"]
-                while rnd.outcome is None and rnd.error is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0 and self._rounds.get(name) is not rnd:
-                        left = 0.05  # being applied right now: its outcome is moments away
-                    elif left <= 0:
-                        rnd.error = StragglerTimeout(
-                            f"{name!r}: straggler timeout after {cfg['timeout_s']} s at iteration "
-                            f"{it}: {len(rnd.grads)} of {cfg['count']} workers sent a gradient "
-                            f"({', '.join(sorted(rnd.grads))}); nothing was applied"
-                        )
-                        del self._rounds[name]
-                        self._cond.notify_all()
-                        break
-                    self._cond.wait(left)
-            if rnd.error is not None:
-                raise rnd.error
-            return rnd.outcome
+                del self._rounds[name]
+                self._settle(rnd)
+                self._cond.notify_all()
+                break
+            self._cond.wait(left)
+        if rnd.error is not None:
+            raise rnd.error
+        return rnd.outcome
 
     def _complete(self, name: str, rnd: _Round, count: int) -> None:
         """Average and step; called holding ``_cond``, which it releases around the step so
@@ -188,6 +232,7 @@ class SyncRounds:
         if error is not None:
             self._done[name] = previous
         rnd.outcome, rnd.error = outcome, error
+        self._settle(rnd)
         self._cond.notify_all()
 
     def end_iteration(self, worker: str, count: int, timeout_s: float) -> tuple[int, bool]:

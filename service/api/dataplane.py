@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.routing import Route
 
+from ..requests import CAPACITY, REQUEST_ID_RE
+from ..requests import HEADER as REQUEST_ID
 from ..rwlock import WouldBlock
 from ..store import Invalid, ParamStore, Stale, StepOutcome
 from ..tensors import dump_safetensors, from_bytes, parse_safetensors
@@ -38,13 +41,26 @@ async def run_step(
     grads: dict[str, np.ndarray],
     read_back: bool,
     based_on: dict[str, int] | None = None,
+    request_id: str | None = None,
 ) -> list[StepOutcome]:
     if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
         try:
-            return store.step(grads, read_back, blocking=False, based_on=based_on)
+            return store.step(
+                grads, read_back, blocking=False, based_on=based_on, request_id=request_id
+            )
         except WouldBlock:
             pass
-    return await run_in_threadpool(store.step, grads, read_back, True, based_on)
+    return await run_in_threadpool(store.step, grads, read_back, True, based_on, request_id)
+
+
+def request_id(request: Request) -> str | None:
+    """The ``X-Stepd-Request-Id`` header, validated (service/requests.py), if any."""
+    value = request.headers.get(REQUEST_ID)
+    if value is not None and not REQUEST_ID_RE.fullmatch(value):
+        raise Invalid(
+            f"invalid X-Stepd-Request-Id {value[:160]!r}: 16-128 letters, digits and _ . : -"
+        )
+    return value
 
 
 async def apply(
@@ -53,6 +69,7 @@ async def apply(
     """Route each gradient by its group's workers mode (service/workers.py)."""
     store: ParamStore = request.app.state.store
     metrics = request.app.state.metrics
+    rid = request_id(request)
     worker = request.query_params.get("worker")
     if worker is not None and not WORKER_RE.fullmatch(worker):
         raise Invalid(f"invalid worker id {worker!r}: 1-128 letters, digits and _ . : -")
@@ -76,7 +93,7 @@ async def apply(
     outcomes: dict[str, StepOutcome] = {}
     if rest:
         try:
-            for o in await run_step(store, rest, read_back, based_on or None):
+            for o in await run_step(store, rest, read_back, based_on or None, rid):
                 outcomes[o.name] = o
                 if o.staleness is not None:
                     metrics.staleness.observe(o.staleness)
@@ -86,7 +103,7 @@ async def apply(
     for n in sync:  # every worker sends the same names: the rounds complete in order
         cfg = entries[n].group.workers
         outcomes[n] = await run_in_threadpool(
-            store.sync.contribute, n, grads[n], worker, iteration, cfg
+            store.sync.contribute, n, grads[n], worker, iteration, cfg, rid
         )
     return [outcomes[n] for n in grads]
 
@@ -111,6 +128,8 @@ def _count(request: Request, outcomes: list[StepOutcome], body: int, out: int, s
     m = request.app.state.metrics
     store = request.app.state.store
     for o in outcomes:
+        if o.replayed:  # a retried request id: counted when it was applied
+            continue
         if o.applied:
             m.steps.labels(store.entry(o.name).group.id).inc()
         else:
@@ -187,6 +206,21 @@ FAST_ROUTES = [
 # The OpenAPI description of the same endpoints (and a fallback that calls the same code).
 router = APIRouter(prefix="/v1", tags=["steps"], responses=ERRORS)
 
+RequestIdHeader = Annotated[
+    str | None,
+    Header(
+        alias="X-Stepd-Request-Id",
+        pattern=REQUEST_ID_RE.pattern,
+        description=(
+            "Makes the step idempotent: a request repeated with the same id (a retry after a "
+            "lost reply) is not applied again and gets the reply recorded for the first one. "
+            "16-128 letters, digits and _ . : -, unique across clients (the client sends 128 "
+            "random bits and a counter); a malformed id is a 422. The server remembers the "
+            f"last {CAPACITY} ids."
+        ),
+    ),
+]
+
 
 @router.post(
     "/params/{name}/step",
@@ -200,13 +234,19 @@ async def step(
     worker: str | None = None,
     iteration: int | None = None,
     version: int | None = None,
+    x_stepd_request_id: RequestIdHeader = None,
 ) -> Response:
     """Body: the gradient as raw little-endian float32 bytes. Returns the new parameter
     (headers ``X-Stepd-Version``, ``X-Stepd-Applied``), or 204 with ``return_param=false``.
 
     ``worker``: the sender's id (required in sync groups); ``iteration``: the sync round
     (default: the current one); ``version``: the parameter version the gradient was computed
-    from (required in async groups; stale ones are refused with 409)."""
+    from (required in async groups; stale ones are refused with 409).
+
+    With ``X-Stepd-Request-Id``, a repeated id is not applied again (nor counted again in a
+    sync round): the reply carries the versions and applied flags recorded for the first
+    delivery and the parameters' current values — for a single client, exactly the first
+    reply. An id reused for other parameters is a 409."""
     return await step_one(request)
 
 
@@ -220,10 +260,16 @@ async def step_batch(
     return_params: bool = True,
     worker: str | None = None,
     iteration: int | None = None,
+    x_stepd_request_id: RequestIdHeader = None,
 ) -> Response:
     """Body: safetensors of gradients keyed by parameter name; one fused launch per group.
 
     The reply is a safetensors of the updated parameters whose ``__metadata__`` holds
     ``versions`` and ``skipped`` (JSON), or, with ``return_params=false``, that JSON alone.
+
+    With ``X-Stepd-Request-Id``, a repeated id is not applied again (nor counted again in a
+    sync round): the reply carries the versions and applied flags recorded for the first
+    delivery and the parameters' current values — for a single client, exactly the first
+    reply. An id reused for other parameters is a 409.
     """
     return await step_many(request)

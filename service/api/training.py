@@ -1,16 +1,18 @@
-"""/v1/iteration, /v1/lr, /v1/groups, /v1/status: the run's global state."""
+"""/v1/iteration, /v1/lr, /v1/groups (and a group's optimizer state), /v1/status: the run's
+global state."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from ..checkpoints import AUTO_PREFIX
 from ..schemas import Iteration, LrRequest, ShardView, Status
+from ..tensors import parse_safetensors
 from .checkpoints import save_checkpoint
-from .deps import ERRORS, CheckpointsDep, MetricsDep, SettingsDep, StoreDep
+from .deps import ERRORS, CheckpointsDep, MetricsDep, SettingsDep, StoreDep, read_body
 
 router = APIRouter(prefix="/v1", tags=["training"], responses=ERRORS)
 
@@ -68,6 +70,29 @@ async def workers(store: StoreDep) -> list[dict[str, Any]]:
 @router.get("/groups")
 async def groups(store: StoreDep) -> list[dict[str, Any]]:
     return store.groups()
+
+
+@router.put(
+    "/groups/{group_id}/state",
+    status_code=204,
+    response_class=Response,
+    summary="Replace a group's optimizer state (load_state_dict)",
+)
+async def load_group_state(
+    group_id: str, request: Request, store: StoreDep, settings: SettingsDep
+) -> Response:
+    """The body is safetensors: tensors ``{param}/{slot}`` (float32, the slot's shape) and
+    ``__metadata__`` whose values are JSON: ``algorithm`` and ``hyperparams`` (the group's,
+    else 409), ``counts`` ``{param: count}``, and optionally ``lr``, ``lr_scales``,
+    ``global_step`` (server-wide: every group gets it) and ``replace`` (default true: the
+    group's parameters absent from ``counts`` lose their state; false: only the named ones
+    change). Every named parameter must be registered in this group (404 / 409), each slot
+    of the algorithm's shape for it (422). Parameter values and versions are untouched.
+    Validated completely before anything changes; 204 on success."""
+    body = await read_body(request, settings.max_body_bytes)
+    tensors, meta = parse_safetensors(body)
+    await run_in_threadpool(store.load_group_state, group_id, tensors, meta)
+    return Response(status_code=204)
 
 
 @router.get("/status", response_model=Status)

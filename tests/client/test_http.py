@@ -23,6 +23,8 @@ from client import (
 )
 from tests.service.server import Server, free_port
 
+from .conftest import assert_same_state
+
 
 def f32(*shape: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -159,12 +161,15 @@ def test_server_gone_mid_run_leaves_the_param_untouched(tmp_path) -> None:
         srv.stop()
 
 
-def test_load_state_dict_over_http_names_the_missing_endpoint(shared_server) -> None:
-    with connect(shared_server.url, "sgd", lr=0.1) as opt:
+def test_load_state_dict_over_http_round_trips(shared_server) -> None:
+    """The full story is tests/client/test_state_load.py; a group of its own here."""
+    with connect(shared_server.url, "sgd", lr=0.1, momentum=0.25) as opt:
         opt.step("lsd.w", (2,), np.zeros(2, np.float32), np.ones(2, np.float32))
         sd = opt.state_dict()
-        with pytest.raises(NotImplementedError, match=r"PUT /v1/params/\{name\}/state/\{slot\}"):
-            opt.load_state_dict(sd)
+        sd["state"]["lsd.w"]["slots"]["momentum_buffer"] += 1.0
+        sd["state"]["lsd.w"]["count"] = 5
+        opt.load_state_dict(sd)
+        assert_same_state(opt.state_dict(), sd)
 
 
 def test_closed_optimizer_refuses_calls(shared_server) -> None:
@@ -177,11 +182,15 @@ def test_closed_optimizer_refuses_calls(shared_server) -> None:
 
 class DroppingProxy:
     """A TCP proxy in front of a server; with ``drop`` set it forwards requests but cuts the
-    connection instead of passing the reply back (the server goes away mid-step)."""
+    connection instead of passing the reply back (the server goes away mid-step). ``drop_next(n)``
+    does that to the next ``n`` replies only."""
 
     def __init__(self, port: int) -> None:
         self.upstream = port
         self.drop = threading.Event()
+        self._pending = 0
+        self.accepted = 0  # connections the client opened through the proxy
+        self._lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -192,6 +201,7 @@ class DroppingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             server = socket.create_connection(("127.0.0.1", self.upstream))
             for src, dst, reply in ((client, server, False), (server, client, True)):
                 threading.Thread(target=self._pump, args=(src, dst, reply), daemon=True).start()
@@ -199,7 +209,7 @@ class DroppingProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
         try:
             while data := src.recv(1 << 16):
-                if reply and self.drop.is_set():
+                if reply and (self.drop.is_set() or self._take()):
                     break
                 dst.sendall(data)
         except OSError:
@@ -209,14 +219,25 @@ class DroppingProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def drop_next(self, n: int) -> None:
+        with self._lock:
+            self._pending = n
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self._pending:
+                self._pending -= 1
+                return True
+            return False
+
     def close(self) -> None:
         self.listener.close()
 
 
-def test_a_lost_reply_is_a_TransportError_and_the_step_is_not_retried(shared_server) -> None:
+def test_without_retries_a_lost_reply_is_a_TransportError_applied_once(shared_server) -> None:
     proxy = DroppingProxy(shared_server.port)
     try:
-        with connect(proxy.url, "sgd", lr=1.0, timeout=5.0) as opt:
+        with connect(proxy.url, "sgd", lr=1.0, timeout=5.0, retries=0) as opt:
             p = np.zeros(3, np.float32)
             opt.step("lost.w", (3,), p, np.ones(3, np.float32))
             version = httpx.get(f"{shared_server.url}/v1/params/lost.w").json()["version"]

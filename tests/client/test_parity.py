@@ -1,5 +1,7 @@
 """local:// and http:// (a real server process) give bit-identical results for the same calls.
 
+Sophia also gets a Hessian estimate (``update_hessian``) every ``HESSIAN_EVERY`` iterations.
+
 One server serves every family (names prefixed by the algorithm, one group each); its global
 step is shared, so the in-process optimizer starts from the server's step (via
 ``load_state_dict``) and both then see exactly the same sequence of calls.
@@ -30,7 +32,10 @@ FAMILIES = {
     "soap": {"lr": 1e-2},
     "kron": {"lr": 1e-2},
     "mars": {"lr": 1e-2},
+    # beta2 and rho chosen so the Hessian matters (the step is not all clipped sign descent)
+    "sophia": {"lr": 1e-2, "betas": (0.9, 0.5), "rho": 1.0, "weight_decay": 0.01},
 }
+HESSIAN_EVERY = 3
 
 
 def run(opt, algorithm: str, lr: float | None, step0: int) -> list[dict]:
@@ -44,6 +49,10 @@ def run(opt, algorithm: str, lr: float | None, step0: int) -> list[dict]:
     history = []
     for t in range(20):
         grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        if algorithm == "sophia" and t % HESSIAN_EVERY == 1:  # names exist after t = 0
+            for n, s in shapes.items():
+                h = np.abs(rng.standard_normal(s)).astype(np.float32) + np.float32(0.1)
+                opt.update_hessian(n, s, h)
         if t % 2 == 0:
             opt.step_batch([(n, shapes[n], params[n], grads[n]) for n in shapes])
         else:

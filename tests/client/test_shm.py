@@ -261,3 +261,84 @@ def test_segments_unlinked_at_interpreter_exit(srv) -> None:
     )
     assert out.stdout.decode().split() == ["before", "1", "left", "0", "open", "True"]
     assert b"Warning" not in out.stderr
+
+
+def _value(srv, name: str) -> np.ndarray:
+    return np.frombuffer(httpx.get(f"{srv.url}/v1/params/{name}/value").content, np.float32)
+
+
+def _sgd(p: np.ndarray, g: np.ndarray, lr: float = 0.1) -> None:
+    p -= np.float32(lr) * g  # torch.optim.SGD without momentum, in float32
+
+
+def test_param_lives_in_its_creators_segment_until_it_leaves(srv) -> None:
+    """The first shm client of a name lends its segment as the parameter's storage (the
+    kernel updates it in place, no copy follows a step): writes to its buffers() param are
+    the server's value. Others get copies; when the lender leaves, the value moves back
+    into the server's memory and nothing is lost."""
+    a = connect(srv.shm_url, "sgd", lr=0.1)
+    bp, bg = a.transport.buffers("lend.p", (4,), np.ones(4, np.float32))
+    oracle = np.ones(4, np.float32)
+    for _ in range(3):
+        bg[...] = 0.5
+        a.step("lend.p", (4,), bp, bg)
+        _sgd(oracle, np.full(4, 0.5, np.float32))
+    np.testing.assert_array_equal(bp, oracle)
+    bp[...] = 7.0  # the segment is the server's storage
+    oracle[...] = 7.0
+    np.testing.assert_array_equal(_value(srv, "lend.p"), oracle)
+    with connect(srv.shm_url, "sgd", lr=0.1) as b:
+        q = np.zeros(4, np.float32)
+        b.register("lend.p", (4,), q)
+        np.testing.assert_array_equal(q, oracle)  # the server's copy wins
+        b.step("lend.p", (4,), q, np.ones(4, np.float32))
+        _sgd(oracle, np.ones(4, np.float32))
+        np.testing.assert_array_equal(q, oracle)
+        np.testing.assert_array_equal(bp, oracle)  # the lender's segment holds it
+        a.close()
+        assert wait_until(lambda: httpx.get(f"{srv.url}/v1/params/lend.p").status_code == 200)
+        np.testing.assert_array_equal(_value(srv, "lend.p"), oracle)
+        for _ in range(2):
+            b.step("lend.p", (4,), q, np.ones(4, np.float32))
+            _sgd(oracle, np.ones(4, np.float32))
+        np.testing.assert_array_equal(q, oracle)
+        np.testing.assert_array_equal(_value(srv, "lend.p"), oracle)
+
+
+LENDER = """
+import sys, time, numpy as np
+from client import connect
+opt = connect(sys.argv[1], "sgd", lr=0.1)
+p = np.ones(1000, np.float32)
+for _ in range(3):
+    opt.step("lent.0", (1000,), p, np.full(1000, 0.5, np.float32))
+print(opt.transport._token, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_sigkilled_lender_loses_nothing(srv) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(LENDER), srv.shm_url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        token = proc.stdout.readline().decode().strip()
+        assert token, "the client did not start"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: segments(token) == []), segments(token)
+    oracle = np.ones(1000, np.float32)
+    for _ in range(3):
+        _sgd(oracle, np.full(1000, 0.5, np.float32))
+    np.testing.assert_array_equal(_value(srv, "lent.0"), oracle)
+    with connect(srv.url, "sgd", lr=0.1) as opt:  # and it steps on, from the same value
+        p = np.zeros(1000, np.float32)
+        opt.step("lent.0", (1000,), p, np.ones(1000, np.float32))
+        _sgd(oracle, np.ones(1000, np.float32))
+        np.testing.assert_array_equal(p, oracle)

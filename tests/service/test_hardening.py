@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
+from kernels import create_optimizer
+from service.store import Group
+
 from .conftest import assert_same_state, b64, full_state, make_client, register
 from .server import Server
 
@@ -58,6 +61,16 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 NAN_LR = b'{"lr": NaN}'
+ADAMW = Group("adamw", create_optimizer("adamw").hyperparams.to_dict())  # w's group
+
+
+def _state(tensors: dict, **meta) -> bytes:
+    """A state upload for w's group: its metadata JSON-encoded, global_step moved on."""
+    fields = {"algorithm": "adamw", "hyperparams": dict(ADAMW.hyperparams), "global_step": 99}
+    return st_save(tensors, metadata={k: json.dumps(v) for k, v in {**fields, **meta}.items()})
+
+
+W_STATE = {"w/exp_avg": np.ones((2, 3), np.float32), "w/exp_avg_sq": np.ones((2, 3), np.float32)}
 # (operation it covers, id, method, url, request kwargs, status, text the detail must contain)
 CASES = [
     # -- POST /v1/params
@@ -175,6 +188,12 @@ CASES = [
      "/v1/params/w/step?worker=a/b", {"content": f32(np.ones(6))}, 422, "invalid worker id"),
     ("POST /v1/params/{name}/step", "worker id with a newline", "post",
      "/v1/params/w/step?worker=a%0A", {"content": f32(np.ones(6))}, 422, "invalid worker id"),
+    ("POST /v1/params/{name}/step", "request id too short", "post", "/v1/params/w/step",
+     {"content": f32(np.ones(6)), "headers": {"x-stepd-request-id": "abc-1"}}, 422,
+     "invalid X-Stepd-Request-Id"),
+    ("POST /v1/params/{name}/step", "request id with a slash", "post", "/v1/params/w/step",
+     {"content": f32(np.ones(6)), "headers": {"x-stepd-request-id": "0123456789abcdef/1"}},
+     422, "invalid X-Stepd-Request-Id"),
     ("POST /v1/step", "header length past the body", "post", "/v1/step",
      {"content": _st("{}", length=1 << 62)}, 422, "exceeds the body"),
     ("POST /v1/step", "header not JSON", "post", "/v1/step", {"content": _st("{nope")}, 422,
@@ -200,6 +219,9 @@ CASES = [
      {"content": st_save({"../w": np.ones(6, np.float32)})}, 404, "not registered"),
     ("POST /v1/step", "float16 tensor", "post", "/v1/step",
      {"content": st_save({"w": np.ones(6, np.float16)})}, 422, "only F32"),
+    ("POST /v1/step", "request id too long", "post", "/v1/step",
+     {"content": st_save({"w": np.ones(6, np.float32)}),
+      "headers": {"x-stepd-request-id": "a" * 129}}, 422, "invalid X-Stepd-Request-Id"),
     # -- training state
     ("POST /v1/iteration/end", "wrong method", "get", "/v1/iteration/end", {}, 405,
      "Method Not Allowed"),
@@ -210,6 +232,29 @@ CASES = [
      404, "does not exist"),
     ("GET /v1/workers", "wrong method", "post", "/v1/workers", {}, 405, "Method Not Allowed"),
     ("GET /v1/groups", "wrong method", "post", "/v1/groups", {}, 405, "Method Not Allowed"),
+    ("PUT /v1/groups/{group_id}/state", "unknown group", "put", "/v1/groups/nope/state",
+     {"content": st_save({}, metadata={"counts": "{}"})}, 404, "group 'nope' does not exist"),
+    ("PUT /v1/groups/{group_id}/state", "slot of the wrong shape", "put",
+     f"/v1/groups/{ADAMW.id}/state",
+     {"content": _state({**W_STATE, "w/exp_avg": np.ones((3, 2), np.float32)},
+                        counts={"w": 1}, shapes={"w": [2, 3]})},
+     422, "slot 'exp_avg' must be float32 (2, 3)"),
+    ("PUT /v1/groups/{group_id}/state", "unknown parameter", "put",
+     f"/v1/groups/{ADAMW.id}/state",
+     {"content": _state({k.replace("w/", "ghost/"): v for k, v in W_STATE.items()},
+                        counts={"ghost": 1}, shapes={"ghost": [2, 3]})},
+     404, "'ghost' is not registered"),
+    ("PUT /v1/groups/{group_id}/state", "parameter of another group", "put",
+     f"/v1/groups/{ADAMW.id}/state", {"content": _state({}, counts={}, lr_scales={"h": 0.5})},
+     409, "'h' belongs to group"),
+    ("PUT /v1/groups/{group_id}/state", "other hyperparams", "put",
+     f"/v1/groups/{ADAMW.id}/state",
+     {"content": _state(W_STATE, counts={"w": 1}, shapes={"w": [2, 3]},
+                        hyperparams={"lr": 0.5})}, 409, "differ from group"),
+    ("PUT /v1/groups/{group_id}/state", "not safetensors", "put", "/v1/groups/nope/state",
+     {"content": b"\x01\x02"}, 422, "safetensors"),
+    ("PUT /v1/groups/{group_id}/state", "metadata not JSON", "put", "/v1/groups/nope/state",
+     {"content": st_save({}, metadata={"counts": "{"})}, 422, "'counts' is not JSON"),
     ("GET /v1/status", "wrong method", "delete", "/v1/status", {}, 405, "Method Not Allowed"),
     ("GET /metrics", "wrong method", "post", "/metrics", {}, 405, "Method Not Allowed"),
     ("GET /healthz", "wrong method", "post", "/healthz", {}, 405, "Method Not Allowed"),
@@ -284,6 +329,7 @@ def test_every_operation_has_a_bad_input_case(client) -> None:
         ("post", "/v1/step"),
         ("put", "/v1/params/w/value"),
         ("post", "/v1/params/h/hessian"),
+        ("put", "/v1/groups/g/state"),
     ],
 )
 def test_oversized_tensor_bodies_are_413_on_every_tensor_endpoint(tmp_path, method, url) -> None:
