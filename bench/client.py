@@ -3,8 +3,9 @@
     python bench/client.py [--elements 67108864] [--rounds 5000]
 
 - one AdamW step of a 64M-element float32 tensor: in process (the fused CPU kernel, the
-  anchor) vs ``shm://`` (ordinary arrays, and arrays from ``ShmTransport.buffers`` that live in
-  the segment) vs ``http://`` (goal for shm ≤ 1.15x);
+  anchor; and the same over arrays in a /dev/shm mapping, the floor of shm:// on hosts
+  whose shared memory gets no huge pages) vs ``shm://`` (ordinary arrays, and arrays from
+  ``ShmTransport.buffers`` that live in the segment) vs ``http://`` (goal for shm ≤ 1.15x);
 - p50 / p99 round trip of a 1-element step over ``shm://`` next to a bare Unix-socket
   ping-pong between two Python processes (goal ≤ 3x), and over ``http://``;
 - 200 tensors x 10k elements: one ``step_batch`` vs 200 single steps, per transport.
@@ -15,6 +16,7 @@ One ``stepd serve --shm-socket`` process (CPU) serves both ``shm://`` and ``http
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shutil
 import socket
@@ -75,7 +77,28 @@ def big_step(server: Server, shm_url: str, n: int) -> None:
     anchor = statistics.median(timed(lambda: opt.step_batch([("big", (n,), p, g)]), reps, 2))
     opt = None  # free its state before the remote runs
 
-    rows = [("in-process fused step (anchor)", anchor)]
+    # The same in-process step with param and grad in a /dev/shm mapping, as the server
+    # sees them over shm://: where shared memory gets no huge pages (shmem THP off, as on
+    # many hosts), this is the floor for shm:// on this host.
+    path = f"/dev/shm/stepd-bench-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 8 * n)
+        mm = mmap.mmap(fd, 8 * n)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    sp, sg = np.frombuffer(mm, np.float32, n, 0), np.frombuffer(mm, np.float32, n, 4 * n)
+    sp[...], sg[...] = p0, g
+    opt = create_optimizer("adamw", backend="cpu", **HP)
+    in_shm = statistics.median(timed(lambda: opt.step_batch([("big", (n,), sp, sg)]), reps, 2))
+    opt = sp = sg = None
+    mm.close()
+
+    rows = [
+        ("in-process fused step (anchor)", anchor),
+        ("in-process, arrays in /dev/shm pages", in_shm),
+    ]
     with connect(shm_url, "adamw", **HP) as o:
         p = p0.copy()
         t = timed(lambda: o.step("big.shm", (n,), p, g), reps, 2)

@@ -19,6 +19,14 @@ F32 = np.dtype("<f4")
 
 def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise float32 arrays (keys in the given order) into one safetensors buffer."""
+    return b"".join(dump_parts(tensors, metadata))
+
+
+def dump_parts(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """The pieces of :func:`dump`'s buffer, the tensors' data as views of the arrays
+    themselves (no copy) where they are contiguous float32 already."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, arr in tensors.items():
@@ -28,9 +36,11 @@ def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None =
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    parts = [struct.pack("<Q", len(raw)), raw]
-    parts += [np.ascontiguousarray(a, dtype=F32).tobytes() for a in tensors.values()]
-    return b"".join(parts)
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
+    for a in tensors.values():
+        a = np.ascontiguousarray(a, dtype=F32)
+        parts.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+    return parts
 
 
 def parse(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:

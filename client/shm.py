@@ -9,6 +9,12 @@ where it lies and writes the new parameter back into the segment, which is then 
 into ``param``: no tensor byte crosses the socket. Arrays from :meth:`ShmTransport.buffers`
 live in the segment itself, and steps with them copy nothing at all.
 
+The first client to register a name (outside sync groups) lends its segment to the server
+as the parameter's storage: the kernel updates it in place, so nothing is copied after a
+step, and a ``buffers()`` param array *is* the server's value (writing to it changes the
+parameter, as writing to a model's tensor does in process). When that client leaves, the
+server moves the value back into its own memory; nothing is lost if the client crashes.
+
 Segments are unlinked by :meth:`close`, at interpreter exit (``atexit``) and by the server
 when it sees the socket close (a crashed client included). ``multiprocessing.shared_memory``
 is not used: its resource tracker unlinks and warns at the wrong times.

@@ -6,7 +6,11 @@ the gradient's), and sends small binary control messages over the socket; the se
 the segment, reads the gradient where the client wrote it (a zero-copy numpy view) and
 writes the updated parameter back into the segment. No tensor bytes cross the socket on a
 step. Every op talks to the same :class:`ParamStore` as HTTP, so the inspection API sees
-shm steps.
+shm steps. On a CPU store, the segment of the connection that registers a name first
+(outside sync groups) becomes the parameter's storage (:meth:`ParamStore.adopt`): the kernel
+updates it in place and no copy follows the step; other connections get copies. When that
+connection closes, the value moves back into the store's memory (``ParamStore.release``)
+before the segment is unmapped.
 
 Wire format (little-endian). A request is ``struct "<HHI"`` (op, 0, payload length) and
 its payload; a reply is ``"<HHI"`` (status, 0, payload length) and its payload. ``status``
