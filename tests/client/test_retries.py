@@ -191,3 +191,23 @@ def test_a_repeated_delivery_in_a_sync_round_counts_once(server) -> None:
 def test_retries_is_validated(retries, error) -> None:
     with pytest.raises(error, match="retries"):
         connect("http://127.0.0.1:9", retries=retries)
+
+
+def test_a_large_body_sent_in_pieces_is_resent_whole(shared_server) -> None:
+    """A body above 1 MiB goes out in pieces; a retry must send all of it again."""
+    url, name = shared_server.url, "retry.large"
+    proxy = DroppingProxy(shared_server.port)
+    n = 600_000  # 2.4 MB
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
+    p0 = rng.standard_normal(n).astype(np.float32)
+    try:
+        with connect(proxy.url, "sgd", timeout=10.0, **SGD) as opt:
+            p = p0.copy()
+            opt.step(name, (n,), p, grads[0])
+            proxy.drop_next(1)
+            opt.step(name, (n,), p, grads[1])
+            assert info(url, name)["version"] == 2
+            np.testing.assert_array_equal(p, oracle(grads, p0))
+    finally:
+        proxy.close()
