@@ -194,9 +194,11 @@ while True:
 """
 
 
-def test_sigkilled_client_frees_its_segments(srv) -> None:
+def sigkill_client(script: str, url: str, segments_before_kill: int) -> str:
+    """Run ``script`` (prints its transport's token once its segments exist), SIGKILL it
+    mid-run (no close(), no atexit) and return the token."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CRASHER), srv.shm_url],
+        [sys.executable, "-c", textwrap.dedent(script), url],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -204,12 +206,17 @@ def test_sigkilled_client_frees_its_segments(srv) -> None:
     try:
         token = proc.stdout.readline().decode().strip()
         assert token, "the client did not start"
-        assert len(segments(token)) == 3
-        proc.send_signal(signal.SIGKILL)  # mid-run: no close(), no atexit
+        assert len(segments(token)) == segments_before_kill
+        proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
         proc.kill()
         proc.wait()
+    return token
+
+
+def test_sigkilled_client_frees_its_segments(srv) -> None:
+    token = sigkill_client(CRASHER, srv.shm_url, 3)
     assert wait_until(lambda: segments(token) == []), segments(token)
     assert httpx.get(f"{srv.url}/healthz").status_code == 200
     with connect(srv.shm_url, "adamw", lr=1e-2) as opt:  # still serving
@@ -318,20 +325,7 @@ time.sleep(60)
 
 
 def test_a_sigkilled_lender_loses_nothing(srv) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(LENDER), srv.shm_url],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        token = proc.stdout.readline().decode().strip()
-        assert token, "the client did not start"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
-        proc.wait()
+    token = sigkill_client(LENDER, srv.shm_url, 1)
     assert wait_until(lambda: segments(token) == []), segments(token)
     oracle = np.ones(1000, np.float32)
     for _ in range(3):
