@@ -21,8 +21,9 @@ is not used: its resource tracker unlinks and warns at the wrong times.
 
 Registration, the server's-copy-wins rule and ``load_state_dict`` (uploads now or right
 after a name registers) are those of :mod:`client.http`; the state travels as the same
-safetensors in one ``LOAD_STATE`` message, whose 64 MiB limit (``MAX_PAYLOAD``) a larger
-upload exceeds with a ``ValueError`` before sending: load such a state over http://. Unlike
+safetensors in one ``LOAD_STATE`` message, up to the server's body limit
+(``STEPD_MAX_BODY_BYTES``, 1 GiB by default; a larger state is a ``ValueError`` before
+sending). Unlike
 http://, steps are never retried (a connection that failed is closed for good). A step that
 fails leaves ``param`` exactly as it was. ``update_hessian`` (Sophia) copies the estimate
 into the name's segment, where a gradient goes, and sends ``HESSIAN``. The wire format is
@@ -82,7 +83,7 @@ ATTACH, REGISTER, STEP, STEP_BATCH, END_ITERATION, SET_LR = 1, 2, 3, 4, 5, 6
 GET_LR_SCALE, SET_LR_SCALE, GET_GROUP, STATE, CLOSE, PING = 7, 8, 9, 10, 11, 12
 HELLO, STEP_V, LOAD_STATE = 13, 14, 15
 HESSIAN = 16
-MAX_PAYLOAD = 64 << 20  # the server's limit on one control message
+MAX_STATE_BYTES = 1 << 30  # the server's default limit on a LOAD_STATE message
 OP_NAMES = {
     v: k
     for k, v in dict(
@@ -315,11 +316,10 @@ class ShmTransport(Transport):
         body, names = due
         gid = self._group_id.encode()
         payload = U32.pack(len(gid)) + gid + body
-        if len(payload) > MAX_PAYLOAD:
+        if len(payload) > MAX_STATE_BYTES:
             raise ValueError(
-                f"load_state_dict: {len(payload)} bytes of state exceed shm://'s limit of "
-                f"{MAX_PAYLOAD} per message; load it over http:// (same server, body limit "
-                "STEPD_MAX_BODY_BYTES) instead"
+                f"load_state_dict: {len(payload)} bytes of state exceed the {MAX_STATE_BYTES} "
+                "bytes a server takes in one message by default (STEPD_MAX_BODY_BYTES)"
             )
         self.request(LOAD_STATE, payload)
         load.uploaded(names)

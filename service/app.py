@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None) -> StepdApp:
         if settings.shm_socket is not None:
             from .shm import ShmServer
 
-            shm = ShmServer(store, settings.shm_socket)
+            shm = ShmServer(store, settings.shm_socket, max_state_bytes=settings.max_body_bytes)
             shm.start()
         app.state.shm = shm
         try:

@@ -18,8 +18,9 @@ uses the HTTP API's codes: 200 ok, 404 ``NotFound``, 409 ``Conflict``, 422 ``Inv
 400 a malformed message, 500 anything else; an error's payload is the store's message
 (UTF-8). JSON appears only in rare metadata (attach, register, group, state); steps are
 ``struct``-packed ids. ``LOAD_STATE`` carries a safetensors body (a client's
-``load_state_dict``), the same bytes and rules as HTTP's ``PUT /v1/groups/{id}/state``,
-within the ``MAX_PAYLOAD`` of every control message. No pickle, ever.
+``load_state_dict``), the same bytes and rules as HTTP's ``PUT /v1/groups/{id}/state``, up
+to the same limit (``STEPD_MAX_BODY_BYTES``); every other message stays within
+``MAX_PAYLOAD``. No pickle, ever.
 
 Sophia's Hessian estimate (``HESSIAN``, like HTTP's ``POST /v1/params/{name}/hessian``)
 travels like a gradient: the client writes it into the segment's gradient half and sends the
@@ -127,8 +128,13 @@ class Connection:
 class ShmServer:
     """Listens on ``path`` (mode 0600); one thread per connection, one shared store."""
 
-    def __init__(self, store: ParamStore, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, store: ParamStore, path: str | os.PathLike[str], max_state_bytes: int = 1 << 30
+    ) -> None:
+        """``max_state_bytes``: the largest ``LOAD_STATE`` message (HTTP's body limit for the
+        same upload); every other message stays within ``MAX_PAYLOAD``."""
         self.store = store
+        self.max_state_bytes = max_state_bytes
         self.path = Path(path)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -200,7 +206,7 @@ class ShmServer:
                         return
                     have += k
                 op, _, n = HEADER.unpack_from(buf)
-                if n > MAX_PAYLOAD:
+                if n > (self.max_state_bytes if op == LOAD_STATE else MAX_PAYLOAD):
                     raise ConnectionError(f"payload of {n} bytes is too large")
                 end = HEADER.size + n
                 if end > len(buf):  # a large control message: grow the buffer

@@ -83,7 +83,8 @@ async def load_group_state(
 ) -> Response:
     """The body is safetensors: tensors ``{param}/{slot}`` (float32, the slot's shape) and
     ``__metadata__`` whose values are JSON: ``algorithm`` and ``hyperparams`` (the group's,
-    else 409), ``counts`` ``{param: count}``, and optionally ``lr``, ``lr_scales``,
+    else 409), ``counts`` ``{param: count}``, ``shapes`` ``{param: shape}`` (the registered
+    shapes, else 409), and optionally ``lr``, ``lr_scales``,
     ``global_step`` (server-wide: every group gets it) and ``replace`` (default true: the
     group's parameters absent from ``counts`` lose their state; false: only the named ones
     change). Every named parameter must be registered in this group (404 / 409), each slot

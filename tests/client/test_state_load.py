@@ -198,3 +198,23 @@ def test_bad_state_is_refused_and_changes_nothing(srv, transport) -> None:
         with pytest.raises(NotFoundError, match="'ghost' is not registered"):
             send()
         assert_same_state(opt.state_dict(), before)
+
+
+def test_a_state_larger_than_a_control_message_loads_over_shm(srv) -> None:
+    """LOAD_STATE may exceed the 64 MiB of other control messages (up to the body limit)."""
+    n = 17 << 20  # SGD momentum: one 68 MiB slot
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(n, dtype=np.float32)
+    with connect(LOCAL, "sgd", lr=0.1, momentum=0.9) as local:
+        p = np.zeros(n, np.float32)
+        local.step("huge", (n,), p, g)
+        sd = local.state_dict()
+    with connect(srv.shm_url, "sgd", lr=0.1, momentum=0.9) as remote:
+        q = np.zeros(n, np.float32)
+        remote.load_state_dict(sd)
+        remote.step("huge", (n,), q, g)  # registers, uploads the 68 MiB state, then steps
+        p[...] = 0.0
+        with connect(LOCAL, "sgd", lr=0.1, momentum=0.9) as oracle:
+            oracle.load_state_dict(sd)
+            oracle.step("huge", (n,), p, g)
+        np.testing.assert_array_equal(q, p)
