@@ -268,7 +268,11 @@ class Optimizer:
             op, [Launch(it.param, it.grad, [it.slots[s] for s in op.slots], None) for it in items]
         )
         if len(self._plans) >= MAX_PLANS:
-            del self._plans[next(iter(self._plans))]  # the oldest
+            # The oldest goes. A server steps different names of one optimizer from several
+            # threads, so take the keys in one (atomic) call and tolerate a racing eviction.
+            keys = list(self._plans)
+            if keys:
+                self._plans.pop(keys[0], None)
         self._plans[tuple(it.name for it in items)] = _Plan(
             launch,
             tuple(it.shape for it in items),

@@ -154,3 +154,39 @@ def test_prepared_layouts_are_bounded() -> None:
         for i, (p, g) in enumerate(arrays):
             opt.step_batch([(f"w{i}", (4,), p, g)])
     assert len(opt._plans) == MAX_PLANS
+
+
+def test_threads_stepping_disjoint_names_of_one_optimizer() -> None:
+    """A server steps different parameters of one optimizer from several threads (their
+    own locks serialise each name): with more layouts than MAX_PLANS, tables are built and
+    evicted concurrently, and every name still ends where a serial run puts it."""
+    import threading
+
+    count, steps = 4 * MAX_PLANS, 30
+    fused = create_optimizer("adamw", backend="cpu")
+    ref = create_optimizer("adamw", backend="reference")
+    rng = np.random.default_rng(6)
+    grads = [rng.standard_normal((steps, 64)).astype(np.float32) for _ in range(count)]
+    pf = [np.ones(64, np.float32) for _ in range(count)]
+    pr = [np.ones(64, np.float32) for _ in range(count)]
+    errors: list[BaseException] = []
+
+    def work(ids: range) -> None:
+        try:
+            for s in range(steps):
+                for i in ids:
+                    fused.step(f"w{i}", (64,), pf[i], grads[i][s])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(range(k, count, 4),)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for s in range(steps):
+        for i in range(count):
+            ref.step(f"w{i}", (64,), pr[i], grads[i][s])
+    for i in range(count):
+        np.testing.assert_array_equal(pf[i], pr[i])
