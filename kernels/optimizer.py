@@ -11,6 +11,7 @@ Not thread-safe: a server serialises access per parameter around it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,9 @@ from .ops import MAX_ARGS, Launch
 
 StepArgs = tuple[str, Sequence[int], Any, Any]  # (name, shape, param, grad)
 _F32 = np.dtype(np.float32)
-MAX_PLANS = 8  # prepared step_batch layouts kept per optimizer
+# Prepared step_batch layouts kept per optimizer: one per name for a loop of single steps
+# (the rlx-optim trait's way), so this covers models of thousands of tensors.
+MAX_PLANS = 4096
 
 
 @dataclass
@@ -42,7 +45,7 @@ class _Plan:
 
     launch: Any  # the backend's PreparedLaunch
     shapes: tuple[tuple[int, ...], ...]
-    params: tuple[Any, ...]  # the very arrays (identity is checked)
+    params: tuple[weakref.ref, ...]  # the very arrays (identity is checked), not kept alive
     states: tuple[ParamState, ...]
     scales: tuple[float, ...]  # lr_scale per item (set_lr_scale drops every plan)
     sizes: tuple[int, ...]
@@ -76,8 +79,9 @@ class Optimizer:
         self._lr_scales: dict[str, float] = {}
         self._state: dict[str, ParamState] = {}
         # Prepared launches of recent step_batch layouts (names in order): a repeated layout
-        # with the same param arrays skips the per-tensor pointer table. Bounded, because a
-        # plan keeps its params alive.
+        # with the same param arrays skips the per-tensor pointer table. A plan refers to its
+        # params weakly (a caller that swaps arrays leaks nothing) and is used only when the
+        # caller passes those very arrays, alive.
         self._plans: dict[tuple[str, ...], _Plan] = {}
 
     # -- the rlx-optim Optimizer trait ---------------------------------------------------
@@ -253,8 +257,8 @@ class Optimizer:
     # -- prepared layouts ----------------------------------------------------------------
 
     def drop_prepared(self) -> None:
-        """Forget every prepared layout (they keep their param arrays alive): for a caller
-        about to free or unmap a param's memory."""
+        """Forget every prepared layout: for a caller about to unmap a param's memory (a
+        layout never steps an array that is gone, but its table still holds the address)."""
         self._plans.clear()
 
     def _prepare(self, items: list[StepItem]) -> None:
@@ -276,7 +280,7 @@ class Optimizer:
         self._plans[tuple(it.name for it in items)] = _Plan(
             launch,
             tuple(it.shape for it in items),
-            tuple(it.param for it in items),
+            tuple(weakref.ref(it.param) for it in items),
             tuple(self._state[it.name] for it in items),
             tuple(self._lr_scales.get(it.name, 1.0) for it in items),
             tuple(it.param.size for it in items),
@@ -292,10 +296,10 @@ class Optimizer:
             return None
         if plan is None:
             return None
-        for item, shape, param in zip(items, plan.shapes, plan.params, strict=True):
-            if len(item) != 4 or item[2] is not param or item[1] != shape:
+        for item, shape, ref in zip(items, plan.shapes, plan.params, strict=True):
+            if len(item) != 4 or item[2] is not ref() or item[1] != shape:
                 return None
-            if not param.flags.writeable:
+            if not item[2].flags.writeable:
                 return None
         return plan
 

@@ -82,14 +82,15 @@ class PreparedLaunch:
     """The pointer table of one launch, kept: per call only the gradients and the scalars
     change. Building the table costs ~2 us per tensor, more than stepping a small one.
 
-    It holds references to the params and slots, so their addresses stay valid.
+    It keeps the slots alive; the params it does not: the caller runs it only with the very
+    param arrays it was prepared for, alive (kernels.Optimizer checks their identity).
     """
 
     def __init__(self, fn: ctypes._CFuncPtr, op: Op, items: Sequence[Launch]) -> None:
         pad = (0,) * (MAX_SLOTS - len(op.slots))
         rows = [(_addr(it.param), 0, *map(_addr, it.slots), *pad, it.param.size) for it in items]
         self._fn = fn
-        self._keep = [(it.param, *it.slots) for it in items]
+        self._keep = [tuple(it.slots) for it in items]
         self._count = len(items)
         self._table = np.array(rows, dtype=np.int64)
         self._grads = self._table[:, 1]

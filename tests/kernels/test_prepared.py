@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 
+import kernels.optimizer
 from kernels import create_optimizer
 from kernels.optimizer import MAX_PLANS
 
@@ -147,22 +148,26 @@ def test_read_only_or_reshaped_params_leave_the_prepared_path() -> None:
         opt.step_batch(batch)
 
 
-def test_prepared_layouts_are_bounded() -> None:
+def test_prepared_layouts_are_bounded(monkeypatch) -> None:
+    assert MAX_PLANS >= 1024  # one per name for a loop of single steps over a large model
+    monkeypatch.setattr(kernels.optimizer, "MAX_PLANS", 8)
     opt = create_optimizer("sgd", backend="cpu", lr=0.1)
-    arrays = [(np.ones(4, np.float32), np.ones(4, np.float32)) for _ in range(MAX_PLANS + 5)]
+    arrays = [(np.ones(4, np.float32), np.ones(4, np.float32)) for _ in range(8 + 5)]
     for _ in range(2):
         for i, (p, g) in enumerate(arrays):
             opt.step_batch([(f"w{i}", (4,), p, g)])
-    assert len(opt._plans) == MAX_PLANS
+    assert len(opt._plans) == 8
 
 
-def test_threads_stepping_disjoint_names_of_one_optimizer() -> None:
+def test_threads_stepping_disjoint_names_of_one_optimizer(monkeypatch) -> None:
     """A server steps different parameters of one optimizer from several threads (their
     own locks serialise each name): with more layouts than MAX_PLANS, tables are built and
-    evicted concurrently, and every name still ends where a serial run puts it."""
+    evicted concurrently (the cap lowered to 8), and every name still ends where a serial
+    run puts it."""
     import threading
 
-    count, steps = 4 * MAX_PLANS, 30
+    monkeypatch.setattr(kernels.optimizer, "MAX_PLANS", 8)
+    count, steps = 32, 30
     fused = create_optimizer("adamw", backend="cpu")
     ref = create_optimizer("adamw", backend="reference")
     rng = np.random.default_rng(6)
@@ -190,3 +195,29 @@ def test_threads_stepping_disjoint_names_of_one_optimizer() -> None:
             ref.step(f"w{i}", (64,), pr[i], grads[i][s])
     for i in range(count):
         np.testing.assert_array_equal(pf[i], pr[i])
+
+
+def test_a_prepared_layout_does_not_keep_its_params_alive() -> None:
+    import gc
+    import weakref
+
+    opt = create_optimizer("adamw", backend="cpu")
+    p = np.ones(1000, np.float32)
+    for _ in range(3):
+        opt.step("w", (1000,), p, np.ones(1000, np.float32))
+    assert opt._plans
+    gone = weakref.ref(p)
+    del p
+    gc.collect()
+    assert gone() is None
+    q = np.ones(1000, np.float32)  # a new array for the name: stepped through a new table
+    ref = create_optimizer("adamw", backend="reference")
+    r = np.ones(1000, np.float32)
+    for _ in range(3):
+        ref.step("w", (1000,), r, np.ones(1000, np.float32))
+    r[...] = 1.0
+    for k in range(2):
+        g = np.full(1000, 0.5 + k, np.float32)
+        opt.step("w", (1000,), q, g)
+        ref.step("w", (1000,), r, g)
+    np.testing.assert_array_equal(q, r)
