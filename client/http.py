@@ -41,7 +41,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -50,7 +50,7 @@ import numpy as np
 
 from . import _safetensors
 from .errors import TransportError, error_for_status
-from .state import StateLoad
+from .state import StateLoad, StateUploads
 from .transport import (
     EndIteration,
     GetLr,
@@ -118,7 +118,7 @@ def _detail(r: httpx.Response) -> Any:
         return r.text
 
 
-class HttpTransport(Transport):
+class HttpTransport(StateUploads, Transport):
     """Talks to ``stepd serve``; ``timeout`` (seconds) bounds every request."""
 
     def __init__(
@@ -269,33 +269,13 @@ class HttpTransport(Transport):
         if self._pending_load is not None:  # loaded state of names registered just now
             self._upload_state(self._pending_load)
 
-    def _load_state(self, state: Mapping[str, Any]) -> None:
-        """Upload what can go now; keep the rest pending (see :mod:`client.state`)."""
-        load = StateLoad(state, self._algorithm)
-        if self._group_id is not None:  # lr_scales of this client's names: as loaded, else 1
-            scales = {n: load.lr_scales.get(n, 1.0) for n in self._registered}
-            self._upload_state(load, scales)
-        self._pending_load = None if load.finished else load
-        if load.lr is not None:
-            self._lr = load.lr
-        self._pending_scales = {
-            n: s for n, s in load.lr_scales.items() if n not in self._registered
-        }
-        self._explicit_scales = set(load.lr_scales)
+    def _registered_names(self) -> Collection[str]:
+        return self._registered
 
-    def _upload_state(self, load: StateLoad, lr_scales: Mapping[str, float] | None = None) -> None:
-        """``PUT /v1/groups/{id}/state`` with the part of ``load`` that is due (idempotent)."""
-        if self._group_id is None:
-            return
-        due = load.next_upload(self._registered, lr_scales)
-        if due is None:
-            return
-        body, names = due
-        path = f"/v1/groups/{_path(self._group_id)}/state"
+    def _send_state(self, group_id: str, body: bytes) -> None:
+        """``PUT /v1/groups/{id}/state``."""
+        path = f"/v1/groups/{_path(group_id)}/state"
         self.request("PUT", path, **_content([body], SAFETENSORS), retry=True)
-        load.uploaded(names)
-        if load is self._pending_load and load.finished:
-            self._pending_load = None
 
     def _register(self, name: str, shape: tuple[int, ...], param: np.ndarray) -> None:
         body = {

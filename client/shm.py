@@ -44,14 +44,14 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .errors import TransportError, error_for_status
-from .state import StateLoad
+from .state import StateLoad, StateUploads
 from .transport import (
     EndIteration,
     GetLr,
@@ -114,7 +114,7 @@ class _Segment:
     user: tuple[np.ndarray, np.ndarray] | None = None  # the arrays buffers() handed out
 
 
-class ShmTransport(Transport):
+class ShmTransport(StateUploads, Transport):
     """Talks to ``stepd serve --shm-socket PATH`` on this host."""
 
     def __init__(
@@ -294,27 +294,12 @@ class ShmTransport(Transport):
                 return self._load_state(state)
         raise TypeError(f"unknown op {op!r}")
 
-    def _load_state(self, state: Mapping[str, Any]) -> None:
-        """Upload what can go now; keep the rest pending (see :mod:`client.state`)."""
-        load = StateLoad(state, self._algorithm)
-        if self._group_id is not None:  # lr_scales of this client's names: as loaded, else 1
-            scales = {n: load.lr_scales.get(n, 1.0) for n in self._segments}
-            self._upload_state(load, scales)
-        self._pending_load = None if load.finished else load
-        if load.lr is not None:
-            self._lr = load.lr
-        self._pending_scales = {n: s for n, s in load.lr_scales.items() if n not in self._segments}
-        self._explicit_scales = set(load.lr_scales)
+    def _registered_names(self) -> Collection[str]:
+        return self._segments
 
-    def _upload_state(self, load: StateLoad, lr_scales: Mapping[str, float] | None = None) -> None:
-        """``LOAD_STATE`` with the part of ``load`` that is due."""
-        if self._group_id is None:
-            return
-        due = load.next_upload(self._segments, lr_scales)
-        if due is None:
-            return
-        body, names = due
-        gid = self._group_id.encode()
+    def _send_state(self, group_id: str, body: bytes) -> None:
+        """``LOAD_STATE``: the group id, then the safetensors body."""
+        gid = group_id.encode()
         payload = U32.pack(len(gid)) + gid + body
         if len(payload) > MAX_STATE_BYTES:
             raise ValueError(
@@ -322,9 +307,6 @@ class ShmTransport(Transport):
                 "bytes a server takes in one message by default (STEPD_MAX_BODY_BYTES)"
             )
         self.request(LOAD_STATE, payload)
-        load.uploaded(names)
-        if load is self._pending_load and load.finished:
-            self._pending_load = None
 
     def buffers(
         self, name: str, shape: tuple[int, ...], init: np.ndarray
