@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import timed  # noqa: E402
 from client import connect  # noqa: E402
 from kernels import create_optimizer  # noqa: E402
 from tests.service.server import Server  # noqa: E402
@@ -49,17 +49,6 @@ while True:
         break
     s.sendall(buf[:n])
 """
-
-
-def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def pct(xs: list[float], q: float) -> float:

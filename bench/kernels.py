@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import timed
 from kernels import create_optimizer
 from kernels.backends.build import CXXFLAGS, NATIVE, find_compiler
 from kernels.ops import Launch
@@ -36,15 +36,7 @@ BYTES_PER_ELEMENT = 28  # AdamW: read p, g, m, v; write p, m, v
 
 
 def median_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None):
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, repeat, sync=sync))
 
 
 def gbps(n: int, seconds: float) -> float:

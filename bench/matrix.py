@@ -20,18 +20,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import timed
 from kernels import create_optimizer
 from kernels.algorithms.muon import newton_schulz_orth
 
 
 def best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed(fn, repeat))
 
 
 def newton_schulz(n: int) -> None:

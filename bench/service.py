@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import timed  # noqa: E402
 from tests.service.server import Server, free_port  # noqa: E402
 
 
@@ -53,16 +54,6 @@ def start_echo() -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.05)
     raise RuntimeError("echo server did not start")
-
-
-def timed(fn, repeat: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def http_section(tmp: Path) -> None:
