@@ -381,13 +381,9 @@ class ParamStore:
 
     def _apply(self, opt: Optimizer, members: list[Entry], grads: Mapping[str, Any]) -> None:
         xp = self.xp
-        dev = {
-            e.name: g if xp is np and g.ndim == 1 else xp.asarray(g).reshape(-1)
-            for e in members
-            for g in (grads[e.name],)
-        }
+        dev = {e.name: _flat(xp, grads[e.name]) for e in members}
         every = self.stats_every
-        measure = [e for e in members if every and e.version % every == 0] if every else []
+        measure = [e for e in members if e.version % every == 0] if every else []
         before = {e.name: e.param.copy() for e in measure}
         opt.step_batch([(e.name, e.shape, e.param, dev[e.name]) for e in members])
         for e in members:
@@ -748,6 +744,11 @@ class ParamStore:
             self._groups.update(others)
             self._groups[group_id] = built
             self.global_step = built.global_step
+
+
+def _flat(xp: Any, g: np.ndarray) -> Any:
+    """``g`` as a flat device array; a flat host array on a CPU store is used as it is."""
+    return g if xp is np and g.ndim == 1 else xp.asarray(g).reshape(-1)
 
 
 def _by_name(e: Entry) -> str:
