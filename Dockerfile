@@ -35,7 +35,7 @@ RUN pip install ".[server]"
 # Compile the CPU kernels from the installed package (run outside /src so that the import
 # resolves to the venv's copy, whose sources are what the cache key hashes).
 WORKDIR /
-RUN python -c "from kernels import get_backend; print(get_backend('cpu').library_path)" \
+RUN python -c "from stepd.kernels import get_backend; print(get_backend('cpu').library_path)" \
     && cp /opt/stepd/cache/kernels/libstepd_cpu-*.so /opt/stepd/libstepd_cpu.so
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stepd.kernels import create_optimizer
+from stepd.kernels.backends.build import CXXFLAGS, NATIVE, find_compiler
+from stepd.kernels.ops import Launch
+
 from bench.timing import timed
-from kernels import create_optimizer
-from kernels.backends.build import CXXFLAGS, NATIVE, find_compiler
-from kernels.ops import Launch
 
 BYTES_PER_ELEMENT = 28  # AdamW: read p, g, m, v; write p, m, v
 

@@ -20,9 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms.muon import newton_schulz_orth
+
 from bench.timing import timed
-from kernels import create_optimizer
-from kernels.algorithms.muon import newton_schulz_orth
 
 
 def best(fn, repeat: int) -> float:

@@ -103,8 +103,8 @@ def http_section(tmp: Path) -> None:
 
 
 def checkpoint_section(tmp: Path, gb: float) -> None:
-    from service.checkpoints import CheckpointDir
-    from service.store import ParamStore
+    from stepd.service.checkpoints import CheckpointDir
+    from stepd.service.store import ParamStore
 
     n = int(gb * 1e9 / 12)  # AdamW: param + exp_avg + exp_avg_sq = 12 bytes per element
     store = ParamStore("cpu")

@@ -2,13 +2,13 @@
 
 ::
 
-    from client import connect
+    from stepd.client import connect
     opt = connect("local://", algorithm="adamw", lr=1e-3)   # or "http://127.0.0.1:8000"
     opt.step("fc1.weight", param.shape, param, grad)        # param updated in place
     opt.end_iteration()
 
-Light by design: numpy and httpx only (torch in :mod:`client.torch`, the numeric core only
-for ``local://``). Errors: see :mod:`client.errors`.
+Light by design: numpy and httpx only (torch in :mod:`stepd.client.torch`, the numeric core only
+for ``local://``). Errors: see :mod:`stepd.client.errors`.
 """
 
 from __future__ import annotations

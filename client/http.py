@@ -12,7 +12,7 @@ worker that joins (or restarts) continues from the server's weights. Another con
 ``ConflictError``.
 
 **load_state_dict** uploads the optimizer state with ``PUT /v1/groups/{id}/state``
-(safetensors, :mod:`client.state`): the state of names already registered goes at once,
+(safetensors, :mod:`stepd.client.state`): the state of names already registered goes at once,
 replacing the group's state on the server (its other names start afresh, as in process) and
 setting the server-wide global step; the state of names not registered yet stays pending
 and is uploaded right after each registers, before its first step (so the loaded state wins

@@ -29,12 +29,12 @@ from .transport import (
 
 
 class LocalTransport(Transport):
-    """Wraps ``kernels.create_optimizer(algorithm, backend=..., **hyperparams)``."""
+    """Wraps ``stepd.kernels.create_optimizer(algorithm, backend=..., **hyperparams)``."""
 
     def __init__(
         self, algorithm: str, hyperparams: Mapping[str, Any], backend: str = "auto"
     ) -> None:
-        from kernels import create_optimizer  # only local:// needs the numeric core
+        from stepd.kernels import create_optimizer  # only local:// needs the numeric core
 
         self.optimizer = create_optimizer(algorithm, backend=backend, **dict(hyperparams))
 

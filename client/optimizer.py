@@ -2,9 +2,9 @@
 
 ``connect(url, algorithm, **hyperparams)`` picks the transport from the URL scheme:
 
-- ``http://host:port`` (or ``https://``): the stepd HTTP API (:mod:`client.http`);
-- ``local://``: the numeric core in this process, no server (:mod:`client.local`);
-- ``shm:///path/to/stepd.sock``: same host, shared memory (:mod:`client.shm`).
+- ``http://host:port`` (or ``https://``): the stepd HTTP API (:mod:`stepd.client.http`);
+- ``local://``: the numeric core in this process, no server (:mod:`stepd.client.local`);
+- ``shm:///path/to/stepd.sock``: same host, shared memory (:mod:`stepd.client.shm`).
 
 :class:`StepdOptimizer` validates every argument before anything is sent (``TypeError`` /
 ``ValueError``, nothing changed), then hands one op to the transport. It is not thread-safe:
@@ -103,7 +103,7 @@ class StepdOptimizer:
     ``param`` arrays are updated in place with the optimizer's result; a call that raises
     leaves them exactly as they were. Over HTTP a name's first step registers it, and if the
     server already holds that name (same config), the server's copy wins (see
-    :mod:`client.http`).
+    :mod:`stepd.client.http`).
     """
 
     def __init__(self, transport: Transport) -> None:
@@ -201,7 +201,7 @@ class StepdOptimizer:
         """Replace all optimizer state, as ``kernels.Optimizer.load_state_dict`` does.
 
         Over ``http://`` / ``shm://`` the state of names not registered yet is uploaded when
-        they register (see :mod:`client.state`); parameter values are not part of it."""
+        they register (see :mod:`stepd.client.state`); parameter values are not part of it."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
         self._call(LoadStateDict(state))
@@ -274,13 +274,13 @@ def connect(
     (``ValueError`` / ``TypeError``).
 
     Several servers: ``connect([url0, url1, ...])`` shards the parameters over them by a
-    stable hash of the name (:mod:`client.sharding`). Distributed workers (http://, shm://):
+    stable hash of the name (:mod:`stepd.client.sharding`). Distributed workers (http://, shm://):
     ``worker`` is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync",
     "count": 4}`` or ``{"mode": "async", "max_staleness": 8}``.
 
     ``retries`` (http:// only): how many times a step is resent, with the same request id,
     after a transport failure; the server applies it once whatever arrives (see
-    :mod:`client.http`). 0 disables it: a lost reply is then a ``TransportError``.
+    :mod:`stepd.client.http`). 0 disables it: a lost reply is then a ``TransportError``.
     """
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")

@@ -20,7 +20,7 @@ when it sees the socket close (a crashed client included). ``multiprocessing.sha
 is not used: its resource tracker unlinks and warns at the wrong times.
 
 Registration, the server's-copy-wins rule and ``load_state_dict`` (uploads now or right
-after a name registers) are those of :mod:`client.http`; the state travels as the same
+after a name registers) are those of :mod:`stepd.client.http`; the state travels as the same
 safetensors in one ``LOAD_STATE`` message, up to the server's body limit
 (``STEPD_MAX_BODY_BYTES``, 1 GiB by default; a larger state is a ``ValueError`` before
 sending). Unlike
@@ -127,7 +127,7 @@ class ShmTransport(StateUploads, Transport):
         workers: Mapping[str, Any] | None = None,
     ) -> None:
         """``worker``: this process's id, sent once per connection (``HELLO``); sync groups
-        need it. ``workers``: the group's workers config, as for :mod:`client.http`
+        need it. ``workers``: the group's workers config, as for :mod:`stepd.client.http`
         (``{"mode": "sync", "count": 4}``, ``{"mode": "async", "max_staleness": 8}``)."""
         self.path = path
         self._group_spec: dict[str, Any] = {

@@ -100,7 +100,7 @@ class Transport(ABC):
 
     @abstractmethod
     def handle(self, op: Op) -> Any:
-        """Run one op; raises ``client.errors.StepdError`` subclasses on failure."""
+        """Run one op; raises ``stepd.client.errors.StepdError`` subclasses on failure."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections; the transport is unusable afterwards."""

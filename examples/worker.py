@@ -22,8 +22,7 @@ import sys
 import time
 
 import numpy as np
-
-from client import TransportError, connect
+from stepd.client import TransportError, connect
 
 IN, OUT = 16, 4
 

@@ -15,8 +15,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from starlette.applications import Starlette
+from stepd.kernels.backends import get_backend
 
-from kernels.backends import get_backend
+from stepd import __version__
 
 from .api import checkpoints, dataplane, health, params, training
 from .checkpoints import CheckpointDir
@@ -151,7 +152,7 @@ def create_app(settings: Settings | None = None) -> StepdApp:
 
     app = FastAPI(
         title="stepd",
-        version="0.1.0",
+        version=__version__,
         summary="An optimizer-step service: named parameters and their optimizer state",
         lifespan=lifespan,
     )

@@ -41,7 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stepd import __version__
+
     parser = argparse.ArgumentParser(prog="stepd", description="stepd: an optimizer-step service")
+    parser.add_argument("--version", action="version", version=f"stepd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (settings also from STEPD_* env vars)")

@@ -4,7 +4,7 @@ It starts ``stepd serve`` in the background (CPU, a free loopback port, a tempor
 checkpoint directory, and the shared-memory transport on a Unix socket next to it), then
 launches worker processes that train a small classifier on scikit-learn's bundled digits,
 data-parallel: each worker computes gradients on its own slice of every batch and sends them
-with ``client.connect(url, worker=..., workers={"mode": "sync", ...})``; the server averages
+with ``stepd.client.connect(url, worker=..., workers={"mode": "sync", ...})``; the server averages
 the workers' gradients, steps once per iteration and returns the same parameters to all of
 them. The workers alternate transports in one sync group: even ranks use ``shm://`` (same
 host, shared memory), odd ranks ``http://``. The demo shows the loss per iteration, then the
@@ -68,7 +68,7 @@ def forward(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[flo
 
 def worker(url: str, rank: int, count: int, iterations: int, batch: int, losses: Any) -> None:
     """One data-parallel worker: its slice of each batch, one sync step per iteration."""
-    from client import connect
+    from stepd.client import connect
 
     x, y, _, _ = digits()
     # Whichever worker registers a parameter first sets its value and the others receive the
@@ -102,7 +102,7 @@ def _start_server(port: int, checkpoints: str, shm_socket: str) -> subprocess.Po
     cmd = [
         sys.executable,
         "-m",
-        "service.cli",
+        "stepd.service.cli",
         "serve",
         "--port",
         str(port),

@@ -1,6 +1,6 @@
 """The shared-memory data plane: a Unix-domain-socket listener next to the HTTP API.
 
-Same host only. A client (:mod:`client.shm`) creates one POSIX shared-memory segment per
+Same host only. A client (:mod:`stepd.client.shm`) creates one POSIX shared-memory segment per
 parameter (``/dev/shm/stepd-…``, mode 0600, sized once: the parameter's float32 bytes, then
 the gradient's), and sends small binary control messages over the socket; the server maps
 the segment, reads the gradient where the client wrote it (a zero-copy numpy view) and

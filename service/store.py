@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-
-from kernels import Optimizer, create_optimizer, get_backend, l2_norm
+from stepd.kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
 from .requests import RequestLog
 from .rwlock import RWLock, WouldBlock

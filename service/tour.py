@@ -1,6 +1,6 @@
 """``stepd tour``: a two-layer classifier on a synthetic spiral, trained with each optimizer.
 
-Everything runs in process through ``kernels.create_optimizer``: the model keeps its
+Everything runs in process through ``stepd.kernels.create_optimizer``: the model keeps its
 parameters, the optimizer gets ``step(name, shape, param, grad)`` calls, exactly what a
 stepd client sends to a server.
 """
@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from kernels import create_optimizer, global_grad_clip_scale
+from stepd.kernels import create_optimizer, global_grad_clip_scale
 
 # One sensible configuration per algorithm, as a user would start.
 CONFIGS: dict[str, dict] = {

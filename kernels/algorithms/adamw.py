@@ -7,7 +7,7 @@ r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019), as ``tor
     \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}
         \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
 
-Runs the fused ``adam`` op (see :mod:`kernels.algorithms.adam`) with ``l2 = 0``.
+Runs the fused ``adam`` op (see :mod:`stepd.kernels.algorithms.adam`) with ``l2 = 0``.
 """
 
 from __future__ import annotations

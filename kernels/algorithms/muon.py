@@ -43,7 +43,7 @@ hyperparameters, the usual "Muon for matrices, AdamW for the rest" in one group 
     \theta &\leftarrow \theta - \frac{\eta_a}{1 - \beta_1^t}
         \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon_a}
 
-exactly :mod:`kernels.algorithms.adamw` (the fused ``adam`` op) with ``adamw_betas``,
+exactly :mod:`stepd.kernels.algorithms.adamw` (the fused ``adam`` op) with ``adamw_betas``,
 ``adamw_eps``, ``adamw_weight_decay``. Its lr ``eta_a`` follows the group's lr: ``eta_a = eta``
 when ``adamw_lr`` is None (default), else ``eta_a = eta * adamw_lr / lr`` — ``adamw_lr`` is
 the fallback's lr at the configured ``lr``, and ``set_lr`` schedules and ``lr_scale`` multiply

@@ -4,7 +4,7 @@ r"""Sophia-H: clipped second-order steps with a Hessian-diagonal estimate (Liu e
 The caller computes a Hessian-diagonal estimate ``\hat h`` (Hutchinson: ``z * (H z)`` with
 ``z`` Gaussian or Rademacher, or Gauss–Newton–Bartlett) every ``k`` steps (the paper's and
 SophiaH's ``update_period``, default 10) and passes it with
-:meth:`kernels.optimizer.Optimizer.update_hessian` before that step:
+:meth:`stepd.kernels.optimizer.Optimizer.update_hessian` before that step:
 
 .. math::
     h &\leftarrow h + (1 - \beta_2)(\hat h - h)

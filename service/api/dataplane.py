@@ -1,7 +1,7 @@
 """The data plane: stepping one parameter (raw bytes) or many (safetensors).
 
 These two endpoints carry every training step, so they are served by a bare Starlette app in
-front of FastAPI (``service.app.StepdApp``): FastAPI's per-request machinery costs about a
+front of FastAPI (``stepd.service.app.StepdApp``): FastAPI's per-request machinery costs about a
 quarter of a millisecond here, as much as the rest of a tiny step. The FastAPI routes below
 describe the same endpoints in the OpenAPI schema and call the same code, so behaviour cannot
 drift; the error bodies are the same as everywhere else (the token is checked by StepdApp).

@@ -132,7 +132,7 @@ def set_lr_scale(name: str, body: LrScale, store: StoreDep) -> LrScale:
 
 
 def tensor_stats(x: np.ndarray) -> TensorStats:
-    from kernels import l2_norm
+    from stepd.kernels import l2_norm
 
     x = x.reshape(-1)
     finite = x[np.isfinite(x)]

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from stepd.client import Transport
 
-from client import Transport
 from tests.service.server import Server
 
 

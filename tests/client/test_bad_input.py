@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-
-from client import StepdOptimizer, TransportError, connect
+from stepd.client import StepdOptimizer, TransportError, connect
 
 from .conftest import Spy
 

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-
-from client import InvalidRequestError, connect
-from client.transport import UpdateHessian
+from stepd.client import InvalidRequestError, connect
+from stepd.client.transport import UpdateHessian
 
 from .conftest import assert_same_state
 from .test_shm import ShmServer

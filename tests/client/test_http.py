@@ -10,8 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-
-from client import (
+from stepd.client import (
     AuthError,
     ConflictError,
     InvalidRequestError,
@@ -21,6 +20,7 @@ from client import (
     TransportError,
     connect,
 )
+
 from tests.service.server import Server, free_port
 
 from .conftest import assert_same_state

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from client import connect
+from stepd.client import connect
 
 from .conftest import assert_same_state
 

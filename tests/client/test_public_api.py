@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import client
-from client import errors
+from stepd.client import errors
+
+from stepd import client
 
 
 def test_all_is_sorted_public_and_importable() -> None:

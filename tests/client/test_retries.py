@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
-
-from client import TransportError, connect
+from stepd.client import TransportError, connect
 
 from .test_http import DroppingProxy
 

@@ -8,10 +8,9 @@ import sys
 import httpx
 import numpy as np
 import pytest
-
-from client import ConflictError, connect
-from client.sharding import shard_of
-from service.sharding import shard_of as server_shard_of
+from stepd.client import ConflictError, connect
+from stepd.client.sharding import shard_of
+from stepd.service.sharding import shard_of as server_shard_of
 
 from ..service.server import Server
 
@@ -22,7 +21,10 @@ def test_client_and_server_agree_and_the_hash_is_stable_across_runs() -> None:
     for count in (1, 2, 3, 7):
         assert [shard_of(n, count) for n in NAMES] == [server_shard_of(n, count) for n in NAMES]
     # A fresh interpreter (another hash seed) gives the same answers: not Python's hash().
-    code = "from client.sharding import shard_of; print([shard_of(f'p{i}', 5) for i in range(9)])"
+    code = (
+        "from stepd.client.sharding import shard_of; "
+        "print([shard_of(f'p{i}', 5) for i in range(9)])"
+    )
     runs = {
         subprocess.run(
             [sys.executable, "-c", code],

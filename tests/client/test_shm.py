@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from stepd.client import ConflictError, NotFoundError, StepdOptimizer, TransportError, connect
+from stepd.client.shm import ShmTransport
 
-from client import ConflictError, NotFoundError, StepdOptimizer, TransportError, connect
-from client.shm import ShmTransport
 from tests.service.server import Server
 
 from .conftest import Spy, assert_same_state
@@ -182,7 +182,7 @@ def test_bad_input_raises_client_side_and_sends_nothing(srv) -> None:
 
 CRASHER = """
 import sys, time, numpy as np
-from client import connect
+from stepd.client import connect
 opt = connect(sys.argv[1], "adamw", lr=1e-2)
 ps = {f"crash.{i}": np.ones(1000, np.float32) for i in range(3)}
 for _ in range(3):
@@ -251,7 +251,7 @@ def test_segments_unlinked_at_interpreter_exit(srv) -> None:
             print("left", len(left), "open", not opt.transport._closed)
         atexit.register(look)
         import numpy as np
-        from client import connect
+        from stepd.client import connect
         opt = connect(sys.argv[1], "sgd", lr=0.1)
         opt.step("exit.p", (4,), np.ones(4, np.float32), np.ones(4, np.float32))
         token = opt.transport._token
@@ -314,7 +314,7 @@ def test_param_lives_in_its_creators_segment_until_it_leaves(srv) -> None:
 
 LENDER = """
 import sys, time, numpy as np
-from client import connect
+from stepd.client import connect
 opt = connect(sys.argv[1], "sgd", lr=0.1)
 p = np.ones(1000, np.float32)
 for _ in range(3):

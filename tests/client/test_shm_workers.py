@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import numpy as np
 import pytest
-
-from client import ConflictError, InvalidRequestError, ServerError, connect
+from stepd.client import ConflictError, InvalidRequestError, ServerError, connect
 
 from .test_shm import ShmServer
 

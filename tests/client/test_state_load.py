@@ -13,10 +13,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-
-from client import ConflictError, InvalidRequestError, NotFoundError, connect
-from client.shm import LOAD_STATE, U32
-from client.state import StateLoad
+from stepd.client import ConflictError, InvalidRequestError, NotFoundError, connect
+from stepd.client.shm import LOAD_STATE, U32
+from stepd.client.state import StateLoad
 
 from .conftest import assert_same_state
 from .test_shm import ShmServer

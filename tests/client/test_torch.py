@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from client.torch import RemoteOptimizer  # noqa: E402
+from stepd.client.torch import RemoteOptimizer  # noqa: E402
 
 HP = {"lr": 0.05, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01}
 

@@ -6,8 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-
-from client import ConflictError, connect
+from stepd.client import ConflictError, connect
 
 from ..service.server import Server
 

@@ -35,7 +35,7 @@ def assert_resume_bit_identical(algorithm: str, hparams: dict[str, Any]) -> None
     params (a matrix, a vector, a scalar; one with an lr_scale) must agree bit for bit."""
     import copy
 
-    from kernels import create_optimizer
+    from stepd.kernels import create_optimizer
 
     rng = np.random.default_rng(2)
     shapes = {"w": (6, 5), "b": (5,), "s": ()}

@@ -20,16 +20,15 @@ import numpy as np
 import pytest
 import pytorch_optimizer as po
 import torch
-
-from kernels import create_optimizer, get_backend
-from kernels.algorithms.adafactor import (
+from stepd.kernels import create_optimizer, get_backend
+from stepd.kernels.algorithms.adafactor import (
     ADAFACTOR,
     ADAFACTOR_MOMENTUM,
     FLOAT32_EPS,
     PAPER_LR,
     AdafactorHyperparams,
 )
-from kernels.backends.build import CSRC
+from stepd.kernels.backends.build import CSRC
 
 from .gpu import cuda_or_skip
 from .test_build import _args_fields

@@ -7,10 +7,9 @@ import re
 import warnings
 
 import pytest
-
-from kernels.algorithms import ALGORITHMS, ElementwiseAlgorithm
-from kernels.backends import build, get_backend
-from kernels.backends.build import CSRC, KernelBuildError, build_cpu_library
+from stepd.kernels.algorithms import ALGORITHMS, ElementwiseAlgorithm
+from stepd.kernels.backends import build, get_backend
+from stepd.kernels.backends.build import CSRC, KernelBuildError, build_cpu_library
 
 
 def test_build_is_cached_by_source_hash(tmp_path, monkeypatch) -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from kernels import ALGORITHMS, create_optimizer
+from stepd.kernels import ALGORITHMS, create_optimizer
 
 # Rosenbrock: 16 independent problems as one (16, 2) parameter, so the matrix-aware
 # algorithms see a matrix. f = mean((1 - x)^2 + 100 (y - x^2)^2), minimum 0 at (1, 1).

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .gpu import cuda_or_skip
 from .test_fused import CONFIGS, SIZES

@@ -14,8 +14,7 @@ import shutil
 import subprocess
 
 import pytest
-
-from kernels.backends.cuda_source import NVRTC_OPTIONS, cuda_source
+from stepd.kernels.backends.cuda_source import NVRTC_OPTIONS, cuda_source
 
 REQUIRED = os.environ.get("STEPD_REQUIRE_CUDA_COMPILERS") == "1"
 OPS = re.findall(r"^STEPD_OP\((\w+),", cuda_source(), re.M)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from kernels import create_optimizer
-from kernels.algorithms import ALGORITHMS, ElementwiseAlgorithm
+from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms import ALGORITHMS, ElementwiseAlgorithm
 
 # Hyperparameters that switch on every branch of every elementwise op.
 CONFIGS = [

@@ -7,9 +7,8 @@ import re
 
 import numpy as np
 import pytest
-
-from kernels import create_optimizer
-from kernels.algorithms.kron import (
+from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms.kron import (
     norm_lower_bound,
     precond_update_due,
     probe_noise,
@@ -351,7 +350,7 @@ def test_cuda_matches_reference(precond_lr: float, monkeypatch: pytest.MonkeyPat
     """CuPy draws other probes than NumPy; with NumPy's probes uploaded, the GPU run is the
     reference run up to cuBLAS's summation order (the fused ops are bit-exact)."""
     cp = cuda_or_skip()
-    import kernels.algorithms.kron as kron_module
+    import stepd.kernels.algorithms.kron as kron_module
 
     def host_probe(xp, seed, name, t, shape):
         return xp.asarray(probe_noise(np, seed, name, t, shape))

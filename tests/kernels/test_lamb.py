@@ -7,13 +7,12 @@ import re
 
 import numpy as np
 import pytest
+import stepd.kernels.algorithms.lamb as lamb_module
 import torch
-
-import kernels.algorithms.lamb as lamb_module
-from kernels import create_optimizer
-from kernels.algorithms.lamb import LAMB_APPLY, LAMB_MOMENTS
-from kernels.backends import get_backend
-from kernels.ops import Launch
+from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms.lamb import LAMB_APPLY, LAMB_MOMENTS
+from stepd.kernels.backends import get_backend
+from stepd.kernels.ops import Launch
 
 from .gpu import cuda_or_skip
 from .oracles.lamb import optax_lamb

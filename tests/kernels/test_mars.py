@@ -9,13 +9,12 @@ import re
 import numpy as np
 import pytest
 import pytorch_optimizer as po
+import stepd.kernels.algorithms.mars as mars_module
 import torch
-
-import kernels.algorithms.mars as mars_module
-from kernels import create_optimizer
-from kernels.algorithms.mars import MARS_ADAMW, MARS_ADAMW_1D, MARS_CORRECT
-from kernels.backends import get_backend
-from kernels.ops import Launch
+from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms.mars import MARS_ADAMW, MARS_ADAMW_1D, MARS_CORRECT
+from stepd.kernels.backends import get_backend
+from stepd.kernels.ops import Launch
 
 from .gpu import cuda_or_skip
 from .problems import assert_resume_bit_identical, linear_regression_loss_ratio

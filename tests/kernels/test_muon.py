@@ -10,16 +10,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from kernels import create_optimizer, get_backend
-from kernels.algorithms.muon import (
+from stepd.kernels import create_optimizer, get_backend
+from stepd.kernels.algorithms.muon import (
     MUON_APPLY,
     MUON_MOMENTUM,
     NS_COEFFICIENTS,
     adjust_lr_ratio,
     newton_schulz_orth,
 )
-from kernels.ops import Launch
+from stepd.kernels.ops import Launch
 
 from .gpu import cuda_or_skip
 from .problems import linear_regression_loss_ratio

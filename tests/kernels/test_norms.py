@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from kernels import global_grad_clip_scale, l2_norm
+from stepd.kernels import global_grad_clip_scale, l2_norm
 
 
 def test_l2_norm_accumulates_in_float64() -> None:

@@ -6,8 +6,7 @@ import copy
 
 import numpy as np
 import pytest
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 # The elementwise family; the matrix-aware algorithms have tests of their own.
 ELEMENTWISE = ["adam", "adamw", "lion", "nadamw", "qhadamw", "radam", "sgd"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .oracles import ParityCase, all_cases
 

@@ -8,10 +8,9 @@ import copy
 
 import numpy as np
 import pytest
-
-import kernels.optimizer
-from kernels import create_optimizer
-from kernels.optimizer import MAX_PLANS
+from stepd.kernels import create_optimizer
+from stepd.kernels import optimizer as optimizer_module
+from stepd.kernels.optimizer import MAX_PLANS
 
 ELEMENTWISE = ["adam", "adamw", "lion", "nadamw", "qhadamw", "radam", "sgd"]
 HP = {"sgd": {"lr": 0.05, "momentum": 0.9}}
@@ -150,7 +149,7 @@ def test_read_only_or_reshaped_params_leave_the_prepared_path() -> None:
 
 def test_prepared_layouts_are_bounded(monkeypatch) -> None:
     assert MAX_PLANS >= 1024  # one per name for a loop of single steps over a large model
-    monkeypatch.setattr(kernels.optimizer, "MAX_PLANS", 8)
+    monkeypatch.setattr(optimizer_module, "MAX_PLANS", 8)
     opt = create_optimizer("sgd", backend="cpu", lr=0.1)
     arrays = [(np.ones(4, np.float32), np.ones(4, np.float32)) for _ in range(8 + 5)]
     for _ in range(2):
@@ -166,7 +165,7 @@ def test_threads_stepping_disjoint_names_of_one_optimizer(monkeypatch) -> None:
     run puts it."""
     import threading
 
-    monkeypatch.setattr(kernels.optimizer, "MAX_PLANS", 8)
+    monkeypatch.setattr(optimizer_module, "MAX_PLANS", 8)
     count, steps = 32, 30
     fused = create_optimizer("adamw", backend="cpu")
     ref = create_optimizer("adamw", backend="reference")

@@ -7,7 +7,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["kernels", "kernels.algorithms", "kernels.backends"])
+@pytest.mark.parametrize(
+    "module", ["stepd.kernels", "stepd.kernels.algorithms", "stepd.kernels.backends"]
+)
 def test_all_lists_the_public_names(module: str) -> None:
     mod = importlib.import_module(module)
     public = {n for n in vars(mod) if not n.startswith("_")}

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import pytorch_optimizer as po
 import torch
-
-from kernels import create_optimizer
-from kernels.algorithms.soap import merge_small_dims
+from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms.soap import merge_small_dims
 
 from .gpu import cuda_or_skip
 

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import pytorch_optimizer as po
 import torch
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .gpu import cuda_or_skip
 

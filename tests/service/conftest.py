@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
-from service.app import create_app
-from service.config import Settings
+from stepd.service.app import create_app
+from stepd.service.config import Settings
 
 
 def make_client(tmp_path, **overrides) -> TestClient:

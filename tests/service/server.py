@@ -26,7 +26,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "service.cli",
+            "stepd.service.cli",
             "serve",
             "--port",
             str(self.port),

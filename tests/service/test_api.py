@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .conftest import assert_same_state, full_state, make_client, register
 

@@ -9,7 +9,7 @@ import sys
 
 def _stepd() -> list[str]:
     exe = shutil.which("stepd")
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+    return [exe] if exe else [sys.executable, "-m", "stepd.service.cli"]
 
 
 def test_demo_runs_a_server_and_workers_end_to_end() -> None:

@@ -1,7 +1,7 @@
 """SIGKILL of the real server: during checkpoint saves, and under load from several clients.
 
 The run after every restart is compared bit for bit with an in-process replay through
-``kernels.create_optimizer``: whatever a crash does, the newest complete checkpoint brings back
+``create_optimizer``: whatever a crash does, the newest complete checkpoint brings back
 exactly the state the replay had at that step, and continuing from it stays identical.
 """
 
@@ -17,8 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .conftest import b64
 from .server import Server

@@ -6,8 +6,7 @@ import signal
 
 import httpx
 import numpy as np
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .conftest import b64
 from .server import Server

@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 from safetensors.numpy import save as st_save
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .conftest import make_client, register
 

@@ -19,9 +19,8 @@ import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
-
-from kernels import create_optimizer
-from service.store import Group
+from stepd.kernels import create_optimizer
+from stepd.service.store import Group
 
 from .conftest import assert_same_state, b64, full_state, make_client, register
 from .server import Server
@@ -412,7 +411,7 @@ def test_checkpoint_names_cannot_escape_the_directory(tmp_path) -> None:
 
 
 def test_server_binds_to_loopback_by_default(tmp_path, monkeypatch) -> None:
-    from service.config import Settings
+    from stepd.service.config import Settings
 
     monkeypatch.delenv("STEPD_HOST", raising=False)
     assert Settings().host == "127.0.0.1"

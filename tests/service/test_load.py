@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from .server import Server
 

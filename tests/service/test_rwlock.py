@@ -7,8 +7,7 @@ import threading
 import time
 
 import pytest
-
-from service.rwlock import RWLock, WouldBlock
+from stepd.service.rwlock import RWLock, WouldBlock
 
 
 def test_readers_share_and_a_writer_waits_for_them() -> None:

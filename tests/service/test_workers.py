@@ -8,8 +8,7 @@ import threading
 import httpx
 import numpy as np
 import pytest
-
-from kernels import create_optimizer
+from stepd.kernels import create_optimizer
 
 from . import sync_worker
 from .server import Server

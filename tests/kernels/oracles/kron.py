@@ -2,7 +2,7 @@
 
 The one random input, the probe ``V`` of each preconditioner update, is injected: the wrapper
 swaps pytorch-optimizer's ``update_precondition`` for one that discards its
-``torch.randn_like`` draw and passes ours (:func:`kernels.algorithms.kron.probe_noise` for
+``torch.randn_like`` draw and passes ours (:func:`stepd.kernels.algorithms.kron.probe_noise` for
 the table's names ``p{i}`` and global step ``t``), so both sides see the same ``V``; all the
 arithmetic stays pytorch-optimizer's. Its balancing runs with probability ``balance_prob``;
 1.0 makes it balance before every update as we do. Its weight decay skips parameters with
@@ -19,8 +19,7 @@ import numpy as np
 import pytorch_optimizer as po
 import pytorch_optimizer.optimizer.psgd as po_psgd
 import torch
-
-from kernels.algorithms.kron import probe_noise
+from stepd.kernels.algorithms.kron import probe_noise
 
 from . import ParityCase
 
