@@ -67,12 +67,12 @@ def http_section(tmp: Path) -> None:
             for n in (1, 1 << 20, 1 << 24):
                 name = f"w{n}"
                 body = {"name": name, "shape": [n], "group": {"algorithm": "adamw"}}
-                assert c.post("/v1/params", json=body).status_code == 201
+                assert c.post("/v1/runs/t/params", json=body).status_code == 201
                 grad = np.random.default_rng(0).standard_normal(n).astype(np.float32).tobytes()
                 repeat = 300 if n == 1 else (20 if n == 1 << 20 else 6)
 
                 def stepd(name=name, grad=grad):
-                    r = c.post(f"/v1/params/{name}/step", content=grad)
+                    r = c.post(f"/v1/runs/t/params/{name}/step", content=grad)
                     assert r.status_code == 200
                     assert len(r.content) == len(grad)
 

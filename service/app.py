@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -18,14 +20,12 @@ from starlette.applications import Starlette
 from stepd.kernels.backends import get_backend
 
 from stepd import __version__
+from stepd.wire import WireError
 
-from .api import checkpoints, dataplane, health, params, training
-from .checkpoints import CheckpointDir
+from .api import checkpoints, dataplane, health, params, runs, training
 from .config import Settings, get_settings
-from .metrics import Metrics
-from .store import Conflict, Invalid, NotFound, ParamStore
-from .tensors import BadTensor
-from .workers import StragglerTimeout
+from .engine import Engine
+from .errors import StoreError, status_of
 
 log = logging.getLogger("stepd")
 
@@ -110,7 +110,7 @@ def _capped(receive: Any, limit: int) -> Any:
     return capped
 
 
-FAST_PATH = re.compile(r"^/v1/(?:step|params/[^/]+/step)$")
+FAST_PATH = re.compile(r"^/v1/runs/[^/]+/(?:step|params/[^/]+/step)$")
 
 
 def create_app(settings: Settings | None = None) -> StepdApp:
@@ -118,67 +118,57 @@ def create_app(settings: Settings | None = None) -> StepdApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = ParamStore(
-            pick_device(settings.device),
-            settings.nonfinite,
-            settings.stats_every,
-            (settings.shard_index, settings.shard_count),
-        )
-        ckpts = CheckpointDir(settings.checkpoint_dir)
-        removed = ckpts.clean_temporaries()
+        engine = Engine(settings, pick_device(settings.device))
+        removed = engine.clean_temporaries()
         if removed:
             log.warning("removed %d leftovers of interrupted checkpoint saves", len(removed))
         app.state.settings = settings
-        app.state.store = store
-        app.state.checkpoints = ckpts
-        app.state.metrics = Metrics(store.device_bytes)
+        app.state.engine = engine
         shm = None
         if settings.shm_socket is not None:
             from .shm import ShmServer
 
-            shm = ShmServer(store, settings.shm_socket, max_state_bytes=settings.max_body_bytes)
+            shm = ShmServer(engine, settings.shm_socket)
             shm.start()
         app.state.shm = shm
+        reaper = asyncio.create_task(_reap(engine, settings.anonymous_run_ttl))
         try:
             yield
         finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
             if shm is not None:
                 shm.stop()
-        if settings.checkpoint_on_shutdown and store.names():
-            info = await run_in_threadpool(
-                checkpoints.save_checkpoint, store, ckpts, app.state.metrics, None
-            )
-            log.info("final checkpoint %s written", info.name)
+        if settings.checkpoint_on_shutdown:
+            for info in await run_in_threadpool(engine.save_all):
+                log.info("final checkpoint %s written", info.name)
 
     app = FastAPI(
         title="stepd",
         version=__version__,
-        summary="An optimizer-step service: named parameters and their optimizer state",
+        summary="An optimizer-step service: runs of named parameters and their optimizer state",
         lifespan=lifespan,
     )
     app.include_router(health.router)
     # The token is checked once, in StepdApp, before any route (or body parsing) runs.
-    for module in (params, dataplane, training, checkpoints):
+    for module in (runs, params, dataplane, training, checkpoints):
         app.include_router(module.router)
     app.include_router(health.metrics_router)
-    handlers = {
-        exc_type: _handler(status)
-        for exc_type, status in (
-            (NotFound, 404),
-            (Conflict, 409),
-            (Invalid, 422),
-            (BadTensor, 422),
-            (StragglerTimeout, 504),
-        )
-    }
+    handlers: dict[Any, Any] = {StoreError: _handle, WireError: _handle}
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
     handlers[HTTPException] = http_exception_handler
     return StepdApp(app, Starlette(routes=dataplane.FAST_ROUTES, exception_handlers=handlers))
 
 
-def _handler(status: int) -> Any:
-    async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+async def _reap(engine: Engine, ttl: float) -> None:
+    """Delete anonymous runs whose client vanished, checking a few times per TTL."""
+    while True:
+        await asyncio.sleep(min(max(ttl / 4, 0.05), 60.0))
+        for name in await run_in_threadpool(engine.reap):
+            log.info("anonymous run %s reaped after %.0f s idle", name, ttl)
 
-    return handle
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=int(status_of(exc)))

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .store import Invalid, NotFound
-from .tensors import parse_safetensors
+from stepd.wire import WireError, parse
+
+from .errors import Invalid, NotFound
 
 SUFFIX = ".safetensors"
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -87,16 +88,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 class CheckpointDir:
+    """One run's checkpoints: a folder, created by the first save."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.root / f"{check_checkpoint_name(name)}{SUFFIX}"
 
     def clean_temporaries(self) -> list[str]:
         """Delete what interrupted saves left behind (start-up)."""
-        removed = []
+        removed: list[str] = []
+        if not self.root.is_dir():
+            return removed
         for p in self.root.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)
             removed.append(p.name)
@@ -107,6 +111,7 @@ class CheckpointDir:
     ) -> CheckpointInfo:
         name = check_checkpoint_name(name or f"step-{meta['global_step']:08d}-{int(time.time())}")
         final = self.path(name)
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{name}.tmp-{secrets.token_hex(4)}"
         try:
             size = write_safetensors(tmp, tensors, {"stepd": json.dumps(meta)})
@@ -124,7 +129,10 @@ class CheckpointDir:
         with open(path, "rb") as f:
             if f.readinto(memoryview(data)) != data.size:
                 raise Invalid(f"checkpoint {name!r} changed while being read")
-        tensors, metadata = parse_safetensors(memoryview(data))
+        try:
+            tensors, metadata = parse(memoryview(data))
+        except WireError as exc:
+            raise Invalid(f"checkpoint {name!r} is malformed: {exc}") from None
         try:
             meta = json.loads(metadata["stepd"])
         except (KeyError, json.JSONDecodeError) as exc:
@@ -132,7 +140,9 @@ class CheckpointDir:
         return tensors, meta
 
     def list(self) -> list[CheckpointInfo]:
-        infos = []
+        infos: list[CheckpointInfo] = []
+        if not self.root.is_dir():
+            return infos
         for p in sorted(self.root.glob(f"*{SUFFIX}")):
             name = p.name[: -len(SUFFIX)]
             if not CHECKPOINT_NAME.fullmatch(name):

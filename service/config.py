@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # shard_count is shard_index, and refuses the others (and clients that disagree).
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1)
+    # Anonymous runs (a client's private run) whose client vanished are deleted after this
+    # many idle seconds.
+    anonymous_run_ttl: float = Field(3600.0, gt=0)
     # Bearer token required on every endpoint but /healthz when set.
     token: str | None = None
     # Also serve the shared-memory transport (shm://PATH) on this Unix socket (mode 0600).

@@ -6,22 +6,18 @@ forgotten first); the store checks and records an id under the same per-paramete
 the step itself, so two deliveries of one id — even concurrent ones — apply once, and the
 repeat answers with what was recorded for the original.
 
-Ids must be unique across clients (the log is server-wide): the client uses 128 random bits
+Ids must be unique across a run's clients (the log is the run's): the client uses 128 random bits
 plus a counter. The memory is bounded: an id retried after ``capacity`` newer requests, or
 after a server restart, is applied again.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
-HEADER = "x-stepd-request-id"
-# 16-128 characters: long enough that ids from different clients do not meet by chance.
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{16,128}$")
 CAPACITY = 4096
 
 

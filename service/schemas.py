@@ -108,10 +108,48 @@ class Checkpoint(BaseModel):
     created: float
 
 
+class Limits(BaseModel):
+    max_body_bytes: int = Field(description="the largest request body (and tensor) accepted")
+    max_state_bytes: int = Field(description="the largest optimizer-state upload")
+    max_control_bytes: int = Field(description="the largest shm:// control message")
+
+
 class Status(BaseModel):
-    global_step: int
-    shard: ShardView
+    """The server as a whole."""
+
+    version: str
+    protocol: int = Field(description="the wire protocol (stepd.wire.PROTOCOL)")
     device: str
+    shard: ShardView
+    runs: int
+    device_bytes: int
+    limits: Limits
+
+
+class RunRequest(BaseModel):
+    """Join (or create) a named run, or create an anonymous one."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(
+        None, description="a named (shared) run; absent: a new anonymous run", examples=["exp-42"]
+    )
+    fresh: bool = Field(False, description="delete the named run first and start it anew")
+
+
+class RunInfo(BaseModel):
+    name: str
+    anonymous: bool
+    created: float = Field(description="when the run was created (seconds since the epoch)")
+    idle_s: float = Field(description="seconds since the run was last used")
+    global_step: int
     params: int
     device_bytes: int
     groups: list[dict[str, Any]]
+
+
+class RunJoined(RunInfo):
+    """The reply to joining a run: the run, and what the server expects of its client."""
+
+    protocol: int
+    limits: Limits
+    shard: ShardView

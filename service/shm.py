@@ -5,35 +5,30 @@ parameter (``/dev/shm/stepd-…``, mode 0600, sized once: the parameter's float3
 the gradient's), and sends small binary control messages over the socket; the server maps
 the segment, reads the gradient where the client wrote it (a zero-copy numpy view) and
 writes the updated parameter back into the segment. No tensor bytes cross the socket on a
-step. Every op talks to the same :class:`ParamStore` as HTTP, so the inspection API sees
-shm steps. On a CPU store, the segment of the connection that registers a name first
+step. On a CPU store, the segment of the connection that registers a name first
 (outside sync groups) becomes the parameter's storage (:meth:`ParamStore.adopt`): the kernel
 updates it in place and no copy follows the step; other connections get copies. When that
 connection closes, the value moves back into the store's memory (``ParamStore.release``)
 before the segment is unmapped.
 
-Wire format (little-endian). A request is ``struct "<HHI"`` (op, 0, payload length) and
-its payload; a reply is ``"<HHI"`` (status, 0, payload length) and its payload. ``status``
-uses the HTTP API's codes: 200 ok, 404 ``NotFound``, 409 ``Conflict``, 422 ``Invalid``,
-400 a malformed message, 500 anything else; an error's payload is the store's message
-(UTF-8). JSON appears only in rare metadata (attach, register, group, state); steps are
-``struct``-packed ids. ``LOAD_STATE`` carries a safetensors body (a client's
-``load_state_dict``), the same bytes and rules as HTTP's ``PUT /v1/groups/{id}/state``, up
-to the same limit (``STEPD_MAX_BODY_BYTES``); every other message stays within
-``MAX_PAYLOAD``. No pickle, ever.
+The wire format is :mod:`stepd.wire`'s (opcodes, layouts, statuses); every op calls the
+engine (``service/engine.py``), exactly as the HTTP routes do, so a rule holds the same on
+both transports and the inspection API and ``/metrics`` see shm steps. An error's payload is
+its detail (UTF-8), its status the engine's. JSON appears only in rare metadata (hello,
+attach, register, group, state); steps are ``struct``-packed ids. ``LOAD_STATE`` carries
+the safetensors body of HTTP's state upload, up to the same limit; every other message stays
+within ``MAX_PAYLOAD``. No pickle, ever.
 
-Sophia's Hessian estimate (``HESSIAN``, like HTTP's ``POST /v1/params/{name}/hessian``)
-travels like a gradient: the client writes it into the segment's gradient half and sends the
-slot; the store folds it in from there.
-
-Distributed workers (service/workers.py) work as over HTTP. The worker id belongs to the
-connection: ``HELLO`` (JSON ``{"worker": id}``, validated like HTTP's ``?worker=``) names it,
-once, before its steps. A group's ``workers`` config travels in REGISTER's group JSON. A step
-of a sync-group name blocks in the connection's thread until its round completes (a straggler
-timeout is a 504); an async-group name must be stepped with ``STEP_V``, which carries the
-parameter version each gradient was computed from (a stale one is a 409, nothing applied).
-``END_ITERATION`` on a connection with a worker id, when the server has sync groups, is the
-barrier of :meth:`SyncRounds.end_iteration`.
+``HELLO`` comes first and once: it binds the connection to its run (``{"run": name}`` joins
+or creates a named run, ``"fresh": true`` deletes it first; ``{"run": null}`` creates an
+anonymous run that the connection owns and that is deleted when it closes), names its
+distributed worker (``"worker"``, validated like HTTP's ``?worker=``), and is answered with
+the run's name, the wire protocol and the server's limits. A group's ``workers`` config
+travels in REGISTER's group JSON. A step of a sync-group name blocks in the connection's
+thread until its round completes (a straggler timeout is a 504); an async-group name must be
+stepped with ``STEP_V``, which carries the parameter version each gradient was computed from
+(a stale one is a 409, nothing applied). Sophia's Hessian estimate (``HESSIAN``) travels
+like a gradient, in the segment's gradient half.
 
 When a connection closes (``CLOSE``, a clean exit or a client crash), the server drops its
 views, unmaps and unlinks every segment that connection attached, and only those.
@@ -58,43 +53,31 @@ from typing import Any
 
 import numpy as np
 
-from .api.dataplane import WORKER_RE
-from .store import Conflict, Invalid, NotFound, ParamStore, StepOutcome
-from .tensors import BadTensor, parse_safetensors
-from .workers import StragglerTimeout
+from stepd.wire import (
+    F32,
+    F64,
+    HEADER,
+    MAX_PAYLOAD,
+    PROTOCOL,
+    SLOT_VERSION,
+    STEP_REPLY,
+    U32,
+    U64,
+    WORKER_RE,
+    WORKER_RULE,
+    Op,
+    Status,
+    parse,
+)
+
+from .engine import Engine
+from .errors import Conflict, Invalid, NotFound, status_of
 
 log = logging.getLogger("stepd.shm")
 
-HEADER = struct.Struct("<HHI")
-U32 = struct.Struct("<I")
-U64 = struct.Struct("<Q")
-F64 = struct.Struct("<d")
-STEP_REPLY = struct.Struct("<QB")  # version, applied
-MAX_PAYLOAD = 64 << 20  # control messages are small; a batch of 16M ids at most
-
-# ops
-ATTACH = 1  # JSON {"segment": name, "bytes": n} -> u32 segment handle
-REGISTER = 2  # JSON {name, shape, group, lr_scale, segment} -> JSON {created, group, slot, version}
-STEP = 3  # u32 slot -> u64 version, u8 applied
-STEP_BATCH = 4  # u32 n, n x u32 slot -> n x (u64 version, u8 applied)
-END_ITERATION = 5  # -> u64 global step
-SET_LR = 6  # f64 lr, UTF-8 group id -> nothing
-GET_LR_SCALE = 7  # UTF-8 name -> f64
-SET_LR_SCALE = 8  # f64 scale, UTF-8 name -> nothing
-GET_GROUP = 9  # UTF-8 group id -> JSON group info (with "lr")
-STATE = 10  # UTF-8 group id ("": global step only) -> u32 n, JSON (n bytes), raw slots
-CLOSE = 11  # -> nothing; the server then detaches everything and closes
-PING = 12  # -> nothing (a bare round trip)
-HELLO = 13  # JSON {"worker": id} -> nothing; names this connection's worker, once
-STEP_V = 14  # u32 n, n x (u32 slot, u64 based_on version) -> n x (u64 version, u8 applied)
-LOAD_STATE = 15  # u32 k, group id (k bytes UTF-8), safetensors (PUT /v1/groups/{id}/state's)
-HESSIAN = 16  # u32 slot -> nothing; Sophia's Hessian estimate, in the segment's gradient half
-SLOT_VERSION = struct.Struct("<IQ")
-
-OK, BAD, NOT_FOUND, CONFLICT, INVALID, INTERNAL, TIMEOUT = 200, 400, 404, 409, 422, 500, 504
 SEGMENT_RE = re.compile(r"^stepd-[A-Za-z0-9_.\-]{1,200}$")
 SHM_DIR = Path("/dev/shm")
-F32 = np.dtype("<f4")
+_BEFORE_HELLO = {Op.HELLO, Op.PING, Op.CLOSE}
 
 
 class ProtocolError(Exception):
@@ -122,26 +105,25 @@ class Connection:
     sock: socket.socket
     segments: list[Segment | None] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
+    run: str | None = None  # set by HELLO: the run every op of this connection acts on
+    owns_run: bool = False  # an anonymous run made by HELLO: deleted when the connection ends
     worker: str | None = None  # set by HELLO: the distributed worker this connection is
 
 
 class ShmServer:
     """Listens on ``path`` (mode 0600); one thread per connection, one shared store."""
 
-    def __init__(
-        self, store: ParamStore, path: str | os.PathLike[str], max_state_bytes: int = 1 << 30
-    ) -> None:
-        """``max_state_bytes``: the largest ``LOAD_STATE`` message (HTTP's body limit for the
-        same upload); every other message stays within ``MAX_PAYLOAD``."""
-        self.store = store
-        self.max_state_bytes = max_state_bytes
+    def __init__(self, engine: Engine, path: str | os.PathLike[str]) -> None:
+        self.engine = engine
+        # LOAD_STATE carries what HTTP's state upload does, up to the same limit
+        self.max_state_bytes = engine.limits()["max_state_bytes"]
         self.path = Path(path)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[Connection] = set()
         self._lock = threading.Lock()
         self._closing = False
-        self._pin = store.device == "cuda"  # page-lock segments only for a GPU store
+        self._pin = engine.device == "cuda"  # page-lock segments only for a GPU store
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -206,7 +188,7 @@ class ShmServer:
                         return
                     have += k
                 op, _, n = HEADER.unpack_from(buf)
-                if n > (self.max_state_bytes if op == LOAD_STATE else MAX_PAYLOAD):
+                if n > (self.max_state_bytes if op == Op.LOAD_STATE else MAX_PAYLOAD):
                     raise ConnectionError(f"payload of {n} bytes is too large")
                 end = HEADER.size + n
                 if end > len(buf):  # a large control message: grow the buffer
@@ -224,7 +206,7 @@ class ShmServer:
                 have -= end
                 status, reply = self._dispatch(conn, op, payload)
                 sock.sendall(HEADER.pack(status, 0, len(reply)) + reply)
-                if op == CLOSE and status == OK:
+                if op == Op.CLOSE and status == Status.OK:
                     return
         except OSError as exc:  # reset by a crashed client, or the server stopping
             log.debug("shm connection ended: %r", exc)
@@ -237,39 +219,40 @@ class ShmServer:
 
     def _dispatch(self, conn: Connection, op: int, payload: bytes) -> tuple[int, bytes]:
         try:
-            return OK, self._handle(conn, op, payload)
-        except NotFound as exc:
-            return NOT_FOUND, str(exc).encode()
-        except Conflict as exc:
-            return CONFLICT, str(exc).encode()
-        except (Invalid, BadTensor) as exc:
-            return INVALID, str(exc).encode()
+            return Status.OK, self._handle(conn, op, payload)
         except ProtocolError as exc:
-            return BAD, str(exc).encode()
-        except StragglerTimeout as exc:
-            return TIMEOUT, str(exc).encode()
+            return Status.BAD_REQUEST, str(exc).encode()
         except Exception as exc:  # never let one bad call kill the connection thread
-            log.exception("shm op %d failed", op)
-            return INTERNAL, f"internal error: {exc!r}".encode()
+            status = status_of(exc)
+            if status == Status.INTERNAL:
+                log.exception("shm op %d failed", op)
+                return status, f"internal error: {exc!r}".encode()
+            return status, str(exc).encode()
 
     # -- ops --------------------------------------------------------------------------------
 
     def _handle(self, conn: Connection, op: int, payload: bytes) -> bytes:
-        store = self.store
-        if op == STEP:
+        engine, run = self.engine, conn.run
+        if run is None:
+            if op == Op.HELLO:
+                return json.dumps(self._hello(conn, _json(payload))).encode()
+            if op in _BEFORE_HELLO:
+                return b""
+            raise ProtocolError("send HELLO first: it names the run this connection acts on")
+        if op == Op.STEP:
             slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
-            entry = store.entry(slot.name)
+            entry = engine.entry(run, slot.name)
             if entry.group.workers["mode"] != "plain":
                 return self._step(conn, [slot])
-            # the latency path: one parameter of a plain group, as little Python as possible
-            if conn.worker is not None:
-                store.workers.touch(conn.worker, 1)
-            (outcome,) = store.step({slot.name: slot.grad})
+            # the latency path: one parameter of a plain group
+            (outcome,) = engine.step(
+                run, {slot.name: slot.grad}, worker=conn.worker, transport="shm"
+            )
             if entry.param is not slot.param:  # not adopted: copy the new value out
                 with entry.lock:
                     _copy_out(entry.param, slot.param)
             return STEP_REPLY.pack(outcome.version, outcome.applied)
-        if op == STEP_BATCH:
+        if op == Op.STEP_BATCH:
             count = _u32(payload, 0, len(payload) >= 4)
             if len(payload) != 4 + 4 * count:
                 raise ProtocolError("STEP_BATCH: payload does not match its count")
@@ -277,7 +260,7 @@ class ShmServer:
             if len(set(ids)) != count:
                 raise ProtocolError("STEP_BATCH: a slot appears twice")
             return self._step(conn, [self._slot(conn, i) for i in ids])
-        if op == STEP_V:
+        if op == Op.STEP_V:
             count = _u32(payload, 0, len(payload) >= 4)
             if len(payload) != 4 + SLOT_VERSION.size * count:
                 raise ProtocolError("STEP_V: payload does not match its count")
@@ -290,38 +273,27 @@ class ShmServer:
             return self._step(
                 conn, slots, {s.name: v for s, (_, v) in zip(slots, pairs, strict=True)}
             )
-        if op == HELLO:
-            self._hello(conn, _json(payload))
-            return b""
-        if op == ATTACH:
+        if op == Op.HELLO:
+            raise Conflict(f"this connection is bound to run {run!r} already")
+        if op == Op.ATTACH:
             return U32.pack(self._attach(conn, _json(payload)))
-        if op == REGISTER:
+        if op == Op.REGISTER:
             return json.dumps(self._register(conn, _json(payload))).encode()
-        if op == END_ITERATION:
-            count = store.sync_count()
-            if conn.worker is not None and count is not None:
-                store.workers.touch(conn.worker)
-                step, _ = store.sync.end_iteration(conn.worker, count, store.sync_timeout())
-                return U64.pack(step)
-            return U64.pack(store.end_iteration())
-        if op == SET_LR:
-            lr = _f64(payload)
-            store.set_lr(lr, payload[8:].decode() or None)
+        if op == Op.END_ITERATION:
+            return U64.pack(engine.end_iteration(run, conn.worker))
+        if op == Op.SET_LR:
+            engine.set_lr(run, _f64(payload), payload[8:].decode() or None)
             return b""
-        if op == GET_LR_SCALE:
-            return F64.pack(store.lr_scale(payload.decode()))
-        if op == SET_LR_SCALE:
-            store.set_lr_scale(payload[8:].decode(), _f64(payload))
+        if op == Op.GET_LR_SCALE:
+            return F64.pack(engine.lr_scale(run, payload.decode()))
+        if op == Op.SET_LR_SCALE:
+            engine.set_lr_scale(run, payload[8:].decode(), _f64(payload))
             return b""
-        if op == GET_GROUP:
-            gid = payload.decode()
-            for g in store.groups():
-                if g["id"] == gid:
-                    return json.dumps(g).encode()
-            raise NotFound(f"group {gid!r} does not exist")
-        if op == STATE:
-            return self._state(payload.decode())
-        if op == LOAD_STATE:  # the body of HTTP's PUT /v1/groups/{id}/state, same rules
+        if op == Op.GET_GROUP:
+            return json.dumps(engine.group(run, payload.decode())).encode()
+        if op == Op.STATE:
+            return self._state(run, payload.decode())
+        if op == Op.LOAD_STATE:  # the body of HTTP's PUT .../groups/{id}/state, same rules
             k = _u32(payload, 0, len(payload) >= 4)
             if len(payload) < 4 + k:
                 raise ProtocolError("LOAD_STATE: group id longer than the payload")
@@ -329,14 +301,14 @@ class ShmServer:
                 gid = payload[4 : 4 + k].decode()
             except UnicodeDecodeError:
                 raise ProtocolError("LOAD_STATE: group id is not UTF-8") from None
-            tensors, meta = parse_safetensors(memoryview(payload)[4 + k :])
-            store.load_group_state(gid, tensors, meta)
+            tensors, meta = parse(memoryview(payload)[4 + k :])
+            engine.load_group_state(run, gid, tensors, meta)
             return b""
-        if op == HESSIAN:  # the client wrote the estimate where a gradient goes
+        if op == Op.HESSIAN:  # the client wrote the estimate where a gradient goes
             slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
-            store.update_hessian(slot.name, slot.grad)
+            engine.update_hessian(run, slot.name, slot.grad)
             return b""
-        if op in (CLOSE, PING):
+        if op in (Op.CLOSE, Op.PING):
             return b""
         raise ProtocolError(f"unknown op {op}")
 
@@ -345,57 +317,71 @@ class ShmServer:
             raise NotFound(f"slot {i} is not registered on this connection")
         return conn.slots[i]
 
-    def _hello(self, conn: Connection, meta: dict[str, Any]) -> None:
-        worker = meta.get("worker")
-        if not isinstance(worker, str) or not WORKER_RE.fullmatch(worker):
-            raise Invalid(f"invalid worker id {worker!r}: 1-128 letters, digits and _ . : -")
-        if conn.worker is not None and conn.worker != worker:
-            raise Conflict(f"this connection is worker {conn.worker!r} already, not {worker!r}")
-        conn.worker = worker
-        self.store.workers.touch(worker)
+    def _hello(self, conn: Connection, meta: dict[str, Any]) -> dict[str, Any]:
+        """Bind the connection to its run (named, or a new anonymous one it owns) and, for
+        distributed workers, name its worker; validated completely first."""
+        name, fresh, worker = meta.get("run"), meta.get("fresh", False), meta.get("worker")
+        if name is not None and not isinstance(name, str):
+            raise ProtocolError("HELLO: run must be a string or null")
+        if not isinstance(fresh, bool):
+            raise ProtocolError("HELLO: fresh must be true or false")
+        if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
+            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
+        engine = self.engine
+        run, _ = engine.open_run(name, fresh=fresh)
+        conn.run, conn.owns_run = run.name, name is None
+        run.holders += 1
+        if worker is not None:
+            engine.touch_worker(run.name, worker)
+            conn.worker = worker
+        status = engine.status()
+        return {
+            "run": run.name,
+            "anonymous": run.anonymous,
+            "protocol": PROTOCOL,
+            "limits": status["limits"],
+            "shard": status["shard"],
+        }
+
+    def _unbind(self, conn: Connection) -> None:
+        """The connection leaves its run; a run it made (anonymous) is deleted."""
+        if conn.run is None:
+            return
+        try:
+            run = self.engine.run(conn.run)
+        except NotFound:  # deleted meanwhile
+            run = None
+        if run is not None:
+            run.holders -= 1
+            if conn.owns_run:
+                with contextlib.suppress(NotFound):
+                    self.engine.delete_run(conn.run)
+        conn.run, conn.owns_run = None, False
 
     def _step(
         self, conn: Connection, slots: list[Slot], versions: dict[str, int] | None = None
     ) -> bytes:
-        """Route each gradient by its group's workers mode, as HTTP's dataplane.apply does."""
-        store = self.store
-        versions = versions or {}
-        entries = {s.name: store.entry(s.name) for s in slots}
-        sync = [s for s in slots if entries[s.name].group.workers["mode"] == "sync"]
-        if sync and conn.worker is None:
-            raise Invalid(f"{sync[0].name!r} is in a sync group: send HELLO with a worker id")
-        missing = [
-            n
-            for n, e in entries.items()
-            if e.group.workers["mode"] == "async" and n not in versions
-        ]
-        if missing:
-            raise Invalid(
-                f"{missing[0]!r} is in an async group: step it with STEP_V and the parameter "
-                "version its gradient was computed from"
-            )
-        if conn.worker is not None:
-            store.workers.touch(conn.worker, len(slots))
-        sync_names = {s.name for s in sync}
-        rest = [s for s in slots if s.name not in sync_names]
-        outcomes: dict[str, StepOutcome] = {}
-        if rest:
-            based_on = {s.name: versions[s.name] for s in rest if s.name in versions}
-            for o in store.step({s.name: s.grad for s in rest}, based_on=based_on or None):
-                outcomes[o.name] = o
-            for s in rest:  # the new value, straight into the client's segment
-                entry = entries[s.name]
-                if entry.param is s.param:  # adopted: the kernel wrote it there already
-                    continue
-                with entry.lock:
-                    _copy_out(entry.param, s.param)
-        for s in sync:  # blocks until every worker's gradient for this round is in
-            cfg = entries[s.name].group.workers
-            o = outcomes[s.name] = store.sync.contribute(s.name, s.grad, conn.worker, None, cfg)
-            np.copyto(s.param, np.asarray(o.param, F32).reshape(-1))
-        return b"".join(
-            STEP_REPLY.pack(outcomes[s.name].version, outcomes[s.name].applied) for s in slots
+        """Step through the engine, then put each new value into the client's segment."""
+        assert conn.run is not None
+        engine, run = self.engine, conn.run
+        outcomes = engine.step(
+            run,
+            {s.name: s.grad for s in slots},
+            worker=conn.worker,
+            versions=versions,
+            read_back=False,
+            transport="shm",
         )
+        for s, o in zip(slots, outcomes, strict=True):
+            entry = engine.entry(run, s.name)
+            if entry.param is s.param:  # adopted: the kernel wrote it there already
+                continue
+            if o.param is not None:  # a sync round's result
+                np.copyto(s.param, np.asarray(o.param, F32).reshape(-1))
+                continue
+            with entry.lock:
+                _copy_out(entry.param, s.param)
+        return b"".join(STEP_REPLY.pack(o.version, o.applied) for o in outcomes)
 
     def _attach(self, conn: Connection, meta: dict[str, Any]) -> int:
         name, size = meta.get("segment"), meta.get("bytes")
@@ -425,6 +411,7 @@ class ShmServer:
         return len(conn.segments) - 1
 
     def _register(self, conn: Connection, meta: dict[str, Any]) -> dict[str, Any]:
+        assert conn.run is not None
         try:
             name = meta["name"]
             shape = tuple(int(d) for d in meta["shape"])
@@ -433,7 +420,9 @@ class ShmServer:
             lr_scale = float(meta.get("lr_scale", 1.0))
             algorithm, hyperparams = group["algorithm"], group.get("hyperparams", {})
             workers = group.get("workers")
-        except (KeyError, TypeError, ValueError) as exc:
+            shard = meta.get("shard")
+            shard_view = None if shard is None else (int(shard[0]), int(shard[1]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ProtocolError(f"REGISTER: malformed request: {exc!r}") from None
         if not isinstance(name, str) or not isinstance(hyperparams, dict):
             raise ProtocolError("REGISTER: name must be a string, hyperparams an object")
@@ -445,18 +434,21 @@ class ShmServer:
         if not 0 <= handle < len(conn.segments) or conn.segments[handle] is None:
             raise NotFound(f"segment handle {handle} is not attached")
         seg = conn.segments[handle]
+        assert seg is not None
         if seg.size < 8 * size:
             raise Invalid(f"{name!r}: segment has {seg.size} bytes, needs {8 * size}")
         param = np.frombuffer(seg.mm, F32, size, 0)
         grad = np.frombuffer(seg.mm, F32, size, 4 * size)
-        entry, created = self.store.register(
-            name, shape, param, algorithm, hyperparams, lr_scale, workers=workers
+        engine, run = self.engine, conn.run
+        entry, created = engine.register(
+            run, name, shape, param, algorithm, hyperparams, lr_scale, workers, shard_view
         )
+        store = engine.run(run).store
         if not created:  # the server's copy wins: the client reads it from the segment
-            np.copyto(param, self.store.read(name).reshape(-1))
+            np.copyto(param, store.read(name).reshape(-1))
         # Unless workers average into it (sync), the parameter lives in this segment from now
         # on: the step's kernel writes it in place and no copy follows (until detach).
-        adopted = entry.group.workers["mode"] != "sync" and self.store.adopt(name, param)
+        adopted = entry.group.workers["mode"] != "sync" and store.adopt(name, param)
         conn.slots.append(Slot(name, param, grad, adopted))
         return {
             "created": created,
@@ -465,17 +457,12 @@ class ShmServer:
             "version": entry.version,
         }
 
-    def _state(self, gid: str) -> bytes:
-        store = self.store
+    def _state(self, run: str, gid: str) -> bytes:
+        engine = self.engine
         if not gid:  # no group yet: just the global step
-            raw = json.dumps({"global_step": store.global_step}).encode()
+            raw = json.dumps({"global_step": engine.run(run).store.global_step}).encode()
             return U32.pack(len(raw)) + raw
-        with store.lock.shared():
-            opt = store._groups.get(gid)
-            if opt is None:
-                raise NotFound(f"group {gid!r} does not exist")
-            sd = opt.state_dict()
-            versions = {e.name: e.version for e in store.iter_entries() if e.group.id == gid}
+        sd, versions = engine.group_state(run, gid)
         blobs: list[bytes] = []
         offset = 0
         state = {}
@@ -490,7 +477,7 @@ class ShmServer:
         head = {
             "algorithm": sd["algorithm"],
             "hyperparams": sd["hyperparams"],
-            "global_step": store.global_step,
+            "global_step": sd["global_step"],
             "lr": sd["lr"],
             "lr_scales": sd["lr_scales"],
             "versions": versions,
@@ -501,13 +488,18 @@ class ShmServer:
 
     def _detach_all(self, conn: Connection) -> None:
         """Drop the views, unpin, unmap and unlink every segment this connection attached."""
+        store = None
+        if conn.run is not None:
+            with contextlib.suppress(NotFound):  # a deleted run keeps nothing of ours
+                store = self.engine.run(conn.run).store
         for slot in conn.slots:  # first, adopted parameters move back into the store's memory
-            if slot.adopted:
+            if slot.adopted and store is not None:
                 try:
-                    self.store.release(slot.name, slot.param)
+                    store.release(slot.name, slot.param)
                 except Exception:  # never leave the other segments mapped and linked
                     log.exception("cannot move %s out of its segment", slot.name)
         conn.slots.clear()
+        self._unbind(conn)
         for seg in conn.segments:
             if seg is None:
                 continue

@@ -1,8 +1,9 @@
 """The parameter store: named parameters on the device, grouped under optimizers.
 
-A parameter is registered once with its shape, initial value and group (algorithm +
-hyperparameters, validated by the algorithm's own dataclass) and an lr_scale. Parameters with
-the same group configuration share one ``kernels.Optimizer``; one global step spans all groups.
+Each run (service/runs.py) has one store. A parameter is registered once with its shape,
+initial value and group (algorithm + hyperparameters, validated by the algorithm's own
+dataclass) and an lr_scale. Parameters with the same group configuration share one
+``stepd.kernels.Optimizer``; one global step spans the run's groups.
 
 Locking: a store-wide readers-writer lock (steps and registrations share it; ending an
 iteration, setting the lr, checkpoints and restores own it) plus one lock per parameter, so
@@ -12,10 +13,8 @@ request is validated completely before anything is written: a failed call change
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,67 +23,14 @@ from typing import Any, TypeVar
 import numpy as np
 from stepd.kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
+from stepd.wire import shard_of
+
+from .errors import Conflict, Invalid, NotFound, Stale
+from .groups import Group, check_name, resolve_group
 from .requests import RequestLog
 from .rwlock import RWLock, WouldBlock
-from .sharding import shard_of
-from .workers import SyncRounds, WorkerRegistry, parse_workers
 
 T = TypeVar("T")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]]{1,256}$")
-
-
-class StoreError(Exception):
-    """Base of the errors the API maps to HTTP statuses."""
-
-
-class NotFound(StoreError):  # 404
-    pass
-
-
-class Conflict(StoreError):  # 409
-    pass
-
-
-class Invalid(StoreError):  # 422
-    pass
-
-
-class Stale(Conflict):  # 409: an async gradient beyond the staleness bound
-    pass
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise Invalid(
-            f"invalid parameter name {name!r}: 1-256 characters of letters, digits and _ . : - [ ]"
-        )
-    return name
-
-
-@dataclass(frozen=True)
-class Group:
-    """An optimizer configuration; its id is stable across processes (a hash of the config)."""
-
-    algorithm: str
-    hyperparams: Mapping[str, Any]
-    workers: Mapping[str, Any] = field(default_factory=lambda: {"mode": "plain"})
-    id: str = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        config: dict[str, Any] = {"a": self.algorithm, "h": self.hyperparams}
-        if self.workers["mode"] != "plain":  # plain groups keep the ids they always had
-            config["w"] = self.workers
-        canon = json.dumps(config, sort_keys=True)
-        digest = hashlib.sha256(canon.encode()).hexdigest()[:10]
-        object.__setattr__(self, "id", f"{self.algorithm}-{digest}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "algorithm": self.algorithm,
-            "hyperparams": dict(self.hyperparams),
-            "workers": dict(self.workers),
-        }
 
 
 @dataclass
@@ -134,25 +80,9 @@ class ParamStore:
         self._groups: dict[str, Optimizer] = {}
         self._group_info: dict[str, Group] = {}
         self.global_step = 0
-        self.skipped_nonfinite = 0
-        self.workers = WorkerRegistry()
-        self.sync = SyncRounds(self)
         self.requests = RequestLog()  # step request ids already applied (service/requests.py)
 
     # -- registration ----------------------------------------------------------------------
-
-    def resolve_group(
-        self,
-        algorithm: str,
-        hyperparams: Mapping[str, Any],
-        workers: Mapping[str, Any] | None = None,
-    ) -> tuple[Group, Any]:
-        """Validate a group config through the algorithm's dataclass and the workers rules."""
-        try:
-            opt = create_optimizer(algorithm, backend="reference", **dict(hyperparams))
-            return Group(algorithm, opt.hyperparams.to_dict(), parse_workers(workers)), opt
-        except (TypeError, ValueError, OverflowError) as exc:  # Overflow: an int past float
-            raise Invalid(str(exc)) from None
 
     def _check_shard(self, name: str, view: tuple[int, int] | None) -> None:
         index, count = self.shard
@@ -201,7 +131,7 @@ class ParamStore:
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape) or math.prod(shape) > 1 << 34:
             raise Invalid(f"{name!r}: invalid shape {list(shape)}")
-        group, _ = self.resolve_group(algorithm, hyperparams, workers)
+        group, _ = resolve_group(algorithm, hyperparams, workers)
         if not (math.isfinite(lr_scale) and lr_scale >= 0):
             raise Invalid(f"Invalid lr_scale for {name!r}: {lr_scale} (must be finite and >= 0)")
         if value is not None:
@@ -316,9 +246,6 @@ class ParamStore:
                         by_group.setdefault(e.group.id, []).append(e)
                 for gid, members in by_group.items():
                     self._apply(self._groups[gid], members, grads)
-                if bad:
-                    with self._meta:
-                        self.skipped_nonfinite += len(bad)
                 if request_id is not None:
                     self.requests.put(
                         request_id,
@@ -556,12 +483,25 @@ class ParamStore:
     def iter_entries(self) -> Iterator[Entry]:
         return iter(list(self._entries.values()))
 
-    # -- snapshots (checkpoints) -----------------------------------------------------------
+    def group_state(self, group_id: str) -> tuple[dict[str, Any], dict[str, int]]:
+        """A group's optimizer ``state_dict`` (host copies) and its parameters' versions."""
+        with self.lock.shared():
+            opt = self._groups.get(group_id)
+            if opt is None:
+                raise NotFound(f"group {group_id!r} does not exist")
+            sd = opt.state_dict()
+            versions = {e.name: e.version for e in self.iter_entries() if e.group.id == group_id}
+        sd["global_step"] = self.global_step
+        return sd, versions
 
-    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Host copies of every param and state slot plus the metadata to rebuild them."""
-        with self.lock.exclusive():
-            return self._snapshot(copy=True)
+    def clear(self) -> None:
+        """Drop every parameter and all state (the run is being deleted); call holding the
+        store's lock exclusively."""
+        with self._meta:
+            self._entries, self._groups, self._group_info = {}, {}, {}
+            self.requests = RequestLog()
+
+    # -- snapshots (checkpoints) -----------------------------------------------------------
 
     def write_snapshot(self, write: Callable[[dict[str, np.ndarray], dict[str, Any]], T]) -> T:
         """Call ``write(tensors, meta)`` with steps held off: on the CPU the tensors are the
@@ -605,7 +545,7 @@ class ParamStore:
             built: dict[str, Optimizer] = {}
             infos: dict[str, Group] = {}
             for gid, g in meta["groups"].items():
-                group, _ = self.resolve_group(g["algorithm"], g["hyperparams"], g.get("workers"))
+                group, _ = resolve_group(g["algorithm"], g["hyperparams"], g.get("workers"))
                 opt = create_optimizer(g["algorithm"], backend=self.device, **g["hyperparams"])
                 state = {}
                 for name, p in meta["params"].items():
@@ -643,7 +583,6 @@ class ParamStore:
         with self.lock.exclusive(), self._meta:
             self._groups, self._group_info, self._entries = built, infos, entries
             self.global_step = global_step
-            self.sync = SyncRounds(self)  # rounds in flight belonged to the replaced state
             self.requests = RequestLog()  # ids applied to the replaced state may apply again
 
     # -- loading a group's optimizer state (client load_state_dict) -------------------------
@@ -696,7 +635,7 @@ class ParamStore:
                 raise Invalid(
                     f"state metadata 'hyperparams' must be an object, got {hyperparams!r}"
                 )
-            given, _ = self.resolve_group(group.algorithm, hyperparams, group.workers)
+            given, _ = resolve_group(group.algorithm, hyperparams, group.workers)
             if given.hyperparams != group.hyperparams:
                 raise Conflict(
                     f"the state's hyperparams {dict(given.hyperparams)} differ from group "

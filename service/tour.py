@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from stepd.kernels import create_optimizer, global_grad_clip_scale
+from stepd.kernels import ALGORITHMS, create_optimizer, global_grad_clip_scale
 
-# One sensible configuration per algorithm, as a user would start.
+# One sensible configuration per algorithm of the registry (ALGORITHMS, whose order the tour
+# follows), as a user would start; tests/kernels/test_registry.py checks it covers them all.
 CONFIGS: dict[str, dict] = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
     "adam": {"lr": 1e-2},
@@ -88,16 +89,17 @@ def train(algorithm: str, steps: int, backend: str, seed: int) -> tuple[float, f
     x, y = spiral(200, 3, rng)
     params = init_params(rng, hidden=64, classes=3)
     opt = create_optimizer(algorithm, backend=backend, **CONFIGS[algorithm])
+    base_lr = opt.lr
     first = None
     start = time.perf_counter()
     for step in range(steps):
         loss, acc, grads = loss_and_grads(params, x, y)
         first = loss if first is None else first
-        if algorithm == "sophia" and step % 10 == 0:
+        if ALGORITHMS[algorithm].takes_hessian and step % 10 == 0:
             for name, h in hutchinson(params, x, y, rng).items():
                 opt.update_hessian(name, params[name].shape, h)
         scale = global_grad_clip_scale(grads.values(), max_norm=5.0)
-        opt.set_lr(CONFIGS[algorithm]["lr"] * min(1.0, (step + 1) / 20))  # warm-up
+        opt.set_lr(base_lr * min(1.0, (step + 1) / 20))  # warm-up
         opt.step_batch(
             [(name, p.shape, p, grads[name] * np.float32(scale)) for name, p in params.items()]
         )
@@ -110,7 +112,7 @@ def run_tour(steps: int = 300, backend: str = "auto", seed: int = 0) -> int:
     print(f"stepd tour: 2-64-3 MLP on a 3-arm spiral (600 points), {steps} steps per optimizer")
     print(f"{'algorithm':<10} {'loss start':>10} {'loss end':>9} {'accuracy':>9} {'time':>7}")
     worst = 1.0
-    for algorithm in CONFIGS:
+    for algorithm in ALGORITHMS:
         first, last, acc, secs = train(algorithm, steps, backend, seed)
         worst = min(worst, acc)
         print(f"{algorithm:<10} {first:>10.4f} {last:>9.4f} {acc:>8.1%} {secs:>6.2f}s")

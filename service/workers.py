@@ -34,16 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import Conflict, StragglerTimeout
 from .requests import RequestLog
 
 if TYPE_CHECKING:
     from .store import ParamStore, StepOutcome
 
 MODES = ("plain", "sync", "async")
-
-
-class StragglerTimeout(Exception):
-    """A sync round did not complete in time (504)."""
 
 
 def parse_workers(spec: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -169,8 +166,6 @@ class SyncRounds:
         self, name: str, grad: np.ndarray, worker: str, iteration: int | None, cfg: Mapping
     ) -> _Round:
         """Add ``worker``'s gradient to the round of ``name`` (holding ``_cond``)."""
-        from .store import Conflict
-
         current = self.store.global_step + 1
         it = current if iteration is None else iteration
         if it <= self._done.get(name, 0):
@@ -238,8 +233,6 @@ class SyncRounds:
     def end_iteration(self, worker: str, count: int, timeout_s: float) -> tuple[int, bool]:
         """A barrier: returns the new global step once all ``count`` workers have called it,
         and whether this call was the one that advanced it."""
-        from .store import Conflict
-
         with self._cond:
             current = self.store.global_step + 1
             ended = self._ended.setdefault(current, set())

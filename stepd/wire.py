@@ -110,7 +110,8 @@ def dump_parts(
     offset = 0
     for name, arr in tensors.items():
         size = arr.size * 4
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + size]}
+        span = [offset, offset + size]
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": span}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
@@ -200,7 +201,8 @@ class Op(IntEnum):
     """shm:// requests; the payload, then ``->`` the reply's payload."""
 
     ATTACH = 1  # JSON {"segment": name, "bytes": n} -> u32 segment handle
-    REGISTER = 2  # JSON {name, shape, group, lr_scale, segment} -> JSON {created, group, slot, version}
+    # JSON {name, shape, group, lr_scale, segment, shard} -> JSON {created, group, slot, version}
+    REGISTER = 2
     STEP = 3  # u32 slot -> STEP_REPLY
     STEP_BATCH = 4  # u32 n, n x u32 slot -> n x STEP_REPLY
     END_ITERATION = 5  # -> u64 global step

@@ -1,17 +1,16 @@
 """The data plane: stepping one parameter (raw bytes) or many (safetensors).
 
 These two endpoints carry every training step, so they are served by a bare Starlette app in
-front of FastAPI (``stepd.service.app.StepdApp``): FastAPI's per-request machinery costs about a
-quarter of a millisecond here, as much as the rest of a tiny step. The FastAPI routes below
+front of FastAPI (``stepd.service.app.StepdApp``): FastAPI's per-request machinery costs about
+a quarter of a millisecond here, as much as the rest of a tiny step. The FastAPI routes below
 describe the same endpoints in the OpenAPI schema and call the same code, so behaviour cannot
 drift; the error bodies are the same as everywhere else (the token is checked by StepdApp).
+The rules of a step (worker modes, replays, staleness, metrics) are the engine's.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import time
 from typing import Annotated
 
 import numpy as np
@@ -19,93 +18,51 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.routing import Route
 
-from ..requests import CAPACITY, REQUEST_ID_RE
-from ..requests import HEADER as REQUEST_ID
+from stepd.wire import (
+    APPLIED_HEADER,
+    OCTET,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_RE,
+    SAFETENSORS,
+    VERSION_HEADER,
+    dump,
+    from_bytes,
+    parse,
+)
+
+from ..engine import Engine
+from ..errors import Invalid
+from ..requests import CAPACITY
 from ..rwlock import WouldBlock
-from ..store import Invalid, ParamStore, Stale, StepOutcome
-from ..tensors import dump_safetensors, from_bytes, parse_safetensors
+from ..store import StepOutcome
 from .deps import ERRORS, read_body
 
-OCTET = "application/octet-stream"
-SAFETENSORS = "application/x-safetensors"
 # Steps up to this many elements run on the event loop when their locks are free: a thread
-# hop costs more than the kernel. Anything bigger, or contended, goes to a worker thread.
+# hop costs more than the kernel. Anything bigger, contended or in a sync round goes to a
+# worker thread.
 INLINE_MAX_ELEMENTS = 1 << 16
-WORKER_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-
-
-async def run_step(
-    store: ParamStore,
-    grads: dict[str, np.ndarray],
-    read_back: bool,
-    based_on: dict[str, int] | None = None,
-    request_id: str | None = None,
-) -> list[StepOutcome]:
-    if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
-        try:
-            return store.step(
-                grads, read_back, blocking=False, based_on=based_on, request_id=request_id
-            )
-        except WouldBlock:
-            pass
-    return await run_in_threadpool(store.step, grads, read_back, True, based_on, request_id)
-
-
-def request_id(request: Request) -> str | None:
-    """The ``X-Stepd-Request-Id`` header, validated (service/requests.py), if any."""
-    value = request.headers.get(REQUEST_ID)
-    if value is not None and not REQUEST_ID_RE.fullmatch(value):
-        raise Invalid(
-            f"invalid X-Stepd-Request-Id {value[:160]!r}: 16-128 letters, digits and _ . : -"
-        )
-    return value
 
 
 async def apply(
     request: Request, grads: dict[str, np.ndarray], read_back: bool, versions: dict[str, int]
 ) -> list[StepOutcome]:
-    """Route each gradient by its group's workers mode (service/workers.py)."""
-    store: ParamStore = request.app.state.store
-    metrics = request.app.state.metrics
-    rid = request_id(request)
-    worker = request.query_params.get("worker")
-    if worker is not None and not WORKER_RE.fullmatch(worker):
-        raise Invalid(f"invalid worker id {worker!r}: 1-128 letters, digits and _ . : -")
-    entries = {n: store.entry(n) for n in grads}
-    sync = [n for n, e in entries.items() if e.group.workers["mode"] == "sync"]
-    if sync and worker is None:
-        raise Invalid(f"{sync[0]!r} is in a sync group: pass ?worker=<id>")
-    missing = [
-        n for n, e in entries.items() if e.group.workers["mode"] == "async" and n not in versions
-    ]
-    if missing:
-        raise Invalid(
-            f"{missing[0]!r} is in an async group: pass the parameter version its gradient was "
-            "computed from (?version=N, or metadata 'versions' in a batch)"
-        )
-    if worker is not None:
-        store.workers.touch(worker, len(grads))
-    iteration = _int(request, "iteration")
-    rest = {n: g for n, g in grads.items() if n not in sync}
-    based_on = {n: v for n, v in versions.items() if n in rest}
-    outcomes: dict[str, StepOutcome] = {}
-    if rest:
+    engine: Engine = request.app.state.engine
+    kwargs = {
+        "worker": request.query_params.get("worker"),
+        "iteration": _int(request, "iteration"),
+        "versions": versions,
+        "read_back": read_back,
+        "request_id": request.headers.get(REQUEST_ID_HEADER),
+    }
+    run = request.path_params["run"]
+    if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
         try:
-            for o in await run_step(store, rest, read_back, based_on or None, rid):
-                outcomes[o.name] = o
-                if o.staleness is not None:
-                    metrics.staleness.observe(o.staleness)
-        except Stale:
-            metrics.stale_rejected.inc()
-            raise
-    for n in sync:  # every worker sends the same names: the rounds complete in order
-        cfg = entries[n].group.workers
-        outcomes[n] = await run_in_threadpool(
-            store.sync.contribute, n, grads[n], worker, iteration, cfg, rid
-        )
-    return [outcomes[n] for n in grads]
+            return engine.step(run, grads, blocking=False, **kwargs)
+        except WouldBlock:
+            pass
+    return await run_in_threadpool(lambda: engine.step(run, grads, **kwargs))
 
 
 def _int(request: Request, name: str) -> int | None:
@@ -124,51 +81,42 @@ def _flag(request: Request, name: str) -> bool:
     raise HTTPException(422, f"query parameter {name!r} must be a boolean, got {value!r}")
 
 
-def _count(request: Request, outcomes: list[StepOutcome], body: int, out: int, start: float):
-    m = request.app.state.metrics
-    store = request.app.state.store
-    for o in outcomes:
-        if o.replayed:  # a retried request id: counted when it was applied
-            continue
-        if o.applied:
-            m.steps.labels(store.entry(o.name).group.id).inc()
-        else:
-            m.skipped.inc()
+def _count_bytes(request: Request, body: int, out: int) -> None:
+    m = request.app.state.engine.metrics
     m.bytes_in.inc(body)
     m.bytes_out.inc(out)
-    m.step_seconds.observe(time.perf_counter() - start)
 
 
 async def step_one(request: Request) -> Response:
-    start = time.perf_counter()
-    store, settings = request.app.state.store, request.app.state.settings
-    name = request.path_params["name"]
+    engine: Engine = request.app.state.engine
+    run, name = request.path_params["run"], request.path_params["name"]
     return_param = _flag(request, "return_param")
-    entry = store.entry(name)
-    body = await read_body(request, settings.max_body_bytes)
+    entry = engine.entry(run, name)
+    body = await read_body(request, engine.settings.max_body_bytes)
     grad = from_bytes(body, entry.shape, f"{name!r} gradient")
     version = _int(request, "version")
     [outcome] = await apply(
         request, {name: grad}, return_param, {} if version is None else {name: version}
     )
     headers = {
-        "X-Stepd-Version": str(outcome.version),
-        "X-Stepd-Applied": "true" if outcome.applied else "false",
+        VERSION_HEADER: str(outcome.version),
+        APPLIED_HEADER: "true" if outcome.applied else "false",
     }
     if not return_param:
-        _count(request, [outcome], len(body), 0, start)
+        _count_bytes(request, len(body), 0)
         return Response(status_code=204, headers=headers)
+    assert outcome.param is not None
     payload = outcome.param.tobytes()
-    _count(request, [outcome], len(body), len(payload), start)
+    _count_bytes(request, len(body), len(payload))
     return Response(payload, media_type=OCTET, headers=headers)
 
 
 async def step_many(request: Request) -> Response:
-    start = time.perf_counter()
-    settings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    engine.run(request.path_params["run"])  # an unknown run is a 404 before the body is read
     return_params = _flag(request, "return_params")
-    body = await read_body(request, settings.max_body_bytes)
-    grads, metadata = parse_safetensors(body)
+    body = await read_body(request, engine.settings.max_body_bytes)
+    grads, metadata = parse(body)
     if not grads:
         raise Invalid("the safetensors body holds no gradients")
     outcomes = await apply(request, grads, return_params, _versions(metadata))
@@ -177,12 +125,11 @@ async def step_many(request: Request) -> Response:
         "skipped": [o.name for o in outcomes if not o.applied],
     }
     if not return_params:
-        _count(request, outcomes, len(body), 0, start)
+        _count_bytes(request, len(body), 0)
         return Response(json.dumps(meta), media_type="application/json")
-    payload = dump_safetensors(
-        {o.name: o.param for o in outcomes}, {k: json.dumps(v) for k, v in meta.items()}
-    )
-    _count(request, outcomes, len(body), len(payload), start)
+    params = {o.name: o.param for o in outcomes if o.param is not None}
+    payload = dump(params, {k: json.dumps(v) for k, v in meta.items()})
+    _count_bytes(request, len(body), len(payload))
     return Response(payload, media_type=SAFETENSORS)
 
 
@@ -199,12 +146,12 @@ def _versions(metadata: dict[str, str]) -> dict[str, int]:
 
 
 FAST_ROUTES = [
-    Route("/v1/params/{name}/step", step_one, methods=["POST"]),
-    Route("/v1/step", step_many, methods=["POST"]),
+    Route("/v1/runs/{run}/params/{name}/step", step_one, methods=["POST"]),
+    Route("/v1/runs/{run}/step", step_many, methods=["POST"]),
 ]
 
 # The OpenAPI description of the same endpoints (and a fallback that calls the same code).
-router = APIRouter(prefix="/v1", tags=["steps"], responses=ERRORS)
+router = APIRouter(prefix="/v1/runs/{run}", tags=["steps"], responses=ERRORS)
 
 RequestIdHeader = Annotated[
     str | None,
@@ -215,7 +162,7 @@ RequestIdHeader = Annotated[
             "Makes the step idempotent: a request repeated with the same id (a retry after a "
             "lost reply) is not applied again and gets the reply recorded for the first one. "
             "16-128 letters, digits and _ . : -, unique across clients (the client sends 128 "
-            "random bits and a counter); a malformed id is a 422. The server remembers the "
+            "random bits and a counter); a malformed id is a 422. The run remembers its "
             f"last {CAPACITY} ids."
         ),
     ),
@@ -228,6 +175,7 @@ RequestIdHeader = Annotated[
     response_class=Response,
 )
 async def step(
+    run: str,
     name: str,
     request: Request,
     return_param: bool = True,
@@ -256,6 +204,7 @@ async def step(
     response_class=Response,
 )
 async def step_batch(
+    run: str,
     request: Request,
     return_params: bool = True,
     worker: str | None = None,

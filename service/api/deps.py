@@ -1,7 +1,7 @@
 """Dependencies shared by the routers (Annotated aliases, as routes read them).
 
 They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency on a worker
-thread, and four thread hops per request cost more than a tiny step itself.
+thread, and a thread hop per dependency costs more than a tiny step itself.
 """
 
 from __future__ import annotations
@@ -11,26 +11,11 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from ..checkpoints import CheckpointDir
-from ..config import Settings
-from ..metrics import Metrics
-from ..store import ParamStore
+from ..engine import Engine
 
 
-async def get_store(request: Request) -> ParamStore:
-    return request.app.state.store
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-async def get_checkpoints(request: Request) -> CheckpointDir:
-    return request.app.state.checkpoints
-
-
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
+async def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
 
 
 class ErrorBody(BaseModel):
@@ -45,17 +30,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, what in (
         (400, "the body cannot be parsed at all (not UTF-8 JSON)"),
         (401, "missing or wrong bearer token"),
-        (404, "unknown parameter, slot, group or checkpoint"),
+        (404, "unknown run, parameter, slot, group or checkpoint"),
         (409, "conflicting registration"),
         (413, "body over the size limit"),
         (422, "invalid request"),
     )
 }
 
-StoreDep = Annotated[ParamStore, Depends(get_store)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-CheckpointsDep = Annotated[CheckpointDir, Depends(get_checkpoints)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

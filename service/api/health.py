@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import ERRORS, MetricsDep
+from .deps import ERRORS, EngineDep
 
 router = APIRouter(tags=["health"])
 # behind the token, unlike /healthz
@@ -18,5 +18,5 @@ async def healthz() -> dict[str, str]:
 
 
 @metrics_router.get("/metrics", response_class=Response)
-def metrics(m: MetricsDep) -> Response:
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+def metrics(engine: EngineDep) -> Response:
+    return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

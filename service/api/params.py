@@ -1,28 +1,30 @@
-"""/v1/params: register, step one parameter, lr_scale, Hessian input, inspection."""
+"""/v1/runs/{run}/params: register, lr_scale, Hessian input, value and inspection."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import math
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from stepd.kernels import l2_norm
 
+from stepd.wire import OCTET, SAFETENSORS, SHAPE_HEADER, dump, from_bytes
+
+from ..engine import Engine
+from ..errors import Invalid
 from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
-from ..store import Entry, Invalid, ParamStore
-from ..tensors import dump_safetensors, from_bytes
-from .deps import ERRORS, SettingsDep, StoreDep, read_body
+from ..store import Entry
+from .deps import ERRORS, EngineDep, read_body
 
-router = APIRouter(prefix="/v1/params", tags=["params"], responses=ERRORS)
-OCTET = "application/octet-stream"
-SAFETENSORS = "application/x-safetensors"
+router = APIRouter(prefix="/v1/runs/{run}/params", tags=["params"], responses=ERRORS)
 Format = Annotated[Literal["raw", "safetensors"], Query(description="raw bytes or safetensors")]
 
 
-def info(store: ParamStore, e: Entry) -> ParamInfo:
+def info(engine: Engine, run: str, e: Entry) -> ParamInfo:
+    store = engine.run(run).store
     return ParamInfo(
         name=e.name,
         shape=list(e.shape),
@@ -36,24 +38,16 @@ def info(store: ParamStore, e: Entry) -> ParamInfo:
 
 def tensor_response(name: str, arr: np.ndarray, fmt: str) -> Response:
     if fmt == "safetensors":
-        return Response(dump_safetensors({name: arr}), media_type=SAFETENSORS)
-    return Response(arr.tobytes(), media_type=OCTET, headers={"X-Stepd-Shape": _shape(arr)})
-
-
-def _shape(arr: np.ndarray) -> str:
-    return ",".join(map(str, arr.shape))
+        return Response(dump({name: arr}), media_type=SAFETENSORS)
+    shape = ",".join(map(str, arr.shape))
+    return Response(arr.tobytes(), media_type=OCTET, headers={SHAPE_HEADER: shape})
 
 
 @router.post("", status_code=201, response_model=ParamInfo)
 async def register(
-    body: RegisterRequest, store: StoreDep, settings: SettingsDep, response: Response
+    run: str, body: RegisterRequest, engine: EngineDep, response: Response
 ) -> ParamInfo:
     """Register a parameter. The same config again is idempotent (200); another is a 409."""
-    if math.prod(body.shape) * 4 > settings.max_body_bytes:  # before allocating its zeros
-        raise Invalid(
-            f"{body.name!r}: shape {body.shape} needs more than the body limit of "
-            f"{settings.max_body_bytes} bytes per gradient"
-        )
     value = None
     if body.value is not None:
         try:
@@ -62,7 +56,8 @@ async def register(
             raise Invalid(f"{body.name!r}: value is not valid base64: {exc}") from None
         value = from_bytes(raw, tuple(body.shape), f"{body.name!r} value")
     entry, created = await run_in_threadpool(
-        store.register,
+        engine.register,
+        run,
         body.name,
         body.shape,
         value,
@@ -74,66 +69,63 @@ async def register(
     )
     if not created:
         response.status_code = 200
-    return info(store, entry)
+    return info(engine, run, entry)
 
 
 @router.get("", response_model=list[ParamInfo])
-async def list_params(store: StoreDep) -> list[ParamInfo]:
-    return [info(store, e) for e in store.iter_entries()]
+async def list_params(run: str, engine: EngineDep) -> list[ParamInfo]:
+    return [info(engine, run, e) for e in engine.run(run).store.iter_entries()]
 
 
 @router.get("/{name}", response_model=ParamInfo)
-async def get_param(name: str, store: StoreDep) -> ParamInfo:
-    return info(store, store.entry(name))
+async def get_param(run: str, name: str, engine: EngineDep) -> ParamInfo:
+    return info(engine, run, engine.entry(run, name))
 
 
 @router.put("/{name}/value", response_model=ParamInfo)
-async def set_value(
-    name: str, request: Request, store: StoreDep, settings: SettingsDep
-) -> ParamInfo:
+async def set_value(run: str, name: str, request: Request, engine: EngineDep) -> ParamInfo:
     """Overwrite the parameter with raw float32 bytes (its state is kept)."""
-    entry = store.entry(name)
-    body = await read_body(request, settings.max_body_bytes)
+    entry = engine.entry(run, name)
+    body = await read_body(request, engine.settings.max_body_bytes)
     value = from_bytes(body, entry.shape, f"{name!r} value")
-    await run_in_threadpool(store.set_value, name, value)
-    return info(store, entry)
+    await run_in_threadpool(engine.set_value, run, name, value)
+    return info(engine, run, entry)
 
 
 @router.get("/{name}/value", response_class=Response)
-async def get_value(name: str, store: StoreDep, format: Format = "raw") -> Response:
-    return tensor_response(name, await run_in_threadpool(store.read, name), format)
+async def get_value(run: str, name: str, engine: EngineDep, format: Format = "raw") -> Response:
+    return tensor_response(name, await run_in_threadpool(engine.read, run, name), format)
 
 
 @router.get("/{name}/state/{slot}", response_class=Response)
-async def get_slot(name: str, slot: str, store: StoreDep, format: Format = "raw") -> Response:
-    arr = await run_in_threadpool(store.read_slot, name, slot)
+async def get_slot(
+    run: str, name: str, slot: str, engine: EngineDep, format: Format = "raw"
+) -> Response:
+    arr = await run_in_threadpool(engine.run(run).store.read_slot, name, slot)
     return tensor_response(f"{name}/{slot}", arr, format)
 
 
 @router.post("/{name}/hessian", status_code=204, response_class=Response)
-async def hessian(name: str, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def hessian(run: str, name: str, request: Request, engine: EngineDep) -> Response:
     """A Hessian-diagonal estimate for curvature-aware algorithms (Sophia), as raw float32."""
-    entry = store.entry(name)
-    body = await read_body(request, settings.max_body_bytes)
+    entry = engine.entry(run, name)
+    body = await read_body(request, engine.settings.max_body_bytes)
     h = from_bytes(body, entry.shape, f"{name!r} Hessian")
-    await run_in_threadpool(store.update_hessian, name, h)
+    await run_in_threadpool(engine.update_hessian, run, name, h)
     return Response(status_code=204)
 
 
 @router.get("/{name}/lr_scale", response_model=LrScale)
-async def get_lr_scale(name: str, store: StoreDep) -> LrScale:
-    return LrScale(lr_scale=store.lr_scale(name))
+async def get_lr_scale(run: str, name: str, engine: EngineDep) -> LrScale:
+    return LrScale(lr_scale=engine.lr_scale(run, name))
 
 
 @router.put("/{name}/lr_scale", response_model=LrScale)
-def set_lr_scale(name: str, body: LrScale, store: StoreDep) -> LrScale:
-    store.set_lr_scale(name, body.lr_scale)
-    return LrScale(lr_scale=store.lr_scale(name))
+def set_lr_scale(run: str, name: str, body: LrScale, engine: EngineDep) -> LrScale:
+    return LrScale(lr_scale=engine.set_lr_scale(run, name, body.lr_scale))
 
 
 def tensor_stats(x: np.ndarray) -> TensorStats:
-    from stepd.kernels import l2_norm
-
     x = x.reshape(-1)
     finite = x[np.isfinite(x)]
     n = x.size
@@ -147,8 +139,9 @@ def tensor_stats(x: np.ndarray) -> TensorStats:
 
 
 @router.get("/{name}/stats", response_model=ParamStats)
-async def stats(name: str, store: StoreDep) -> ParamStats:
+async def stats(run: str, name: str, engine: EngineDep) -> ParamStats:
     """Per-slot statistics (finite entries; non-finite counted apart) and the last norms."""
+    store = engine.run(run).store
 
     def collect() -> ParamStats:
         param, slots, counters = store.inspect(name)

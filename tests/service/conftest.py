@@ -13,9 +13,27 @@ from stepd.service.app import create_app
 from stepd.service.config import Settings
 
 
-def make_client(tmp_path, **overrides) -> TestClient:
+RUN = "t"  # the run the tests below work in (paths /v1/runs/t/...)
+
+
+class RunClient(TestClient):
+    """A TestClient whose app, once started, holds the named run ``t``."""
+
+    def __enter__(self) -> RunClient:
+        super().__enter__()
+        settings = self.app.state.settings
+        headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+        assert self.post("/v1/runs", json={"name": RUN}, headers=headers).status_code == 201
+        return self
+
+    @property
+    def store(self):
+        return self.app.state.engine.run(RUN).store
+
+
+def make_client(tmp_path, **overrides) -> RunClient:
     settings = Settings(checkpoint_dir=tmp_path / "ckpt", device="cpu", **overrides)
-    return TestClient(create_app(settings))
+    return RunClient(create_app(settings))
 
 
 @pytest.fixture
@@ -36,13 +54,14 @@ def register(client, name="w", shape=(2, 3), algorithm="adamw", value=None, **hp
     }
     if value is not None:
         body["value"] = b64(value)
-    return client.post("/v1/params", json=body)
+    return client.post("/v1/runs/t/params", json=body)
 
 
 def full_state(client) -> tuple[dict, dict]:
     """Every param and slot (host copies) and the metadata: what must not change."""
-    tensors, meta = client.app.state.store.snapshot()
-    return {k: v.copy() for k, v in tensors.items()}, meta
+    return client.store.write_snapshot(
+        lambda tensors, meta: ({k: np.array(v, copy=True) for k, v in tensors.items()}, meta)
+    )
 
 
 def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:

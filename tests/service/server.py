@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint_dir: Path, **env: str) -> None:
+    def __init__(self, checkpoint_dir: Path, run: str | None = "t", **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -46,11 +46,18 @@ class Server:
                 raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
-                    return
+                    break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 30 s")
+        else:
+            self.stop()
+            raise RuntimeError("server did not become healthy in 30 s")
+        if run is not None:  # the named run the test works in (/v1/runs/<run>/...)
+            headers = (
+                {"authorization": f"Bearer {env['STEPD_TOKEN']}"} if "STEPD_TOKEN" in env else {}
+            )
+            r = httpx.post(f"{self.url}/v1/runs", json={"name": run}, headers=headers)
+            r.raise_for_status()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

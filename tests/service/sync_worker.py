@@ -19,10 +19,10 @@ def run(url: str, worker: str, steps: int, specs: dict[str, tuple[int, ...]]) ->
         for step in range(steps):
             for name, shape in specs.items():
                 r = c.post(
-                    f"/v1/params/{name}/step?worker={worker}",
+                    f"/v1/runs/t/params/{name}/step?worker={worker}",
                     content=gradient(worker, step, shape).tobytes(),
                 )
                 r.raise_for_status()
                 last[name] = r.content
-            c.post(f"/v1/iteration/end?worker={worker}").raise_for_status()
+            c.post(f"/v1/runs/t/iteration/end?worker={worker}").raise_for_status()
     return last

@@ -22,7 +22,7 @@ def f32(x) -> bytes:
 def test_healthz_and_openapi(client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     spec = client.get("/openapi.json").json()
-    assert "/v1/params/{name}/step" in spec["paths"]
+    assert "/v1/runs/{run}/params/{name}/step" in spec["paths"]
     assert client.get("/docs").status_code == 200
 
 
@@ -37,7 +37,7 @@ def test_register_is_idempotent_and_conflicts_are_409(client) -> None:
     assert "registered with shape [2, 3]" in r.json()["detail"]
     assert register(client, shape=(3, 2), lr=1e-2).status_code == 409
     np.testing.assert_array_equal(
-        np.frombuffer(client.get("/v1/params/w/value").content, np.float32), value
+        np.frombuffer(client.get("/v1/runs/t/params/w/value").content, np.float32), value
     )
 
 
@@ -45,27 +45,27 @@ def test_steps_match_the_in_process_optimizer_bit_for_bit(client) -> None:
     rng = np.random.default_rng(0)
     value = rng.standard_normal((4, 5)).astype(np.float32)
     register(client, shape=(4, 5), value=value, lr=1e-2, weight_decay=0.1)
-    client.put("/v1/params/w/lr_scale", json={"lr_scale": 0.5})
+    client.put("/v1/runs/t/params/w/lr_scale", json={"lr_scale": 0.5})
     local = create_optimizer("adamw", backend="cpu", lr=1e-2, weight_decay=0.1)
     local.set_lr_scale("w", 0.5)
     p = value.copy()
     for t in range(10):
         g = rng.standard_normal((4, 5)).astype(np.float32)
-        r = client.post("/v1/params/w/step", content=g.tobytes(), headers=OCTET)
+        r = client.post("/v1/runs/t/params/w/step", content=g.tobytes(), headers=OCTET)
         assert r.status_code == 200
         assert r.headers["x-stepd-version"] == str(t + 1)
         local.step("w", p.shape, p, g)
         np.testing.assert_array_equal(np.frombuffer(r.content, np.float32).reshape(4, 5), p)
-        assert client.post("/v1/iteration/end").json() == {"global_step": t + 1}
+        assert client.post("/v1/runs/t/iteration/end").json() == {"global_step": t + 1}
         local.end_iteration()
         if t == 4:
-            assert client.put("/v1/lr", json={"lr": 5e-3}).status_code == 200
+            assert client.put("/v1/runs/t/lr", json={"lr": 5e-3}).status_code == 200
             local.set_lr(5e-3)
 
 
 def test_step_without_returning_the_param(client) -> None:
     register(client)
-    r = client.post("/v1/params/w/step?return_param=false", content=f32(np.ones(6)))
+    r = client.post("/v1/runs/t/params/w/step?return_param=false", content=f32(np.ones(6)))
     assert r.status_code == 204
     assert r.content == b""
     assert r.headers["x-stepd-version"] == "1"
@@ -80,47 +80,53 @@ def test_batch_step_is_one_call_and_equals_single_steps(client) -> None:
     params = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
     for _ in range(3):
         grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-        r = client.post("/v1/step", content=st_save(grads))
+        r = client.post("/v1/runs/t/step", content=st_save(grads))
         assert r.status_code == 200
         assert r.headers["content-type"] == "application/x-safetensors"
         out = st_load(r.content)  # readable by the reference safetensors implementation
         local.step_batch([(n, shapes[n], params[n], grads[n]) for n in shapes])
         for n in shapes:
             np.testing.assert_array_equal(out[n], params[n])
-        client.post("/v1/iteration/end")
+        client.post("/v1/runs/t/iteration/end")
         local.end_iteration()
-    r = client.post("/v1/step?return_params=false", content=st_save({"a": np.ones(3, np.float32)}))
+    r = client.post(
+        "/v1/runs/t/step?return_params=false", content=st_save({"a": np.ones(3, np.float32)})
+    )
     assert r.json() == {"versions": {"a": 4}, "skipped": []}
 
 
 def test_inspection(client) -> None:
     register(client, value=np.arange(6, dtype=np.float32), weight_decay=0.0)
-    client.post("/v1/params/w/step", content=f32(np.full(6, 2.0)))
-    [info] = client.get("/v1/params").json()
+    client.post("/v1/runs/t/params/w/step", content=f32(np.full(6, 2.0)))
+    [info] = client.get("/v1/runs/t/params").json()
     assert info["shape"] == [2, 3]
     assert info["algorithm"] == "adamw"
     assert info["version"] == 1
     assert info["state_bytes"] == 2 * 6 * 4
-    stats = client.get("/v1/params/w/stats").json()
+    stats = client.get("/v1/runs/t/params/w/stats").json()
     assert set(stats["slots"]) == {"exp_avg", "exp_avg_sq"}
     assert stats["slots"]["exp_avg"]["mean"] == pytest.approx(0.2)
     assert stats["last_grad_norm"] == pytest.approx(np.sqrt(6 * 4.0))
     assert stats["last_update_norm"] == pytest.approx(np.sqrt(6) * 1e-3, rel=1e-2)
-    raw = client.get("/v1/params/w/state/exp_avg").content
+    raw = client.get("/v1/runs/t/params/w/state/exp_avg").content
     np.testing.assert_allclose(np.frombuffer(raw, np.float32), 0.2, rtol=1e-6)
-    st = st_load(client.get("/v1/params/w/state/exp_avg_sq?format=safetensors").content)
+    st = st_load(client.get("/v1/runs/t/params/w/state/exp_avg_sq?format=safetensors").content)
     np.testing.assert_allclose(st["w/exp_avg_sq"], 0.004, rtol=1e-5)
-    assert client.get("/v1/params/w/state/nope").status_code == 404
-    status = client.get("/v1/status").json()
-    assert status["params"] == 1
-    assert status["device_bytes"] == 3 * 6 * 4
+    assert client.get("/v1/runs/t/params/w/state/nope").status_code == 404
+    run = client.get("/v1/runs/t").json()
+    assert run["params"] == 1
+    assert run["device_bytes"] == 3 * 6 * 4
+    assert client.get("/v1/status").json()["device_bytes"] == 3 * 6 * 4
 
 
 def test_metrics(client) -> None:
     register(client)
-    client.post("/v1/params/w/step", content=f32(np.ones(6)))
+    client.post("/v1/runs/t/params/w/step", content=f32(np.ones(6)))
     text = client.get("/metrics").text
-    assert 'stepd_steps_total{group="adamw-' in text
+    assert (
+        'stepd_steps_total{group="adamw-' in text
+        or 'stepd_steps_total{run="t",group="adamw-' in text
+    )
     assert "stepd_step_seconds_bucket" in text
     assert "stepd_bytes_in_total 24.0" in text
     assert "stepd_device_bytes 72.0" in text
@@ -130,34 +136,38 @@ def test_checkpoint_restore_continues_bit_identically(client) -> None:
     rng = np.random.default_rng(3)
     grads = [rng.standard_normal(6).astype(np.float32) for _ in range(8)]
     register(client, algorithm="sgd", lr=0.1, momentum=0.9)
-    client.put("/v1/params/w/lr_scale", json={"lr_scale": 0.3})
+    client.put("/v1/runs/t/params/w/lr_scale", json={"lr_scale": 0.3})
     for g in grads[:3]:
-        client.post("/v1/params/w/step", content=g.tobytes())
-        client.post("/v1/iteration/end")
-    assert client.post("/v1/checkpoints", json={"name": "mid"}).status_code == 201
+        client.post("/v1/runs/t/params/w/step", content=g.tobytes())
+        client.post("/v1/runs/t/iteration/end")
+    assert client.post("/v1/runs/t/checkpoints", json={"name": "mid"}).status_code == 201
     saved = full_state(client)
-    straight = [client.post("/v1/params/w/step", content=g.tobytes()).content for g in grads[3:]]
-    client.put("/v1/lr", json={"lr": 1.0})
-    client.put("/v1/params/w/lr_scale", json={"lr_scale": 1.0})
-    r = client.post("/v1/checkpoints/mid/restore")
+    straight = [
+        client.post("/v1/runs/t/params/w/step", content=g.tobytes()).content for g in grads[3:]
+    ]
+    client.put("/v1/runs/t/lr", json={"lr": 1.0})
+    client.put("/v1/runs/t/params/w/lr_scale", json={"lr_scale": 1.0})
+    r = client.post("/v1/runs/t/checkpoints/mid/restore")
     assert r.status_code == 200
     assert r.json()["global_step"] == 3
     assert_same_state(full_state(client), saved)
-    again = [client.post("/v1/params/w/step", content=g.tobytes()).content for g in grads[3:]]
+    again = [
+        client.post("/v1/runs/t/params/w/step", content=g.tobytes()).content for g in grads[3:]
+    ]
     assert again == straight
-    names = [c["name"] for c in client.get("/v1/checkpoints").json()]
+    names = [c["name"] for c in client.get("/v1/runs/t/checkpoints").json()]
     assert names == ["mid"]
-    assert client.delete("/v1/checkpoints/mid").status_code == 204
-    assert client.get("/v1/checkpoints").json() == []
-    assert client.post("/v1/checkpoints/mid/restore").status_code == 404
+    assert client.delete("/v1/runs/t/checkpoints/mid").status_code == 204
+    assert client.get("/v1/runs/t/checkpoints").json() == []
+    assert client.post("/v1/runs/t/checkpoints/mid/restore").status_code == 404
 
 
 def test_interrupted_save_leftovers_are_cleaned_at_start_up(tmp_path) -> None:
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    ckpt = tmp_path / "ckpt" / "t"  # the run's own folder
+    ckpt.mkdir(parents=True)
     (ckpt / ".mid.tmp-1234abcd").write_bytes(b"half a file")
     with make_client(tmp_path) as c:
-        assert c.get("/v1/checkpoints").json() == []
+        assert c.get("/v1/runs/t/checkpoints").json() == []
     assert not list(ckpt.iterdir())
 
 
@@ -166,14 +176,14 @@ def test_interrupted_save_leftovers_are_cleaned_at_start_up(tmp_path) -> None:
 
 def _primed(client) -> None:
     register(client, value=np.arange(6, dtype=np.float32))
-    client.post("/v1/params/w/step", content=f32(np.ones(6)))
+    client.post("/v1/runs/t/params/w/step", content=f32(np.ones(6)))
 
 
 BAD = [
     (
         "unknown param",
         "post",
-        "/v1/params/nope/step",
+        "/v1/runs/t/params/nope/step",
         {"content": f32(np.ones(6))},
         404,
         "parameter 'nope' is not registered",
@@ -181,7 +191,7 @@ BAD = [
     (
         "short body",
         "post",
-        "/v1/params/w/step",
+        "/v1/runs/t/params/w/step",
         {"content": f32(np.ones(5))},
         422,
         "body has 20 bytes, shape [2, 3] of float32 needs 24",
@@ -189,7 +199,7 @@ BAD = [
     (
         "float64 body",
         "post",
-        "/v1/params/w/step",
+        "/v1/runs/t/params/w/step",
         {"content": np.ones(6).tobytes()},
         422,
         "body has 48 bytes",
@@ -197,7 +207,7 @@ BAD = [
     (
         "nan grad",
         "post",
-        "/v1/params/w/step",
+        "/v1/runs/t/params/w/step",
         {"content": f32([1, 2, np.nan, 4, 5, 6])},
         422,
         "non-finite gradient values for 'w'",
@@ -205,7 +215,7 @@ BAD = [
     (
         "inf grad",
         "post",
-        "/v1/params/w/step",
+        "/v1/runs/t/params/w/step",
         {"content": f32([1, 2, np.inf, 4, 5, 6])},
         422,
         "non-finite gradient values",
@@ -213,7 +223,7 @@ BAD = [
     (
         "unknown algorithm",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {"json": {"name": "x", "shape": [2], "group": {"algorithm": "adamx"}}},
         422,
         "unknown algorithm 'adamx'",
@@ -221,7 +231,7 @@ BAD = [
     (
         "bad beta",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {
             "json": {
                 "name": "x",
@@ -235,7 +245,7 @@ BAD = [
     (
         "unknown hyperparameter",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {
             "json": {
                 "name": "x",
@@ -249,7 +259,7 @@ BAD = [
     (
         "name with slash",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {"json": {"name": "a/b", "shape": [2], "group": {"algorithm": "sgd"}}},
         422,
         "invalid parameter name 'a/b'",
@@ -257,7 +267,7 @@ BAD = [
     (
         "negative shape",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {"json": {"name": "x", "shape": [-2], "group": {"algorithm": "sgd"}}},
         422,
         "invalid shape [-2]",
@@ -265,7 +275,7 @@ BAD = [
     (
         "value too short",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {"json": {"name": "x", "shape": [4], "group": {"algorithm": "sgd"}, "value": "AAAAAA=="}},
         422,
         "value: body has 4 bytes",
@@ -273,7 +283,7 @@ BAD = [
     (
         "value not base64",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {"json": {"name": "x", "shape": [1], "group": {"algorithm": "sgd"}, "value": "!!"}},
         422,
         "not valid base64",
@@ -281,7 +291,7 @@ BAD = [
     (
         "invalid json",
         "post",
-        "/v1/params",
+        "/v1/runs/t/params",
         {"content": b"{nope", "headers": {"content-type": "application/json"}},
         422,
         None,
@@ -289,7 +299,7 @@ BAD = [
     (
         "malformed safetensors",
         "post",
-        "/v1/step",
+        "/v1/runs/t/step",
         {"content": b"\x10\x00\x00\x00\x00\x00\x00\x00{}"},
         422,
         "header length 16 exceeds the body",
@@ -297,7 +307,7 @@ BAD = [
     (
         "lying safetensors",
         "post",
-        "/v1/step",
+        "/v1/runs/t/step",
         {"content": st_save({"w": np.ones(6, np.float32)})[:-4]},
         422,
         "invalid data_offsets",
@@ -305,7 +315,7 @@ BAD = [
     (
         "safetensors float64",
         "post",
-        "/v1/step",
+        "/v1/runs/t/step",
         {"content": st_save({"w": np.ones(6)})},
         422,
         "dtype 'F64'; only F32",
@@ -313,16 +323,23 @@ BAD = [
     (
         "batch with an unknown name",
         "post",
-        "/v1/step",
+        "/v1/runs/t/step",
         {"content": st_save({"w": np.ones(6, np.float32), "nope": np.ones(1, np.float32)})},
         404,
         "'nope' is not registered",
     ),
-    ("negative lr", "put", "/v1/lr", {"json": {"lr": -1.0}}, 422, "Invalid learning rate: -1.0"),
+    (
+        "negative lr",
+        "put",
+        "/v1/runs/t/lr",
+        {"json": {"lr": -1.0}},
+        422,
+        "Invalid learning rate: -1.0",
+    ),
     (
         "unknown group",
         "put",
-        "/v1/lr",
+        "/v1/runs/t/lr",
         {"json": {"lr": 1.0, "group": "x"}},
         404,
         "group 'x' does not exist",
@@ -330,7 +347,7 @@ BAD = [
     (
         "negative lr_scale",
         "put",
-        "/v1/params/w/lr_scale",
+        "/v1/runs/t/params/w/lr_scale",
         {"json": {"lr_scale": -2.0}},
         422,
         "Invalid lr_scale for 'w': -2.0",
@@ -338,7 +355,7 @@ BAD = [
     (
         "hessian to adamw",
         "post",
-        "/v1/params/w/hessian",
+        "/v1/runs/t/params/w/hessian",
         {"content": f32(np.ones(6))},
         422,
         "adamw does not take a Hessian estimate",
@@ -346,7 +363,7 @@ BAD = [
     (
         "bad checkpoint name",
         "post",
-        "/v1/checkpoints",
+        "/v1/runs/t/checkpoints",
         {"json": {"name": "../x"}},
         422,
         "invalid checkpoint name '../x'",
@@ -354,7 +371,7 @@ BAD = [
     (
         "missing checkpoint",
         "post",
-        "/v1/checkpoints/none/restore",
+        "/v1/runs/t/checkpoints/none/restore",
         {},
         404,
         "checkpoint 'none' does not exist",
@@ -379,7 +396,7 @@ def test_body_over_the_limit_is_413(tmp_path) -> None:
     with make_client(tmp_path, max_body_bytes=256) as c:
         assert register(c, shape=(8,)).status_code == 201  # its gradient fits the limit
         before = full_state(c)
-        r = c.post("/v1/params/w/step", content=f32(np.ones(100)))
+        r = c.post("/v1/runs/t/params/w/step", content=f32(np.ones(100)))
         assert r.status_code == 413
         assert "exceeds the limit of 256" in r.json()["detail"]
         assert_same_state(full_state(c), before)
@@ -389,14 +406,14 @@ def test_nonfinite_skip_mode_counts_and_never_applies(tmp_path) -> None:
     with make_client(tmp_path, nonfinite="skip") as c:
         register(c, shape=(3,), value=np.ones(3, np.float32))
         before = full_state(c)
-        r = c.post("/v1/params/w/step", content=f32([1, np.nan, 1]))
+        r = c.post("/v1/runs/t/params/w/step", content=f32([1, np.nan, 1]))
         assert r.status_code == 200
         assert r.headers["x-stepd-applied"] == "false"
         np.testing.assert_array_equal(np.frombuffer(r.content, np.float32), np.ones(3))
         assert_same_state(full_state(c), before)
-        assert "stepd_nonfinite_skipped_total 1.0" in c.get("/metrics").text
+        assert 'stepd_nonfinite_skipped_total{run="t"} 1.0' in c.get("/metrics").text
         r = c.post(
-            "/v1/step?return_params=false",
+            "/v1/runs/t/step?return_params=false",
             content=st_save({"w": np.array([np.inf, 0, 0], np.float32)}),
         )
         assert json.loads(r.text) == {"versions": {"w": 0}, "skipped": ["w"]}
@@ -407,44 +424,48 @@ def test_token_protects_everything_but_healthz(tmp_path) -> None:
     with make_client(tmp_path, token="s3cret") as c:
         assert c.get("/healthz").status_code == 200
         for method, url in [
-            ("get", "/v1/params"),
+            ("get", "/v1/runs/t/params"),
             ("get", "/metrics"),
-            ("post", "/v1/iteration/end"),
-            ("get", "/v1/checkpoints"),
-            ("post", "/v1/params/w/step"),
+            ("post", "/v1/runs/t/iteration/end"),
+            ("get", "/v1/runs/t/checkpoints"),
+            ("post", "/v1/runs/t/params/w/step"),
         ]:
             r = getattr(c, method)(url)
             assert r.status_code == 401, url
             assert r.headers["www-authenticate"] == "Bearer"
         ok = {"authorization": "Bearer s3cret"}
-        assert c.get("/v1/params", headers=ok).status_code == 200
-        assert c.get("/v1/params", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/runs/t/params", headers=ok).status_code == 200
+        assert (
+            c.get("/v1/runs/t/params", headers={"authorization": "Bearer wrong"}).status_code == 401
+        )
 
 
 def test_autosave_every_k_iterations_keeps_the_last_n(tmp_path) -> None:
     with make_client(tmp_path, autosave_every=2, autosave_keep=2) as c:
         register(c)
-        c.post("/v1/checkpoints", json={"name": "manual"})
+        c.post("/v1/runs/t/checkpoints", json={"name": "manual"})
         for _ in range(7):
-            c.post("/v1/params/w/step", content=f32(np.ones(6)))
-            c.post("/v1/iteration/end")
-        names = sorted(i["name"] for i in c.get("/v1/checkpoints").json())
+            c.post("/v1/runs/t/params/w/step", content=f32(np.ones(6)))
+            c.post("/v1/runs/t/iteration/end")
+        names = sorted(i["name"] for i in c.get("/v1/runs/t/checkpoints").json())
         assert names == ["auto-00000004", "auto-00000006", "manual"]
-        steps = {i["name"]: i["global_step"] for i in c.get("/v1/checkpoints").json()}
+        steps = {i["name"]: i["global_step"] for i in c.get("/v1/runs/t/checkpoints").json()}
         assert steps["auto-00000006"] == 6
 
 
 def test_checkpoint_files_are_standard_safetensors(client, tmp_path) -> None:
     register(client, value=np.arange(6, dtype=np.float32))
-    client.post("/v1/params/w/step", content=f32(np.ones(6)))
-    client.post("/v1/checkpoints", json={"name": "std"})
+    client.post("/v1/runs/t/params/w/step", content=f32(np.ones(6)))
+    client.post("/v1/runs/t/checkpoints", json={"name": "std"})
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "ckpt" / "std.safetensors"), "np") as f:
+    with safe_open(str(tmp_path / "ckpt" / "t" / "std.safetensors"), "np") as f:
         assert set(f.keys()) == {"param/w", "state/w/exp_avg", "state/w/exp_avg_sq"}
         meta = json.loads(f.metadata()["stepd"])
         np.testing.assert_array_equal(
             f.get_tensor("param/w"),
-            np.frombuffer(client.get("/v1/params/w/value").content, np.float32).reshape(2, 3),
+            np.frombuffer(client.get("/v1/runs/t/params/w/value").content, np.float32).reshape(
+                2, 3
+            ),
         )
     assert meta["params"]["w"]["version"] == 1

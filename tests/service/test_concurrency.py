@@ -23,7 +23,7 @@ def test_threads_hammering_shared_and_own_params(tmp_path) -> None:
                     "shape": [SIZE],
                     "group": {"algorithm": "sgd", "hyperparams": {"lr": LR}},
                 }
-                assert c.post("/v1/params", json=body).status_code == 201
+                assert c.post("/v1/runs/t/params", json=body).status_code == 201
 
         ones = np.ones(SIZE, np.float32).tobytes()
 
@@ -32,11 +32,11 @@ def test_threads_hammering_shared_and_own_params(tmp_path) -> None:
             with httpx.Client(base_url=server.url, timeout=60) as c:
                 for _ in range(steps):
                     for name in ("shared", f"own{i}"):
-                        r = c.post(f"/v1/params/{name}/step", content=ones)
+                        r = c.post(f"/v1/runs/t/params/{name}/step", content=ones)
                         p = np.frombuffer(r.content, np.float32)
                         if r.status_code != 200 or p.min() != p.max():
                             problems.append(f"{name}: {r.status_code} {p.min()} {p.max()}")
-                    r = c.get("/v1/params/shared/value")
+                    r = c.get("/v1/runs/t/params/shared/value")
                     p = np.frombuffer(r.content, np.float32)
                     if p.min() != p.max():
                         problems.append(f"torn read of shared: {p.min()} {p.max()}")
@@ -47,10 +47,10 @@ def test_threads_hammering_shared_and_own_params(tmp_path) -> None:
         assert problems == []
 
         with httpx.Client(base_url=server.url) as c:
-            infos = {i["name"]: i for i in c.get("/v1/params").json()}
+            infos = {i["name"]: i for i in c.get("/v1/runs/t/params").json()}
             assert infos["shared"]["version"] == workers * steps
-            shared = np.frombuffer(c.get("/v1/params/shared/value").content, np.float32)
+            shared = np.frombuffer(c.get("/v1/runs/t/params/shared/value").content, np.float32)
             np.testing.assert_array_equal(shared, np.float32(-LR * workers * steps))
             for i in range(workers):
-                own = np.frombuffer(c.get(f"/v1/params/own{i}/value").content, np.float32)
+                own = np.frombuffer(c.get(f"/v1/runs/t/params/own{i}/value").content, np.float32)
                 np.testing.assert_array_equal(own, np.float32(-LR * steps))

@@ -65,9 +65,9 @@ class Replay:
 
 def _advance(c: httpx.Client, ref: Replay) -> None:
     grads = ref.advance()
-    r = c.post("/v1/step?return_params=false", content=st_save(grads))
+    r = c.post("/v1/runs/t/step?return_params=false", content=st_save(grads))
     assert r.status_code == 200, r.text
-    assert c.post("/v1/iteration/end").json() == {"global_step": ref.step}
+    assert c.post("/v1/runs/t/iteration/end").json() == {"global_step": ref.step}
 
 
 def _tensor(c: httpx.Client, path: str) -> np.ndarray:
@@ -78,11 +78,11 @@ def _tensor(c: httpx.Client, path: str) -> np.ndarray:
 
 def _assert_matches(c: httpx.Client, ref: Replay) -> None:
     """Params and every state slot on the server equal the replay's, bit for bit."""
-    assert c.get("/v1/status").json()["global_step"] == ref.step
+    assert c.get("/v1/runs/t").json()["global_step"] == ref.step
     for n in SIZES:
-        np.testing.assert_array_equal(_tensor(c, f"/v1/params/{n}/value"), ref.params[n])
+        np.testing.assert_array_equal(_tensor(c, f"/v1/runs/t/params/{n}/value"), ref.params[n])
         for slot, arr in ref.opt.state(n).slots.items():
-            np.testing.assert_array_equal(_tensor(c, f"/v1/params/{n}/state/{slot}"), arr)
+            np.testing.assert_array_equal(_tensor(c, f"/v1/runs/t/params/{n}/state/{slot}"), arr)
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -103,12 +103,12 @@ def _crash_trials(tmp_path: Path, trials: int) -> None:
                     "group": {"algorithm": "adamw", "hyperparams": HP},
                     "value": b64(ref.init[n]),
                 }
-                assert c.post("/v1/params", json=body).status_code == 201
+                assert c.post("/v1/runs/t/params", json=body).status_code == 201
             _advance(c, ref)
             durations = []
             for _ in range(3):  # how long a save takes here: the window the kills aim at
                 start = time.perf_counter()
-                r = c.post("/v1/checkpoints", json={"name": f"ck-{ref.step:05d}"})
+                r = c.post("/v1/runs/t/checkpoints", json={"name": f"ck-{ref.step:05d}"})
                 durations.append(time.perf_counter() - start)
                 assert r.status_code == 201, r.text
             ref.remember()
@@ -125,7 +125,7 @@ def _crash_trials(tmp_path: Path, trials: int) -> None:
             def save(url: str = server.url, name: str = name, reply: list = reply) -> None:
                 try:
                     reply.append(
-                        httpx.post(f"{url}/v1/checkpoints", json={"name": name}).status_code
+                        httpx.post(f"{url}/v1/runs/t/checkpoints", json={"name": name}).status_code
                     )
                 except httpx.TransportError as exc:
                     reply.append(type(exc).__name__)
@@ -136,7 +136,7 @@ def _crash_trials(tmp_path: Path, trials: int) -> None:
                 time.sleep(float(rng.uniform(0, 1.5 * window)))
             else:  # aimed: once the temporary file exists, somewhere inside the write
                 deadline = time.monotonic() + 5
-                while not _leftovers(root) and time.monotonic() < deadline:
+                while not _leftovers(root / "t") and time.monotonic() < deadline:
                     time.sleep(0.0002)
                 time.sleep(float(rng.uniform(0, 0.5 * window)))
             assert server.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -144,20 +144,22 @@ def _crash_trials(tmp_path: Path, trials: int) -> None:
             assert not saver.is_alive(), "the client hung on a killed server"
             assert reply, "the save call neither answered nor failed"
             assert reply[0] in (201, "ReadError", "RemoteProtocolError", "ConnectError")
-            left = _leftovers(root)
+            left = _leftovers(root / "t")
             mid_write += bool(left)
             assert all(p.startswith(f".{name}.tmp-") for p in left), left
 
             server = Server(root)
-            assert _leftovers(root) == []  # cleaned at start-up
+            assert _leftovers(root / "t") == []  # cleaned at start-up
             with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
-                listed = {i["name"]: i["global_step"] for i in c.get("/v1/checkpoints").json()}
+                listed = {
+                    i["name"]: i["global_step"] for i in c.get("/v1/runs/t/checkpoints").json()
+                }
                 assert set(listed) <= {f"ck-{s:05d}" for s in ref.saved}, listed
                 best = max(listed, key=listed.__getitem__)
                 # The reply came: the new checkpoint must be there. Else either one may be.
                 assert best == name if reply[0] == 201 else best in (name, f"ck-{newest:05d}")
                 assert listed[best] == int(best[3:])
-                r = c.post(f"/v1/checkpoints/{best}/restore")
+                r = c.post(f"/v1/runs/t/checkpoints/{best}/restore")
                 assert r.status_code == 200, r.text
                 ref.roll_back(listed[best])
                 _assert_matches(c, ref)
@@ -217,7 +219,7 @@ def test_sigkill_under_load_clients_fail_fast_and_resume(tmp_path) -> None:
                     "shape": [SMALL],
                     "group": {"algorithm": "sgd", "hyperparams": {"lr": 1e-2, "momentum": 0.9}},
                 }
-                assert c.post("/v1/params", json=body).status_code == 201
+                assert c.post("/v1/runs/t/params", json=body).status_code == 201
 
         def work(i: int) -> None:
             version = 0
@@ -227,7 +229,7 @@ def test_sigkill_under_load_clients_fail_fast_and_resume(tmp_path) -> None:
                     start = time.monotonic()
                     try:
                         r = c.post(
-                            f"/v1/params/p{i}/step?return_param=false",
+                            f"/v1/runs/t/params/p{i}/step?return_param=false",
                             content=_small_grad(i, version + 1).tobytes(),
                         )
                     except httpx.TransportError as exc:
@@ -237,7 +239,7 @@ def test_sigkill_under_load_clients_fail_fast_and_resume(tmp_path) -> None:
                             return
                         c.close()
                         c = httpx.Client(base_url=url["now"], timeout=timeout)
-                        version = c.get(f"/v1/params/p{i}").json()["version"]
+                        version = c.get(f"/v1/runs/t/params/p{i}").json()["version"]
                         continue
                     if r.status_code != 204 or int(r.headers["x-stepd-version"]) != version + 1:
                         problems.append(f"p{i}: {r.status_code} {r.text}")
@@ -257,16 +259,16 @@ def test_sigkill_under_load_clients_fail_fast_and_resume(tmp_path) -> None:
         while min(progress) < 10 and time.monotonic() < deadline:
             time.sleep(0.01)
         with httpx.Client(base_url=server.url, timeout=timeout) as c:
-            r = c.post("/v1/checkpoints", json={"name": "mid"})
+            r = c.post("/v1/runs/t/checkpoints", json={"name": "mid"})
             assert r.status_code == 201, r.text
-            saved = {p["name"]: p["version"] for p in c.get("/v1/params").json()}
+            saved = {p["name"]: p["version"] for p in c.get("/v1/runs/t/params").json()}
         while min(progress) < 20 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.stop(signal.SIGKILL) == -signal.SIGKILL
         time.sleep(0.3)  # every client is now failing against the dead port
         server = Server(root)
         with httpx.Client(base_url=server.url, timeout=timeout) as c:
-            assert c.post("/v1/checkpoints/mid/restore").status_code == 200
+            assert c.post("/v1/runs/t/checkpoints/mid/restore").status_code == 200
         url["now"] = server.url
         restarted.set()
         for t in threads:
@@ -280,9 +282,9 @@ def test_sigkill_under_load_clients_fail_fast_and_resume(tmp_path) -> None:
         with httpx.Client(base_url=server.url, timeout=timeout) as c:
             for i in range(WORKERS):
                 assert saved[f"p{i}"] >= 10
-                value = _tensor(c, f"/v1/params/p{i}/value")
+                value = _tensor(c, f"/v1/runs/t/params/p{i}/value")
                 np.testing.assert_array_equal(value, _small_reference(i, TARGET))
     finally:
         restarted.set()
         server.stop(signal.SIGKILL)
-    assert os.path.exists(root / "mid.safetensors")
+    assert os.path.exists(root / "t" / "mid.safetensors")

@@ -19,11 +19,11 @@ def _register(c: httpx.Client, value: np.ndarray) -> None:
         "group": {"algorithm": "nadamw", "hyperparams": {"lr": 1e-2, "weight_decay": 0.05}},
         "value": b64(value),
     }
-    assert c.post("/v1/params", json=body).status_code == 201
+    assert c.post("/v1/runs/t/params", json=body).status_code == 201
 
 
 def _step(c: httpx.Client, g: np.ndarray) -> np.ndarray:
-    r = c.post("/v1/params/layer.weight/step", content=g.tobytes())
+    r = c.post("/v1/runs/t/params/layer.weight/step", content=g.tobytes())
     assert r.status_code == 200, r.text
     return np.frombuffer(r.content, np.float32).reshape(g.shape)
 
@@ -42,17 +42,17 @@ def test_restart_from_checkpoint_across_two_processes(tmp_path) -> None:
         _register(c, value)
         for g in grads[:5]:
             _step(c, g)
-            c.post("/v1/iteration/end")
-        assert c.post("/v1/checkpoints", json={"name": "five"}).status_code == 201
+            c.post("/v1/runs/t/iteration/end")
+        assert c.post("/v1/runs/t/checkpoints", json={"name": "five"}).status_code == 201
         _step(c, grads[5])  # lost with the process: the restore goes back to step 5
         assert server.stop(signal.SIGKILL) == -signal.SIGKILL
 
     with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=30) as c:
-        assert c.get("/v1/params").json() == []  # a fresh process starts empty
-        assert c.post("/v1/checkpoints/five/restore").json()["global_step"] == 5
+        assert c.get("/v1/runs/t/params").json() == []  # a fresh process starts empty
+        assert c.post("/v1/runs/t/checkpoints/five/restore").json()["global_step"] == 5
         for g in grads[5:]:
             p = _step(c, g)
-            c.post("/v1/iteration/end")
+            c.post("/v1/runs/t/iteration/end")
     np.testing.assert_array_equal(p, expected)
 
 
@@ -63,6 +63,6 @@ def test_sigterm_writes_the_final_checkpoint(tmp_path) -> None:
             _step(c, np.ones((2, 2), np.float32))
         # uvicorn drains, runs the lifespan's shutdown, then re-raises the signal.
         assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
-    files = [p.name for p in tmp_path.iterdir()]
+    files = [p.name for p in (tmp_path / "t").iterdir()]  # the run's folder
     assert len(files) == 1
     assert files[0].endswith(".safetensors")

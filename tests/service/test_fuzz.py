@@ -34,9 +34,9 @@ def _prime(c: httpx.Client) -> None:
         "group": {"algorithm": "adamw", "hyperparams": {"lr": 1e-3}},
         "value": b64(np.arange(6, dtype=np.float32)),
     }
-    assert c.post("/v1/params", json=body).status_code == 201
-    assert c.post("/v1/params/w/step", content=np.ones(6, np.float32).tobytes()).is_success
-    assert c.post("/v1/checkpoints", json={"name": "c"}).status_code == 201
+    assert c.post("/v1/runs/t/params", json=body).status_code == 201
+    assert c.post("/v1/runs/t/params/w/step", content=np.ones(6, np.float32).tobytes()).is_success
+    assert c.post("/v1/runs/t/checkpoints", json={"name": "c"}).status_code == 201
 
 
 def _fuzz(op, url: str, failures: list[str]) -> int:

@@ -45,8 +45,8 @@ def _prime(client, ckpt: Path) -> None:
     assert register(client, value=np.arange(6, dtype=np.float32)).status_code == 201
     assert register(client, name="v", shape=(3,)).status_code == 201
     assert register(client, name="h", shape=(3,), algorithm="sophia").status_code == 201
-    assert client.post("/v1/params/w/step", content=f32(np.ones(6))).status_code == 200
-    assert client.post("/v1/checkpoints", json={"name": "c"}).status_code == 201
+    assert client.post("/v1/runs/t/params/w/step", content=f32(np.ones(6))).status_code == 200
+    assert client.post("/v1/runs/t/checkpoints", json={"name": "c"}).status_code == 201
     good = (ckpt / "c.safetensors").read_bytes()
     (ckpt / "trunc.safetensors").write_bytes(good[:-5])  # a torn copy: listed, never loaded
     (header_len,) = struct.unpack("<Q", good[:8])
@@ -72,217 +72,235 @@ def _state(tensors: dict, **meta) -> bytes:
 W_STATE = {"w/exp_avg": np.ones((2, 3), np.float32), "w/exp_avg_sq": np.ones((2, 3), np.float32)}
 # (operation it covers, id, method, url, request kwargs, status, text the detail must contain)
 CASES = [
-    # -- POST /v1/params
-    ("POST /v1/params", "truncated json", "post", "/v1/params",
+    # -- POST /v1/runs/t/params
+    ("POST /v1/runs/t/params", "truncated json", "post", "/v1/runs/t/params",
      {"content": b'{"name": "x", "shape": [2', "headers": J}, 422, "JSON decode error"),
-    ("POST /v1/params", "non-utf8 body", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "non-utf8 body", "post", "/v1/runs/t/params",
      {"content": b"\xff\xfe\x00", "headers": J}, 400, "error parsing the body"),
-    ("POST /v1/params", "json array body", "post", "/v1/params", {"json": []}, 422, None),
-    ("POST /v1/params", "name with NUL", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "json array body", "post", "/v1/runs/t/params", {"json": []}, 422, None),
+    ("POST /v1/runs/t/params", "name with NUL", "post", "/v1/runs/t/params",
      {"json": {"name": "a\x00b", "shape": [2], "group": {"algorithm": "sgd"}}},
      422, "invalid parameter name"),
-    ("POST /v1/params", "name with trailing newline", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "name with trailing newline", "post", "/v1/runs/t/params",
      {"json": {"name": "x\n", "shape": [2], "group": {"algorithm": "sgd"}}},
      422, "invalid parameter name 'x\\n'"),
-    ("POST /v1/params", "name with backslash", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "name with backslash", "post", "/v1/runs/t/params",
      {"json": {"name": "..\\x", "shape": [2], "group": {"algorithm": "sgd"}}},
      422, "invalid parameter name"),
-    ("POST /v1/params", "name too long", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "name too long", "post", "/v1/runs/t/params",
      {"json": {"name": "x" * 257, "shape": [2], "group": {"algorithm": "sgd"}}},
      422, "invalid parameter name"),
-    ("POST /v1/params", "empty name", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "empty name", "post", "/v1/runs/t/params",
      {"json": {"name": "", "shape": [2], "group": {"algorithm": "sgd"}}},
      422, "invalid parameter name ''"),
-    ("POST /v1/params", "17 dimensions", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "17 dimensions", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [1] * 17, "group": {"algorithm": "sgd"}}}, 422, None),
-    ("POST /v1/params", "huge shape (never allocated)", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "huge shape (never allocated)", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [1 << 20, 1 << 20], "group": {"algorithm": "sgd"}}},
      422, "needs more than the body limit"),
-    ("POST /v1/params", "shape beyond int64", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "shape beyond int64", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [10**30], "group": {"algorithm": "sgd"}}},
      422, "needs more than the body limit"),
-    ("POST /v1/params", "zero-size shape with a negative dim", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "zero-size shape with a negative dim", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [0, -1], "group": {"algorithm": "sgd"}, "value": ""}},
      422, "invalid shape [0, -1]"),
-    ("POST /v1/params", "fractional dim", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "fractional dim", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2.5], "group": {"algorithm": "sgd"}}}, 422, None),
-    ("POST /v1/params", "float64 dtype", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "float64 dtype", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "dtype": "float64", "group": {"algorithm": "sgd"}}},
      422, None),
-    ("POST /v1/params", "float64 value bytes", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "float64 value bytes", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "group": {"algorithm": "sgd"},
                "value": b64(np.ones(4))}}, 422, "value: body has 16 bytes"),
-    ("POST /v1/params", "NaN initial value", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "NaN initial value", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "group": {"algorithm": "sgd"},
                "value": b64(np.array([np.nan, 1]))}}, 422, "non-finite"),
-    ("POST /v1/params", "NaN lr", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "NaN lr", "post", "/v1/runs/t/params",
      {"content": b'{"name":"x","shape":[2],"group":{"algorithm":"sgd","hyperparams":{"lr":NaN}}}',
       "headers": J}, 422, "Invalid learning rate: nan"),
-    ("POST /v1/params", "infinite eps", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "infinite eps", "post", "/v1/runs/t/params",
      {"content": b'{"name":"x","shape":[2],"group":{"algorithm":"adam",'
                  b'"hyperparams":{"eps":Infinity}}}', "headers": J}, 422, "inf"),
-    ("POST /v1/params", "lr past float range", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "lr past float range", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "group": {"algorithm": "sgd",
                                                     "hyperparams": {"lr": 10**400}}}},
      422, "too large"),
-    ("POST /v1/params", "momentum out of range", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "momentum out of range", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "group": {"algorithm": "sgd",
                                                     "hyperparams": {"momentum": 2.0}}}},
      422, "Invalid momentum value: 2.0"),
-    ("POST /v1/params", "NaN lr_scale", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "NaN lr_scale", "post", "/v1/runs/t/params",
      {"content": b'{"name":"x","shape":[2],"group":{"algorithm":"sgd"},"lr_scale":NaN}',
       "headers": J}, 422, "Invalid lr_scale"),
-    ("POST /v1/params", "algorithm with a path", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "algorithm with a path", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "group": {"algorithm": "../sgd"}}},
      422, "unknown algorithm"),
-    ("POST /v1/params", "unknown field", "post", "/v1/params",
+    ("POST /v1/runs/t/params", "unknown field", "post", "/v1/runs/t/params",
      {"json": {"name": "x", "shape": [2], "group": {"algorithm": "sgd"}, "owner": "me"}},
      422, None),
     # -- one parameter
-    ("GET /v1/params", "wrong method on the list", "delete", "/v1/params", {}, 405,
+    ("GET /v1/runs/t/params", "wrong method on the list", "delete", "/v1/runs/t/params", {}, 405,
      "Method Not Allowed"),
-    ("GET /v1/params/{name}", "unknown name", "get", "/v1/params/nope", {}, 404,
+    ("GET /v1/runs/t/params/{name}", "unknown name", "get", "/v1/runs/t/params/nope", {}, 404,
      "'nope' is not registered"),
-    ("GET /v1/params/{name}", "encoded slash", "get", "/v1/params/..%2Fw", {}, 404, None),
-    ("GET /v1/params/{name}", "control character", "get", "/v1/params/w%00", {}, 404,
+    ("GET /v1/runs/t/params/{name}", "encoded slash", "get", "/v1/runs/t/params/..%2Fw", {}, 404, None),
+    ("GET /v1/runs/t/params/{name}", "control character", "get", "/v1/runs/t/params/w%00", {}, 404,
      "not registered"),
-    ("PUT /v1/params/{name}/value", "short value", "put", "/v1/params/w/value",
+    ("PUT /v1/runs/t/params/{name}/value", "short value", "put", "/v1/runs/t/params/w/value",
      {"content": f32(np.ones(5))}, 422, "body has 20 bytes"),
-    ("PUT /v1/params/{name}/value", "NaN value", "put", "/v1/params/w/value",
+    ("PUT /v1/runs/t/params/{name}/value", "NaN value", "put", "/v1/runs/t/params/w/value",
      {"content": f32([0, 1, np.nan, 3, 4, 5])}, 422, "non-finite"),
-    ("PUT /v1/params/{name}/value", "unknown name", "put", "/v1/params/nope/value",
+    ("PUT /v1/runs/t/params/{name}/value", "unknown name", "put", "/v1/runs/t/params/nope/value",
      {"content": f32(np.ones(6))}, 404, "not registered"),
-    ("GET /v1/params/{name}/value", "unknown format", "get", "/v1/params/w/value?format=xml",
+    ("GET /v1/runs/t/params/{name}/value", "unknown format", "get", "/v1/runs/t/params/w/value?format=xml",
      {}, 422, None),
-    ("GET /v1/params/{name}/state/{slot}", "unknown slot", "get",
-     "/v1/params/w/state/nope", {}, 404, "no state slot 'nope'"),
-    ("GET /v1/params/{name}/state/{slot}", "slot with a path", "get",
-     "/v1/params/w/state/..%2F..%2Fparam", {}, 404, None),
-    ("GET /v1/params/{name}/state/{slot}", "unknown format", "get",
-     "/v1/params/w/state/exp_avg?format=pickle", {}, 422, None),
-    ("POST /v1/params/{name}/hessian", "NaN Hessian", "post", "/v1/params/h/hessian",
+    ("GET /v1/runs/t/params/{name}/state/{slot}", "unknown slot", "get",
+     "/v1/runs/t/params/w/state/nope", {}, 404, "no state slot 'nope'"),
+    ("GET /v1/runs/t/params/{name}/state/{slot}", "slot with a path", "get",
+     "/v1/runs/t/params/w/state/..%2F..%2Fparam", {}, 404, None),
+    ("GET /v1/runs/t/params/{name}/state/{slot}", "unknown format", "get",
+     "/v1/runs/t/params/w/state/exp_avg?format=pickle", {}, 422, None),
+    ("POST /v1/runs/t/params/{name}/hessian", "NaN Hessian", "post", "/v1/runs/t/params/h/hessian",
      {"content": f32([1, np.nan, 1])}, 422, "non-finite"),
-    ("POST /v1/params/{name}/hessian", "wrong length", "post", "/v1/params/h/hessian",
+    ("POST /v1/runs/t/params/{name}/hessian", "wrong length", "post", "/v1/runs/t/params/h/hessian",
      {"content": f32([1, 1])}, 422, "body has 8 bytes"),
-    ("GET /v1/params/{name}/lr_scale", "unknown name", "get", "/v1/params/nope/lr_scale", {},
+    ("GET /v1/runs/t/params/{name}/lr_scale", "unknown name", "get", "/v1/runs/t/params/nope/lr_scale", {},
      404, "not registered"),
-    ("PUT /v1/params/{name}/lr_scale", "infinite lr_scale", "put", "/v1/params/w/lr_scale",
+    ("PUT /v1/runs/t/params/{name}/lr_scale", "infinite lr_scale", "put", "/v1/runs/t/params/w/lr_scale",
      {"content": b'{"lr_scale": Infinity}', "headers": J}, 422, "Invalid lr_scale"),
-    ("PUT /v1/params/{name}/lr_scale", "string lr_scale", "put", "/v1/params/w/lr_scale",
+    ("PUT /v1/runs/t/params/{name}/lr_scale", "string lr_scale", "put", "/v1/runs/t/params/w/lr_scale",
      {"json": {"lr_scale": "big"}}, 422, None),
-    ("PUT /v1/params/{name}/lr_scale", "no body", "put", "/v1/params/w/lr_scale", {}, 422, None),
-    ("GET /v1/params/{name}/stats", "unknown name", "get", "/v1/params/nope/stats", {}, 404,
+    ("PUT /v1/runs/t/params/{name}/lr_scale", "no body", "put", "/v1/runs/t/params/w/lr_scale", {}, 422, None),
+    ("GET /v1/runs/t/params/{name}/stats", "unknown name", "get", "/v1/runs/t/params/nope/stats", {}, 404,
      "not registered"),
     # -- steps
-    ("POST /v1/params/{name}/step", "empty body", "post", "/v1/params/w/step",
+    ("POST /v1/runs/t/params/{name}/step", "empty body", "post", "/v1/runs/t/params/w/step",
      {"content": b""}, 422, "body has 0 bytes"),
-    ("POST /v1/params/{name}/step", "-inf gradient", "post", "/v1/params/w/step",
+    ("POST /v1/runs/t/params/{name}/step", "-inf gradient", "post", "/v1/runs/t/params/w/step",
      {"content": f32([0, 0, -np.inf, 0, 0, 0])}, 422, "non-finite"),
-    ("POST /v1/params/{name}/step", "bad boolean", "post",
-     "/v1/params/w/step?return_param=maybe", {"content": f32(np.ones(6))}, 422,
+    ("POST /v1/runs/t/params/{name}/step", "bad boolean", "post",
+     "/v1/runs/t/params/w/step?return_param=maybe", {"content": f32(np.ones(6))}, 422,
      "must be a boolean"),
-    ("POST /v1/params/{name}/step", "bad version", "post", "/v1/params/w/step?version=abc",
+    ("POST /v1/runs/t/params/{name}/step", "bad version", "post", "/v1/runs/t/params/w/step?version=abc",
      {"content": f32(np.ones(6))}, 422, "must be an integer"),
-    ("POST /v1/params/{name}/step", "worker id with a slash", "post",
-     "/v1/params/w/step?worker=a/b", {"content": f32(np.ones(6))}, 422, "invalid worker id"),
-    ("POST /v1/params/{name}/step", "worker id with a newline", "post",
-     "/v1/params/w/step?worker=a%0A", {"content": f32(np.ones(6))}, 422, "invalid worker id"),
-    ("POST /v1/params/{name}/step", "request id too short", "post", "/v1/params/w/step",
+    ("POST /v1/runs/t/params/{name}/step", "worker id with a slash", "post",
+     "/v1/runs/t/params/w/step?worker=a/b", {"content": f32(np.ones(6))}, 422, "invalid worker id"),
+    ("POST /v1/runs/t/params/{name}/step", "worker id with a newline", "post",
+     "/v1/runs/t/params/w/step?worker=a%0A", {"content": f32(np.ones(6))}, 422, "invalid worker id"),
+    ("POST /v1/runs/t/params/{name}/step", "request id too short", "post", "/v1/runs/t/params/w/step",
      {"content": f32(np.ones(6)), "headers": {"x-stepd-request-id": "abc-1"}}, 422,
      "invalid X-Stepd-Request-Id"),
-    ("POST /v1/params/{name}/step", "request id with a slash", "post", "/v1/params/w/step",
+    ("POST /v1/runs/t/params/{name}/step", "request id with a slash", "post", "/v1/runs/t/params/w/step",
      {"content": f32(np.ones(6)), "headers": {"x-stepd-request-id": "0123456789abcdef/1"}},
      422, "invalid X-Stepd-Request-Id"),
-    ("POST /v1/step", "header length past the body", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "header length past the body", "post", "/v1/runs/t/step",
      {"content": _st("{}", length=1 << 62)}, 422, "exceeds the body"),
-    ("POST /v1/step", "header not JSON", "post", "/v1/step", {"content": _st("{nope")}, 422,
+    ("POST /v1/runs/t/step", "header not JSON", "post", "/v1/runs/t/step", {"content": _st("{nope")}, 422,
      "header is not JSON"),
-    ("POST /v1/step", "header a JSON list", "post", "/v1/step", {"content": _st([1])}, 422,
+    ("POST /v1/runs/t/step", "header a JSON list", "post", "/v1/runs/t/step", {"content": _st([1])}, 422,
      "not a JSON object"),
-    ("POST /v1/step", "negative shape in header", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "negative shape in header", "post", "/v1/runs/t/step",
      {"content": _st({"w": _entry([-6], 0, 24)}, f32(np.ones(6)))}, 422, "invalid shape"),
-    ("POST /v1/step", "shape lies about the span", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "shape lies about the span", "post", "/v1/runs/t/step",
      {"content": _st({"w": _entry([7], 0, 24)}, f32(np.ones(6)))}, 422, "spans 24 bytes"),
-    ("POST /v1/step", "overlapping tensors", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "overlapping tensors", "post", "/v1/runs/t/step",
      {"content": _st({"w": _entry([6], 0, 24), "v": _entry([3], 8, 20)}, f32(np.ones(6)))},
      422, "overlap"),
-    ("POST /v1/step", "non-string metadata", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "non-string metadata", "post", "/v1/runs/t/step",
      {"content": _st({"__metadata__": {"a": 1}, "w": _entry([6], 0, 24)}, f32(np.ones(6)))},
      422, "__metadata__"),
-    ("POST /v1/step", "no tensors", "post", "/v1/step", {"content": st_save({})}, 422,
+    ("POST /v1/runs/t/step", "no tensors", "post", "/v1/runs/t/step", {"content": st_save({})}, 422,
      "holds no gradients"),
-    ("POST /v1/step", "one NaN gradient spoils the batch", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "one NaN gradient spoils the batch", "post", "/v1/runs/t/step",
      {"content": st_save({"w": np.ones(6, np.float32), "v": np.array([1, np.nan, 1], "f4")})},
      422, "non-finite gradient values for 'v'"),
-    ("POST /v1/step", "name with a path", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "name with a path", "post", "/v1/runs/t/step",
      {"content": st_save({"../w": np.ones(6, np.float32)})}, 404, "not registered"),
-    ("POST /v1/step", "float16 tensor", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "float16 tensor", "post", "/v1/runs/t/step",
      {"content": st_save({"w": np.ones(6, np.float16)})}, 422, "only F32"),
-    ("POST /v1/step", "request id too long", "post", "/v1/step",
+    ("POST /v1/runs/t/step", "request id too long", "post", "/v1/runs/t/step",
      {"content": st_save({"w": np.ones(6, np.float32)}),
       "headers": {"x-stepd-request-id": "a" * 129}}, 422, "invalid X-Stepd-Request-Id"),
     # -- training state
-    ("POST /v1/iteration/end", "wrong method", "get", "/v1/iteration/end", {}, 405,
+    ("POST /v1/runs/t/iteration/end", "wrong method", "get", "/v1/runs/t/iteration/end", {}, 405,
      "Method Not Allowed"),
-    ("PUT /v1/lr", "NaN lr", "put", "/v1/lr", {"content": NAN_LR, "headers": J}, 422,
+    ("PUT /v1/runs/t/lr", "NaN lr", "put", "/v1/runs/t/lr", {"content": NAN_LR, "headers": J}, 422,
      "Invalid learning rate: nan"),
-    ("PUT /v1/lr", "string lr", "put", "/v1/lr", {"json": {"lr": "fast"}}, 422, None),
-    ("PUT /v1/lr", "group with a path", "put", "/v1/lr", {"json": {"lr": 1.0, "group": "../x"}},
+    ("PUT /v1/runs/t/lr", "string lr", "put", "/v1/runs/t/lr", {"json": {"lr": "fast"}}, 422, None),
+    ("PUT /v1/runs/t/lr", "group with a path", "put", "/v1/runs/t/lr", {"json": {"lr": 1.0, "group": "../x"}},
      404, "does not exist"),
-    ("GET /v1/workers", "wrong method", "post", "/v1/workers", {}, 405, "Method Not Allowed"),
-    ("GET /v1/groups", "wrong method", "post", "/v1/groups", {}, 405, "Method Not Allowed"),
-    ("PUT /v1/groups/{group_id}/state", "unknown group", "put", "/v1/groups/nope/state",
+    ("GET /v1/runs/t/workers", "wrong method", "post", "/v1/runs/t/workers", {}, 405, "Method Not Allowed"),
+    ("GET /v1/runs/t/groups", "wrong method", "post", "/v1/runs/t/groups", {}, 405, "Method Not Allowed"),
+    ("PUT /v1/runs/t/groups/{group_id}/state", "unknown group", "put", "/v1/runs/t/groups/nope/state",
      {"content": st_save({}, metadata={"counts": "{}"})}, 404, "group 'nope' does not exist"),
-    ("PUT /v1/groups/{group_id}/state", "slot of the wrong shape", "put",
-     f"/v1/groups/{ADAMW.id}/state",
+    ("PUT /v1/runs/t/groups/{group_id}/state", "slot of the wrong shape", "put",
+     f"/v1/runs/t/groups/{ADAMW.id}/state",
      {"content": _state({**W_STATE, "w/exp_avg": np.ones((3, 2), np.float32)},
                         counts={"w": 1}, shapes={"w": [2, 3]})},
      422, "slot 'exp_avg' must be float32 (2, 3)"),
-    ("PUT /v1/groups/{group_id}/state", "unknown parameter", "put",
-     f"/v1/groups/{ADAMW.id}/state",
+    ("PUT /v1/runs/t/groups/{group_id}/state", "unknown parameter", "put",
+     f"/v1/runs/t/groups/{ADAMW.id}/state",
      {"content": _state({k.replace("w/", "ghost/"): v for k, v in W_STATE.items()},
                         counts={"ghost": 1}, shapes={"ghost": [2, 3]})},
      404, "'ghost' is not registered"),
-    ("PUT /v1/groups/{group_id}/state", "parameter of another group", "put",
-     f"/v1/groups/{ADAMW.id}/state", {"content": _state({}, counts={}, lr_scales={"h": 0.5})},
+    ("PUT /v1/runs/t/groups/{group_id}/state", "parameter of another group", "put",
+     f"/v1/runs/t/groups/{ADAMW.id}/state", {"content": _state({}, counts={}, lr_scales={"h": 0.5})},
      409, "'h' belongs to group"),
-    ("PUT /v1/groups/{group_id}/state", "other hyperparams", "put",
-     f"/v1/groups/{ADAMW.id}/state",
+    ("PUT /v1/runs/t/groups/{group_id}/state", "other hyperparams", "put",
+     f"/v1/runs/t/groups/{ADAMW.id}/state",
      {"content": _state(W_STATE, counts={"w": 1}, shapes={"w": [2, 3]},
                         hyperparams={"lr": 0.5})}, 409, "differ from group"),
-    ("PUT /v1/groups/{group_id}/state", "not safetensors", "put", "/v1/groups/nope/state",
+    ("PUT /v1/runs/t/groups/{group_id}/state", "not safetensors", "put", "/v1/runs/t/groups/nope/state",
      {"content": b"\x01\x02"}, 422, "safetensors"),
-    ("PUT /v1/groups/{group_id}/state", "metadata not JSON", "put", "/v1/groups/nope/state",
+    ("PUT /v1/runs/t/groups/{group_id}/state", "metadata not JSON", "put", "/v1/runs/t/groups/nope/state",
      {"content": st_save({}, metadata={"counts": "{"})}, 422, "'counts' is not JSON"),
     ("GET /v1/status", "wrong method", "delete", "/v1/status", {}, 405, "Method Not Allowed"),
+    ("GET /v1/runs", "wrong method", "put", "/v1/runs", {}, 405, "Method Not Allowed"),
+    ("POST /v1/runs", "run name with a path", "post", "/v1/runs", {"json": {"name": "../x"}},
+     422, "invalid run name"),
+    ("POST /v1/runs", "run name with a leading dot", "post", "/v1/runs", {"json": {"name": ".x"}},
+     422, "invalid run name"),
+    ("POST /v1/runs", "unknown field", "post", "/v1/runs", {"json": {"nme": "x"}}, 422, None),
+    ("POST /v1/runs", "fresh not a bool", "post", "/v1/runs",
+     {"json": {"name": "x", "fresh": "sometimes"}}, 422, None),
+    ("GET /v1/runs/{run}", "unknown run", "get", "/v1/runs/nope", {}, 404,
+     "run 'nope' does not exist"),
+    ("DELETE /v1/runs/{run}", "unknown run", "delete", "/v1/runs/nope", {}, 404,
+     "run 'nope' does not exist"),
+    ("GET /v1/runs/{run}/params", "unknown run", "get", "/v1/runs/nope/params", {}, 404,
+     "run 'nope' does not exist"),
+    ("POST /v1/runs/{run}/params/{name}/step", "unknown run", "post",
+     "/v1/runs/nope/params/w/step", {"content": b"\0" * 24}, 404, "run 'nope' does not exist"),
+    ("POST /v1/runs/{run}/step", "unknown run", "post", "/v1/runs/nope/step",
+     {"content": b"\0" * 8}, 404, None),
     ("GET /metrics", "wrong method", "post", "/metrics", {}, 405, "Method Not Allowed"),
     ("GET /healthz", "wrong method", "post", "/healthz", {}, 405, "Method Not Allowed"),
     # -- checkpoints
-    ("GET /v1/checkpoints", "wrong method", "put", "/v1/checkpoints", {}, 405,
+    ("GET /v1/runs/t/checkpoints", "wrong method", "put", "/v1/runs/t/checkpoints", {}, 405,
      "Method Not Allowed"),
-    ("POST /v1/checkpoints", "dot-dot", "post", "/v1/checkpoints", {"json": {"name": ".."}},
+    ("POST /v1/runs/t/checkpoints", "dot-dot", "post", "/v1/runs/t/checkpoints", {"json": {"name": ".."}},
      422, "invalid checkpoint name"),
-    ("POST /v1/checkpoints", "absolute path", "post", "/v1/checkpoints",
+    ("POST /v1/runs/t/checkpoints", "absolute path", "post", "/v1/runs/t/checkpoints",
      {"json": {"name": "/tmp/x"}}, 422, "invalid checkpoint name"),
-    ("POST /v1/checkpoints", "trailing newline", "post", "/v1/checkpoints",
+    ("POST /v1/runs/t/checkpoints", "trailing newline", "post", "/v1/runs/t/checkpoints",
      {"json": {"name": "x\n"}}, 422, "invalid checkpoint name 'x\\n'"),
-    ("POST /v1/checkpoints", "suffix in the name", "post", "/v1/checkpoints",
+    ("POST /v1/runs/t/checkpoints", "suffix in the name", "post", "/v1/runs/t/checkpoints",
      {"json": {"name": "c.safetensors"}}, 422, "invalid checkpoint name"),
-    ("POST /v1/checkpoints", "name not a string", "post", "/v1/checkpoints",
+    ("POST /v1/runs/t/checkpoints", "name not a string", "post", "/v1/runs/t/checkpoints",
      {"json": {"name": 12}}, 422, None),
-    ("POST /v1/checkpoints/{name}/restore", "truncated checkpoint", "post",
-     "/v1/checkpoints/trunc/restore", {}, 422, "invalid data_offsets"),
-    ("POST /v1/checkpoints/{name}/restore", "checkpoint lying about its dtype", "post",
-     "/v1/checkpoints/lying/restore", {}, 422, "only F32"),
-    ("POST /v1/checkpoints/{name}/restore", "hidden name", "post",
-     "/v1/checkpoints/.c/restore", {}, 422, "invalid checkpoint name"),
-    ("POST /v1/checkpoints/{name}/restore", "encoded separators", "post",
-     "/v1/checkpoints/..%2Fckpt%2Fc/restore", {}, 404, None),
-    ("DELETE /v1/checkpoints/{name}", "encoded dot-dot", "delete", "/v1/checkpoints/%2E%2E",
+    ("POST /v1/runs/t/checkpoints/{name}/restore", "truncated checkpoint", "post",
+     "/v1/runs/t/checkpoints/trunc/restore", {}, 422, "invalid data_offsets"),
+    ("POST /v1/runs/t/checkpoints/{name}/restore", "checkpoint lying about its dtype", "post",
+     "/v1/runs/t/checkpoints/lying/restore", {}, 422, "only F32"),
+    ("POST /v1/runs/t/checkpoints/{name}/restore", "hidden name", "post",
+     "/v1/runs/t/checkpoints/.c/restore", {}, 422, "invalid checkpoint name"),
+    ("POST /v1/runs/t/checkpoints/{name}/restore", "encoded separators", "post",
+     "/v1/runs/t/checkpoints/..%2Fckpt%2Fc/restore", {}, 404, None),
+    ("DELETE /v1/runs/t/checkpoints/{name}", "encoded dot-dot", "delete", "/v1/runs/t/checkpoints/%2E%2E",
      {}, 422, "invalid checkpoint name '..'"),
-    ("DELETE /v1/checkpoints/{name}", "encoded traversal", "delete",
-     "/v1/checkpoints/..%2F..%2Fvictim", {}, 404, None),
-    ("DELETE /v1/checkpoints/{name}", "unknown", "delete", "/v1/checkpoints/nope", {}, 404,
+    ("DELETE /v1/runs/t/checkpoints/{name}", "encoded traversal", "delete",
+     "/v1/runs/t/checkpoints/..%2F..%2Fvictim", {}, 404, None),
+    ("DELETE /v1/runs/t/checkpoints/{name}", "unknown", "delete", "/v1/runs/t/checkpoints/nope", {}, 404,
      "does not exist"),
 ]  # fmt: skip
 
@@ -291,7 +309,7 @@ CASES = [
 def primed(tmp_path):
     (tmp_path / "victim.safetensors").write_bytes(b"must survive")
     with make_client(tmp_path) as c:
-        _prime(c, tmp_path / "ckpt")
+        _prime(c, tmp_path / "ckpt" / "t")
         yield c, tmp_path
 
 
@@ -317,18 +335,18 @@ def test_bad_input_is_4xx_with_detail_and_changes_nothing(primed, method, url, k
 def test_every_operation_has_a_bad_input_case(client) -> None:
     spec = client.get("/openapi.json").json()
     ops = {f"{m.upper()} {p}" for p, item in spec["paths"].items() for m in item}
-    missing = ops - {c[0] for c in CASES}
+    missing = ops - {c[0].replace("/v1/runs/t/", "/v1/runs/{run}/") for c in CASES}
     assert not missing, f"operations without a bad-input case: {sorted(missing)}"
 
 
 @pytest.mark.parametrize(
     ("method", "url"),
     [
-        ("post", "/v1/params/w/step"),
-        ("post", "/v1/step"),
-        ("put", "/v1/params/w/value"),
-        ("post", "/v1/params/h/hessian"),
-        ("put", "/v1/groups/g/state"),
+        ("post", "/v1/runs/t/params/w/step"),
+        ("post", "/v1/runs/t/step"),
+        ("put", "/v1/runs/t/params/w/value"),
+        ("post", "/v1/runs/t/params/h/hessian"),
+        ("put", "/v1/runs/t/groups/g/state"),
     ],
 )
 def test_oversized_tensor_bodies_are_413_on_every_tensor_endpoint(tmp_path, method, url) -> None:
@@ -336,7 +354,11 @@ def test_oversized_tensor_bodies_are_413_on_every_tensor_endpoint(tmp_path, meth
         register(c, shape=(6,))
         register(c, name="h", shape=(6,), algorithm="sophia")
         before = full_state(c)
-        big = st_save({"w": np.ones(16, np.float32)}) if url == "/v1/step" else f32(np.ones(17))
+        big = (
+            st_save({"w": np.ones(16, np.float32)})
+            if url == "/v1/runs/t/step"
+            else f32(np.ones(17))
+        )
         r = c.request(method.upper(), url, content=big)
         assert r.status_code == 413, r.text
         assert "exceeds the limit of 64" in r.json()["detail"]
@@ -346,7 +368,7 @@ def test_oversized_tensor_bodies_are_413_on_every_tensor_endpoint(tmp_path, meth
 # -- access control -----------------------------------------------------------------------
 
 TOKEN = "s3cret-token"
-FILL = {"name": "w", "slot": "exp_avg"}
+FILL = {"run": "t", "name": "w", "slot": "exp_avg"}
 
 
 def _concrete(path: str) -> str:
@@ -363,10 +385,10 @@ def test_token_guards_every_operation_on_the_real_server(tmp_path) -> None:
             assert c.get("/docs").status_code == 401
             spec = c.get("/openapi.json", headers=ok).json()
             assert register(c, shape=(6,)).status_code == 401
-            before = c.get("/v1/params", headers=ok).json()
+            before = c.get("/v1/runs/t/params", headers=ok).json()
             ops = [(m, p) for p, item in spec["paths"].items() for m in item]
-            assert ("post", "/v1/params/{name}/step") in ops
-            assert ("post", "/v1/step") in ops
+            assert ("post", "/v1/runs/{run}/params/{name}/step") in ops
+            assert ("post", "/v1/runs/{run}/step") in ops
             for method, path in ops:
                 url = _concrete(path)
                 if path == "/healthz":
@@ -384,8 +406,8 @@ def test_token_guards_every_operation_on_the_real_server(tmp_path) -> None:
                     assert r.status_code == 401, (method, url, headers, r.text)
                     assert r.headers["www-authenticate"] == "Bearer"
                     assert r.json()["detail"] == "missing or wrong bearer token"
-            assert c.get("/v1/params", headers=ok).json() == before
-            assert c.get("/v1/checkpoints", headers=ok).status_code == 200
+            assert c.get("/v1/runs/t/params", headers=ok).json() == before
+            assert c.get("/v1/runs/t/checkpoints", headers=ok).status_code == 200
 
 
 ESCAPES = ["..", "../x", "../../victim", "/tmp/x", "/etc/passwd", "a/b", "a\\b", ".hidden",
@@ -397,17 +419,21 @@ def test_checkpoint_names_cannot_escape_the_directory(tmp_path) -> None:
     with make_client(tmp_path) as c:
         register(c, shape=(2,))
         (tmp_path / "victim.safetensors").write_bytes(b"x")
-        assert c.post("/v1/checkpoints", json={"name": "ok"}).status_code == 201
+        assert c.post("/v1/runs/t/checkpoints", json={"name": "ok"}).status_code == 201
         outside = _files(tmp_path)
         for name in ESCAPES:
-            r = c.post("/v1/checkpoints", json={"name": name})
+            r = c.post("/v1/runs/t/checkpoints", json={"name": name})
             assert r.status_code == 422, (name, r.text)
             assert "invalid checkpoint name" in r.json()["detail"]
+            if name == "..":  # every HTTP client resolves /checkpoints/.. itself
+                continue
             for method, suffix in (("post", "/restore"), ("delete", "")):
-                r = c.request(method.upper(), f"/v1/checkpoints/{quote(name, safe='')}{suffix}")
+                r = c.request(
+                    method.upper(), f"/v1/runs/t/checkpoints/{quote(name, safe='')}{suffix}"
+                )
                 assert r.status_code in (404, 405, 422), (name, method, r.text)
         assert _files(tmp_path) == outside
-        assert sorted(p.name for p in ckpt.iterdir()) == ["ok.safetensors"]
+        assert sorted(p.name for p in (ckpt / "t").iterdir()) == ["ok.safetensors"]
 
 
 def test_server_binds_to_loopback_by_default(tmp_path, monkeypatch) -> None:
@@ -432,11 +458,11 @@ def test_server_binds_to_loopback_by_default(tmp_path, monkeypatch) -> None:
 
 def test_token_is_checked_before_the_body_is_parsed(tmp_path) -> None:
     with make_client(tmp_path, token=TOKEN) as c:
-        r = c.post("/v1/params", content=b"{nope", headers=J)
+        r = c.post("/v1/runs/t/params", content=b"{nope", headers=J)
         assert r.status_code == 401, r.text
 
 
 def test_json_bodies_obey_the_body_limit(tmp_path) -> None:
     with make_client(tmp_path, max_body_bytes=64) as c:
-        r = c.put("/v1/lr", content=b'{"lr": 1.0}' + b" " * 100, headers=J)
+        r = c.put("/v1/runs/t/lr", content=b'{"lr": 1.0}' + b" " * 100, headers=J)
         assert r.status_code == 413, r.text

@@ -63,14 +63,14 @@ def _load(tmp_path: Path, steps: int) -> None:
                     "shape": [SIZE],
                     "group": {"algorithm": algo, "hyperparams": hp},
                 }
-                assert c.post("/v1/params", json=body).status_code == 201
+                assert c.post("/v1/runs/t/params", json=body).status_code == 201
 
         def work(i: int) -> None:
             with httpx.Client(base_url=server.url, timeout=30) as c:
                 for k in range(steps):
                     read_back = k % 2 == 0
                     r = c.post(
-                        f"/v1/params/own{i}/step?return_param={str(read_back).lower()}",
+                        f"/v1/runs/t/params/own{i}/step?return_param={str(read_back).lower()}",
                         content=_grad(i, k + 1).tobytes(),
                     )
                     if r.status_code != (200 if read_back else 204):
@@ -80,19 +80,25 @@ def _load(tmp_path: Path, steps: int) -> None:
                         problems.append(
                             f"own{i}: version {r.headers['x-stepd-version']} != {k + 1}"
                         )
-                    r = c.post("/v1/params/shared/step?return_param=false", content=ONES)
+                    r = c.post("/v1/runs/t/params/shared/step?return_param=false", content=ONES)
                     if r.status_code != 204:
                         problems.append(f"shared step: {r.status_code} {r.text[:200]}")
                         return
                     if k % 10 == 0:  # inspection reads mixed in
-                        shared = np.frombuffer(c.get("/v1/params/shared/value").content, "f4")
+                        shared = np.frombuffer(
+                            c.get("/v1/runs/t/params/shared/value").content, "f4"
+                        )
                         if shared.min() != shared.max() or shared[0] % np.float32(LR):
                             problems.append(f"torn or odd read of shared: {shared[:2]}")
-                        for url in (f"/v1/params/own{i}/stats", "/v1/status", "/v1/params"):
+                        for url in (
+                            f"/v1/runs/t/params/own{i}/stats",
+                            "/v1/status",
+                            "/v1/runs/t/params",
+                        ):
                             r = c.get(url)
                             if r.status_code != 200:
                                 problems.append(f"GET {url}: {r.status_code}")
-                        r = c.get(f"/v1/params/own{i}/state/exp_avg")
+                        r = c.get(f"/v1/runs/t/params/own{i}/state/exp_avg")
                         if r.status_code != 200 or len(r.content) != SIZE * 4:
                             problems.append(f"slot read: {r.status_code}")
                     progress[i] = k + 1
@@ -114,7 +120,7 @@ def _load(tmp_path: Path, steps: int) -> None:
             while sum(progress) < CLIENTS * steps // 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
             with httpx.Client(base_url=server.url, timeout=30) as c:
-                r = c.post("/v1/checkpoints", json={"name": "mid"})
+                r = c.post("/v1/runs/t/checkpoints", json={"name": "mid"})
                 assert r.status_code == 201, r.text
             for f in futures:
                 f.result()
@@ -123,19 +129,19 @@ def _load(tmp_path: Path, steps: int) -> None:
         assert problems == []
 
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            infos = {p["name"]: p for p in c.get("/v1/params").json()}
+            infos = {p["name"]: p for p in c.get("/v1/runs/t/params").json()}
             assert infos["shared"]["version"] == CLIENTS * steps  # no lost update
-            shared = np.frombuffer(c.get("/v1/params/shared/value").content, np.float32)
+            shared = np.frombuffer(c.get("/v1/runs/t/params/shared/value").content, np.float32)
             np.testing.assert_array_equal(shared, np.float32(-LR * CLIENTS * steps))
             for i in range(CLIENTS):
                 assert infos[f"own{i}"]["version"] == steps
-                own = np.frombuffer(c.get(f"/v1/params/own{i}/value").content, np.float32)
+                own = np.frombuffer(c.get(f"/v1/runs/t/params/own{i}/value").content, np.float32)
                 np.testing.assert_array_equal(own, refs[i][steps])
 
         # The checkpoint taken under load is one consistent cut: each param as the replay
         # had it at the version the checkpoint records.
-        tensors = load_file(str(root / "mid.safetensors"))
-        with safe_open(str(root / "mid.safetensors"), "np") as f:
+        tensors = load_file(str(root / "t" / "mid.safetensors"))
+        with safe_open(str(root / "t" / "mid.safetensors"), "np") as f:
             meta = json.loads(f.metadata()["stepd"])
         v = meta["params"]["shared"]["version"]
         assert 0 < v < CLIENTS * steps

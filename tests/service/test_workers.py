@@ -22,7 +22,7 @@ def _register(c: httpx.Client, name: str, shape, algorithm: str, hp: dict, worke
         "shape": list(shape),
         "group": {"algorithm": algorithm, "hyperparams": hp, "workers": workers},
     }
-    r = c.post("/v1/params", json=body)
+    r = c.post("/v1/runs/t/params", json=body)
     assert r.status_code == 201, r.text
 
 
@@ -45,8 +45,8 @@ def test_sync_four_worker_processes_equal_one_averaging_process(tmp_path, algori
                 sync_worker.run, [(server.url, w, steps, specs) for w in WORKERS]
             )
         with httpx.Client(base_url=server.url) as c:
-            assert c.get("/v1/status").json()["global_step"] == steps
-            seen = sorted(w["id"] for w in c.get("/v1/workers").json())
+            assert c.get("/v1/runs/t").json()["global_step"] == steps
+            seen = sorted(w["id"] for w in c.get("/v1/runs/t/workers").json())
             assert seen == WORKERS
     for other in results[1:]:
         assert other == results[0]  # every worker got the same parameter bytes
@@ -69,12 +69,12 @@ def test_sync_refuses_duplicates_and_times_out_stragglers(tmp_path) -> None:
     with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=30) as c:
         _register(c, "w", (4,), "sgd", {"lr": 0.1}, {"mode": "sync", "count": 3, "timeout_s": 1})
         g = np.ones(4, np.float32).tobytes()
-        assert c.post("/v1/params/w/step", content=g).status_code == 422  # no worker id
+        assert c.post("/v1/runs/t/params/w/step", content=g).status_code == 422  # no worker id
         results: dict[str, httpx.Response] = {}
 
         def send(worker: str) -> None:
             with httpx.Client(base_url=server.url, timeout=30) as own:
-                results[worker] = own.post(f"/v1/params/w/step?worker={worker}", content=g)
+                results[worker] = own.post(f"/v1/runs/t/params/w/step?worker={worker}", content=g)
 
         threads = [threading.Thread(target=send, args=(w,)) for w in ("a", "b")]
         for t in threads:
@@ -85,9 +85,9 @@ def test_sync_refuses_duplicates_and_times_out_stragglers(tmp_path) -> None:
             assert r.status_code == 504
             assert "straggler timeout" in r.json()["detail"]
             assert "2 of 3 workers" in r.json()["detail"]
-        value = np.frombuffer(c.get("/v1/params/w/value").content, np.float32)
+        value = np.frombuffer(c.get("/v1/runs/t/params/w/value").content, np.float32)
         np.testing.assert_array_equal(value, np.zeros(4, np.float32))  # nothing applied
-        assert c.get("/v1/params/w").json()["version"] == 0
+        assert c.get("/v1/runs/t/params/w").json()["version"] == 0
 
         # A complete round, then a worker sending twice / for a finished iteration.
         results.clear()
@@ -97,10 +97,10 @@ def test_sync_refuses_duplicates_and_times_out_stragglers(tmp_path) -> None:
         for t in threads:
             t.join()
         assert {r.status_code for r in results.values()} == {200}
-        r = c.post("/v1/params/w/step?worker=a&iteration=1", content=g)
+        r = c.post("/v1/runs/t/params/w/step?worker=a&iteration=1", content=g)
         assert r.status_code == 409
         assert "iteration 1 is already done" in r.json()["detail"]
-        r = c.post("/v1/params/w/step?worker=a&iteration=5", content=g)
+        r = c.post("/v1/runs/t/params/w/step?worker=a&iteration=5", content=g)
         assert r.status_code == 409
         assert "has not started" in r.json()["detail"]
 
@@ -113,11 +113,11 @@ def test_sync_groups_share_one_worker_count(tmp_path) -> None:
             "shape": [2],
             "group": {"algorithm": "adam", "workers": {"mode": "sync", "count": 3}},
         }
-        r = c.post("/v1/params", json=body)
+        r = c.post("/v1/runs/t/params", json=body)
         assert r.status_code == 409
         assert "share one worker count" in r.json()["detail"]
         body["group"]["workers"] = {"mode": "sync"}
-        assert "count" in c.post("/v1/params", json=body).json()["detail"]
+        assert "count" in c.post("/v1/runs/t/params", json=body).json()["detail"]
 
 
 def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> None:
@@ -136,13 +136,13 @@ def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> N
             with httpx.Client(base_url=server.url, timeout=30) as c:
                 version = 0
                 for _ in range(steps):
-                    r = c.post(f"/v1/params/w/step?worker=a{i}&version={version}", content=g)
+                    r = c.post(f"/v1/runs/t/params/w/step?worker=a{i}&version={version}", content=g)
                     if r.status_code == 200:
                         accepted[i] += 1
                         version = int(r.headers["x-stepd-version"])
                     elif r.status_code == 409 and "stale gradient" in r.json()["detail"]:
                         stale[i] += 1
-                        version = c.get("/v1/params/w").json()["version"]  # catch up
+                        version = c.get("/v1/runs/t/params/w").json()["version"]  # catch up
                     else:
                         errors.append(f"{r.status_code} {r.text}")
 
@@ -153,23 +153,25 @@ def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> N
             t.join()
         assert errors == []
         with httpx.Client(base_url=server.url) as c:
-            info = c.get("/v1/params/w").json()
+            info = c.get("/v1/runs/t/params/w").json()
             assert info["version"] == sum(accepted)  # every accepted gradient applied once
-            value = np.frombuffer(c.get("/v1/params/w/value").content, np.float32)
+            value = np.frombuffer(c.get("/v1/runs/t/params/w/value").content, np.float32)
             np.testing.assert_array_equal(value, np.float32(-(2.0**-12) * sum(accepted)))
             metrics = c.get("/metrics").text
-            assert f"stepd_stale_rejected_total {float(sum(stale))}" in metrics
+            assert f'stepd_stale_rejected_total{{run="t"}} {float(sum(stale))}' in metrics
             assert "stepd_gradient_staleness_bucket" in metrics
             # Explicitly stale, and from the future:
-            r = c.post("/v1/params/w/step?version=0", content=np.ones(64, np.float32).tobytes())
+            r = c.post(
+                "/v1/runs/t/params/w/step?version=0", content=np.ones(64, np.float32).tobytes()
+            )
             assert r.status_code == 409
             assert f"max_staleness {bound}" in r.json()["detail"]
             r = c.post(
-                f"/v1/params/w/step?version={info['version'] + 5}",
+                f"/v1/runs/t/params/w/step?version={info['version'] + 5}",
                 content=np.ones(64, np.float32).tobytes(),
             )
             assert r.status_code == 422
-            r = c.post("/v1/params/w/step", content=np.ones(64, np.float32).tobytes())
+            r = c.post("/v1/runs/t/params/w/step", content=np.ones(64, np.float32).tobytes())
             assert r.status_code == 422
             assert "async group" in r.json()["detail"]
-            assert c.get("/v1/params/w").json()["version"] == info["version"]
+            assert c.get("/v1/runs/t/params/w").json()["version"] == info["version"]

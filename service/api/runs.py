@@ -1,0 +1,53 @@
+"""/v1/runs: create or join, list, inspect and delete runs; /v1/status: the server."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+
+from ..schemas import RunInfo, RunJoined, RunRequest, Status
+from .deps import ERRORS, EngineDep
+
+router = APIRouter(prefix="/v1", tags=["runs"], responses=ERRORS)
+
+
+@router.get("/status", response_model=Status)
+async def status(engine: EngineDep) -> Status:
+    """The server: version, wire protocol, device, shard, runs, bytes held, limits."""
+    return Status(**engine.status())
+
+
+@router.get("/runs", response_model=list[RunInfo])
+async def list_runs(engine: EngineDep) -> list[RunInfo]:
+    return [RunInfo(**r) for r in engine.runs()]
+
+
+@router.post("/runs", status_code=201, response_model=RunJoined)
+async def open_run(
+    engine: EngineDep, response: Response, body: RunRequest | None = None
+) -> RunJoined:
+    """Join the named run (200; created if absent: 201), with ``fresh`` delete it first, or
+    without a name create an anonymous run, private to its client (201): it is deleted when
+    the client closes, or after ``STEPD_ANONYMOUS_RUN_TTL`` idle seconds. The reply names the
+    run and announces the server's limits and wire protocol."""
+    body = body or RunRequest()
+    run, created = await run_in_threadpool(engine.open_run, body.name, fresh=body.fresh)
+    if not created:
+        response.status_code = 200
+    status = engine.status()
+    return RunJoined(
+        **run.info(), protocol=status["protocol"], limits=status["limits"], shard=status["shard"]
+    )
+
+
+@router.get("/runs/{run}", response_model=RunInfo)
+async def get_run(run: str, engine: EngineDep) -> RunInfo:
+    return RunInfo(**engine.run(run).info())
+
+
+@router.delete("/runs/{run}", status_code=204, response_class=Response)
+async def delete_run(run: str, engine: EngineDep) -> Response:
+    """Delete the run and free its memory now. A named run's checkpoints stay on disk (a run
+    of the same name sees them again); an anonymous run's go too."""
+    await run_in_threadpool(engine.delete_run, run)
+    return Response(status_code=204)

@@ -1,0 +1,389 @@
+"""The server's engine: every operation of stepd, implemented once, over its runs.
+
+The adapters (the HTTP routers in ``service/api``, the shared-memory listener in
+``service/shm.py``) only decode a request, call one method here and encode the result or the
+error (each error carries its status: ``service/errors.py``). So a rule — which worker mode
+routes a gradient where, when a request id is a replay, when an iteration autosaves, what an
+unknown name's lr_scale is, what counts in ``/metrics`` — holds the same on every transport.
+
+Every method takes the run's name first; an unknown (or deleted) run is a ``NotFound``.
+Methods that may wait (kernels, sync rounds, disk) are called off the event loop by the
+HTTP adapter; :meth:`Engine.step` can also be tried with ``blocking=False`` on the loop, and
+raises ``WouldBlock`` before doing anything when it would have to wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import stepd
+from stepd.wire import (
+    MAX_PAYLOAD,
+    PROTOCOL,
+    REQUEST_ID_RE,
+    REQUEST_ID_RULE,
+    RUN_NAME_RE,
+    RUN_NAME_RULE,
+    WORKER_RE,
+    WORKER_RULE,
+)
+
+from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
+from .config import Settings
+from .errors import Conflict, Invalid, NotFound, Stale
+from .metrics import Metrics
+from .runs import Run
+from .rwlock import WouldBlock
+from .store import Entry, ParamStore, StepOutcome
+
+log = logging.getLogger("stepd")
+
+ANONYMOUS_PREFIX = "anon-"
+
+
+class Engine:
+    """The runs of one server process and every operation on them."""
+
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.settings = settings
+        self.device = device
+        self.shard = (settings.shard_index, settings.shard_count)
+        self.root = Path(settings.checkpoint_dir)
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self.backend_name = ParamStore(device).backend.name
+        self.metrics = Metrics(self.device_bytes, lambda: len(self._runs))
+
+    # -- the server ------------------------------------------------------------------------
+
+    def limits(self) -> dict[str, int]:
+        """What a client must stay within; announced when it joins a run."""
+        body = self.settings.max_body_bytes
+        return {"max_body_bytes": body, "max_state_bytes": body, "max_control_bytes": MAX_PAYLOAD}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": stepd.__version__,
+            "protocol": PROTOCOL,
+            "device": self.backend_name,
+            "shard": {"index": self.shard[0], "count": self.shard[1]},
+            "runs": len(self._runs),
+            "device_bytes": self.device_bytes(),
+            "limits": self.limits(),
+        }
+
+    def device_bytes(self) -> int:
+        return sum(r.store.device_bytes() for r in list(self._runs.values()))
+
+    def clean_temporaries(self) -> list[str]:
+        """Delete what interrupted checkpoint saves left behind, in every run's folder."""
+        if not self.root.is_dir():
+            return []
+        return [
+            name
+            for folder in self.root.iterdir()
+            if folder.is_dir()
+            for name in CheckpointDir(folder).clean_temporaries()
+        ]
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def open_run(self, name: str | None = None, *, fresh: bool = False) -> tuple[Run, bool]:
+        """Join the named run, creating it if needed (``fresh``: delete it first), or create
+        an anonymous one (``name`` None). Returns the run and whether it was created."""
+        if name is not None and (not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name)):
+            raise Invalid(f"invalid run name {name!r}: {RUN_NAME_RULE}")
+        anonymous = name is None
+        with self._lock:
+            if name is None:
+                name = f"{ANONYMOUS_PREFIX}{secrets.token_hex(8)}"
+            existing = self._runs.get(name)
+            if existing is not None and existing.anonymous:
+                raise Conflict(f"run {name!r} is anonymous: it belongs to the client that made it")
+            if existing is not None and not fresh:
+                existing.touch()
+                return existing, False
+            if existing is not None:
+                self._forget(existing)
+            store = ParamStore(
+                self.device, self.settings.nonfinite, self.settings.stats_every, self.shard
+            )
+            run = Run(name, store, CheckpointDir(self.root / name), anonymous)
+            self._runs[name] = run
+        log.info("run %s %s", name, "created (anonymous)" if anonymous else "created")
+        return run, True
+
+    def run(self, name: str) -> Run:
+        run = self._runs.get(name)
+        if run is None:
+            raise NotFound(f"run {name!r} does not exist")
+        run.touch()
+        return run
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [r.info() for r in list(self._runs.values())]
+
+    def delete_run(self, name: str) -> None:
+        """Forget the run and free its memory now; an anonymous run's checkpoints go too,
+        a named run's stay on disk."""
+        with self._lock:
+            run = self._runs.get(name)
+            if run is None:
+                raise NotFound(f"run {name!r} does not exist")
+            self._forget(run)
+        with run.store.lock.exclusive():  # steps in flight finish first
+            run.store.clear()
+        if run.anonymous:
+            shutil.rmtree(run.checkpoints.root, ignore_errors=True)
+        log.info("run %s deleted", name)
+
+    def _forget(self, run: Run) -> None:
+        del self._runs[run.name]
+        self.metrics.forget_run(run.name)
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Delete anonymous runs idle for longer than the TTL and held by no connection."""
+        now = time.monotonic() if now is None else now
+        ttl = self.settings.anonymous_run_ttl
+        idle = [
+            r.name
+            for r in list(self._runs.values())
+            if r.anonymous and not r.holders and now - r.last_used > ttl
+        ]
+        for name in idle:
+            with contextlib.suppress(NotFound):  # deleted meanwhile by its client
+                self.delete_run(name)
+        return idle
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def register(
+        self,
+        run: str,
+        name: str,
+        shape: Sequence[int],
+        value: np.ndarray | None,
+        algorithm: str,
+        hyperparams: Mapping[str, Any],
+        lr_scale: float = 1.0,
+        workers: Mapping[str, Any] | None = None,
+        shard_view: tuple[int, int] | None = None,
+    ) -> tuple[Entry, bool]:
+        """Create ``name`` in ``run`` (True) or confirm an identical registration (False)."""
+        limit = self.settings.max_body_bytes
+        if all(isinstance(d, int) for d in shape) and math.prod(shape) * 4 > limit:
+            raise Invalid(
+                f"{name!r}: shape {list(shape)} needs more than the body limit of {limit} "
+                "bytes per gradient"
+            )
+        return self.run(run).store.register(
+            name, shape, value, algorithm, hyperparams, lr_scale, workers, shard_view
+        )
+
+    def entry(self, run: str, name: str) -> Entry:
+        return self.run(run).store.entry(name)
+
+    def read(self, run: str, name: str) -> np.ndarray:
+        return self.run(run).store.read(name)
+
+    def set_value(self, run: str, name: str, value: np.ndarray) -> int:
+        return self.run(run).store.set_value(name, value)
+
+    def lr_scale(self, run: str, name: str) -> float:
+        return self.run(run).store.lr_scale(name)
+
+    def set_lr_scale(self, run: str, name: str, scale: float) -> float:
+        store = self.run(run).store
+        store.set_lr_scale(name, scale)
+        return store.lr_scale(name)
+
+    def update_hessian(self, run: str, name: str, hessian: np.ndarray) -> None:
+        self.run(run).store.update_hessian(name, hessian)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def step(
+        self,
+        run: str,
+        grads: Mapping[str, np.ndarray],
+        *,
+        worker: str | None = None,
+        iteration: int | None = None,
+        versions: Mapping[str, int] | None = None,
+        read_back: bool = False,
+        request_id: str | None = None,
+        blocking: bool = True,
+        transport: str = "http",
+    ) -> list[StepOutcome]:
+        """Apply one gradient per name, each routed by its group's workers mode.
+
+        Plain and async groups step at once (one fused launch per group; async gradients are
+        checked against ``max_staleness`` from ``versions``, the parameter versions they were
+        computed from); sync groups join the round of ``iteration`` (default: the current
+        one) and wait for every worker's gradient. ``request_id``: a repeat of an applied
+        request is answered with its recorded outcome and applies nothing. Outcomes come in
+        the order of ``grads``.
+        """
+        start = time.perf_counter()
+        r = self.run(run)
+        store = r.store
+        versions = versions or {}
+        if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
+            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
+        if request_id is not None and not REQUEST_ID_RE.fullmatch(request_id):
+            raise Invalid(f"invalid X-Stepd-Request-Id {request_id[:160]!r}: {REQUEST_ID_RULE}")
+        if not grads:
+            raise Invalid("a step needs at least one gradient")
+        entries = {n: store.entry(n) for n in grads}
+        sync = [n for n, e in entries.items() if e.group.workers["mode"] == "sync"]
+        if sync and worker is None:
+            raise Invalid(f"{sync[0]!r} is in a sync group: name this worker (a worker id)")
+        missing = [
+            n
+            for n, e in entries.items()
+            if e.group.workers["mode"] == "async" and n not in versions
+        ]
+        if missing:
+            raise Invalid(
+                f"{missing[0]!r} is in an async group: pass the parameter version its gradient "
+                "was computed from"
+            )
+        if sync and not blocking:  # a round waits for the other workers
+            raise WouldBlock
+        rest = {n: g for n, g in grads.items() if n not in sync}
+        outcomes: dict[str, StepOutcome] = {}
+        if rest:
+            based_on = {n: v for n, v in versions.items() if n in rest}
+            try:
+                applied = store.step(rest, read_back, blocking, based_on or None, request_id)
+            except Stale:
+                self.metrics.stale_rejected.labels(run).inc()
+                raise
+            for o in applied:
+                outcomes[o.name] = o
+                if o.staleness is not None:
+                    self.metrics.staleness.labels(run).observe(o.staleness)
+        if worker is not None:
+            r.workers.touch(worker, len(grads))
+        for n in sync:  # every worker sends the same names: the rounds complete in order
+            cfg = entries[n].group.workers
+            outcomes[n] = r.sync.contribute(n, grads[n], worker, iteration, cfg, request_id)
+        ordered = [outcomes[n] for n in grads]
+        self._count(run, entries, ordered)
+        self.metrics.step_seconds.labels(transport).observe(time.perf_counter() - start)
+        return ordered
+
+    def _count(self, run: str, entries: Mapping[str, Entry], outcomes: list[StepOutcome]) -> None:
+        m = self.metrics
+        for o in outcomes:
+            if o.replayed:  # a retried request id: counted when it was applied
+                continue
+            if o.applied:
+                m.steps.labels(run, entries[o.name].group.id).inc()
+            else:
+                m.skipped.labels(run).inc()
+
+    def end_iteration(self, run: str, worker: str | None = None) -> int:
+        """Advance the run's global step; returns the new step.
+
+        With sync groups, each worker passes its id and the call is a barrier: it returns
+        once all of them have called it (the last one advances the step). Every
+        ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
+        ``autosave_keep`` automatic checkpoints.
+        """
+        r = self.run(run)
+        store = r.store
+        if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
+            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
+        count = store.sync_count()
+        if worker is not None and count is not None:
+            r.workers.touch(worker)
+            step, advanced = r.sync.end_iteration(worker, count, store.sync_timeout())
+            if not advanced:  # another worker's call advanced it (and autosaves)
+                return step
+        else:
+            step = store.end_iteration()
+        self.metrics.iterations.labels(run).set(step)
+        every = self.settings.autosave_every
+        if every and step % every == 0:
+            self.save_checkpoint(run, f"{AUTO_PREFIX}{step:08d}")
+            r.checkpoints.prune_auto(self.settings.autosave_keep)
+        return step
+
+    def touch_worker(self, run: str, worker: str) -> None:
+        if not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
+            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
+        self.run(run).workers.touch(worker)
+
+    def workers(self, run: str) -> list[dict[str, Any]]:
+        return self.run(run).workers.list()
+
+    # -- groups, lr, optimizer state -------------------------------------------------------
+
+    def set_lr(self, run: str, lr: float, group: str | None = None) -> list[str]:
+        return self.run(run).store.set_lr(lr, group)
+
+    def groups(self, run: str) -> list[dict[str, Any]]:
+        return self.run(run).store.groups()
+
+    def group(self, run: str, group_id: str) -> dict[str, Any]:
+        for g in self.groups(run):
+            if g["id"] == group_id:
+                return g
+        raise NotFound(f"group {group_id!r} does not exist")
+
+    def group_state(self, run: str, group_id: str) -> tuple[dict[str, Any], dict[str, int]]:
+        """The group's optimizer ``state_dict`` (host copies) and its parameters' versions."""
+        return self.run(run).store.group_state(group_id)
+
+    def load_group_state(
+        self, run: str, group_id: str, tensors: Mapping[str, Any], meta: Mapping[str, str]
+    ) -> None:
+        self.run(run).store.load_group_state(group_id, tensors, meta)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self, run: str, name: str | None = None) -> CheckpointInfo:
+        r = self.run(run)
+        if name is not None:
+            r.checkpoints.path(name)  # validate before the (possibly long) snapshot
+        start = time.perf_counter()
+        info = r.store.write_snapshot(lambda tensors, meta: r.checkpoints.save(tensors, meta, name))
+        self.metrics.checkpoint_seconds.labels(run, "save").observe(time.perf_counter() - start)
+        return info
+
+    def restore_checkpoint(self, run: str, name: str) -> CheckpointInfo:
+        """Bring back exactly the saved state (params, slots, step, lr, lr_scales)."""
+        r = self.run(run)
+        start = time.perf_counter()
+        tensors, meta = r.checkpoints.load(name)
+        r.store.restore(tensors, meta)
+        r.reset_rounds()
+        self.metrics.checkpoint_seconds.labels(run, "restore").observe(time.perf_counter() - start)
+        self.metrics.iterations.labels(run).set(r.store.global_step)
+        return next(i for i in r.checkpoints.list() if i.name == name)
+
+    def checkpoints(self, run: str) -> list[CheckpointInfo]:
+        return self.run(run).checkpoints.list()
+
+    def delete_checkpoint(self, run: str, name: str) -> None:
+        self.run(run).checkpoints.delete(name)
+
+    def save_all(self) -> list[CheckpointInfo]:
+        """A final checkpoint of every named run that holds parameters (shutdown)."""
+        return [
+            self.save_checkpoint(r.name)
+            for r in list(self._runs.values())
+            if not r.anonymous and r.store.names()
+        ]

@@ -1,0 +1,62 @@
+"""The errors of the server's operations, each with the status every adapter answers it with.
+
+::
+
+    StoreError
+    ├── NotFound          404  unknown run, parameter, slot, group or checkpoint
+    ├── Conflict          409  conflicting registration, duplicate contribution
+    │   └── Stale         409  an async gradient beyond the staleness bound
+    ├── Invalid           422  refused content (and malformed tensors: ``wire.WireError``)
+    ├── TooLarge          413  over a size limit
+    └── StragglerTimeout  504  a sync round or barrier did not complete in time
+
+The statuses are :class:`stepd.wire.Status`, the numbers the client maps back to its own
+exception tree, so HTTP and shm:// fail the same way for the same cause.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from stepd.wire import Status, WireError
+
+
+class StoreError(Exception):
+    """Base of the errors the adapters map to statuses."""
+
+    status: ClassVar[Status] = Status.INTERNAL
+
+
+class NotFound(StoreError):
+    status = Status.NOT_FOUND
+
+
+class Conflict(StoreError):
+    status = Status.CONFLICT
+
+
+class Stale(Conflict):
+    """An async gradient computed from a parameter too many versions old; not applied."""
+
+
+class Invalid(StoreError):
+    status = Status.INVALID
+
+
+class TooLarge(StoreError):
+    status = Status.TOO_LARGE
+
+
+class StragglerTimeout(StoreError):
+    """A sync round did not complete in time; nothing was applied."""
+
+    status = Status.TIMEOUT
+
+
+def status_of(exc: BaseException) -> Status:
+    """The status an adapter answers ``exc`` with (500 for anything unexpected)."""
+    if isinstance(exc, StoreError):
+        return exc.status
+    if isinstance(exc, WireError):
+        return Status.INVALID
+    return Status.INTERNAL

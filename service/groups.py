@@ -1,0 +1,63 @@
+"""Groups: an optimizer configuration (algorithm, hyperparameters, workers mode) and its id.
+
+Parameters registered with the same configuration share one ``stepd.kernels.Optimizer``;
+the id is a hash of the canonical configuration, so it is the same in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stepd.kernels import Optimizer, create_optimizer
+
+from stepd.wire import PARAM_NAME_RE, PARAM_NAME_RULE
+
+from .errors import Invalid
+from .workers import parse_workers
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not PARAM_NAME_RE.fullmatch(name):
+        raise Invalid(f"invalid parameter name {name!r}: {PARAM_NAME_RULE}")
+    return name
+
+
+@dataclass(frozen=True)
+class Group:
+    """An optimizer configuration; its id is stable across processes (a hash of the config)."""
+
+    algorithm: str
+    hyperparams: Mapping[str, Any]
+    workers: Mapping[str, Any] = field(default_factory=lambda: {"mode": "plain"})
+    id: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        config: dict[str, Any] = {"a": self.algorithm, "h": self.hyperparams}
+        if self.workers["mode"] != "plain":  # plain groups keep the ids they always had
+            config["w"] = self.workers
+        canon = json.dumps(config, sort_keys=True)
+        digest = hashlib.sha256(canon.encode()).hexdigest()[:10]
+        object.__setattr__(self, "id", f"{self.algorithm}-{digest}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "algorithm": self.algorithm,
+            "hyperparams": dict(self.hyperparams),
+            "workers": dict(self.workers),
+        }
+
+
+def resolve_group(
+    algorithm: str, hyperparams: Mapping[str, Any], workers: Mapping[str, Any] | None = None
+) -> tuple[Group, Optimizer]:
+    """Validate a group config through the algorithm's dataclass and the workers rules."""
+    try:
+        opt = create_optimizer(algorithm, backend="reference", **dict(hyperparams))
+        return Group(algorithm, opt.hyperparams.to_dict(), parse_workers(workers)), opt
+    except (TypeError, ValueError, OverflowError) as exc:  # Overflow: an int past float
+        raise Invalid(str(exc)) from None

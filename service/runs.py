@@ -1,0 +1,58 @@
+"""Runs: isolated optimizer worlds on one server.
+
+A run has its own parameters (names unique within it), groups, global step, lr and lr_scales
+(its :class:`ParamStore`), workers and sync rounds, request-id log, checkpoints (a folder of
+its own under the checkpoint dir) and a ``run`` label on its metrics. Nothing is shared
+between runs but the device and the server's limits.
+
+A *named* run is shared: every client that joins it by name sees the same parameters (the
+server's copy wins), which is what distributed workers and resumed jobs want. An *anonymous*
+run belongs to one client: it gets a generated name, is deleted when that client closes, and
+is reaped by the server once idle longer than ``STEPD_ANONYMOUS_RUN_TTL``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoints import CheckpointDir
+from .store import ParamStore
+from .workers import SyncRounds, WorkerRegistry
+
+
+@dataclass(eq=False)
+class Run:
+    name: str
+    store: ParamStore
+    checkpoints: CheckpointDir
+    anonymous: bool = False
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    holders: int = 0  # shm:// connections bound to it: an anonymous run lives while they do
+    workers: WorkerRegistry = field(default_factory=WorkerRegistry)
+    sync: SyncRounds = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sync = SyncRounds(self.store)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def reset_rounds(self) -> None:
+        """Rounds in flight belonged to state that was just replaced (a restore)."""
+        self.sync = SyncRounds(self.store)
+
+    def info(self) -> dict[str, Any]:
+        store = self.store
+        return {
+            "name": self.name,
+            "anonymous": self.anonymous,
+            "created": self.created,
+            "idle_s": round(time.monotonic() - self.last_used, 3),
+            "global_step": store.global_step,
+            "params": len(store.names()),
+            "device_bytes": store.device_bytes(),
+            "groups": store.groups(),
+        }
