@@ -53,6 +53,9 @@ class Hyperparams:
     """Base of every algorithm's hyperparameters; subclasses add fields and ``validate``."""
 
     algorithm: ClassVar[str] = ""
+    # Every algorithm has a base learning rate (the optimizer's ``lr``, which ``set_lr``
+    # changes). Each subclass declares it again, as its first field, with its own default.
+    lr: float
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,9 @@ MAX_SLOTS = 3
 MAX_ARGS = 12
 
 Reference = Callable[[np.ndarray, np.ndarray, Sequence[np.ndarray], SimpleNamespace], None]
+# A float32 buffer a kernel reads or writes: a numpy.ndarray (cpu, reference) or a
+# cupy.ndarray (cuda). CuPy ships no type information, so the checker sees Any.
+Array = Any
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Op:
 class Launch:
     """One tensor's share of a fused launch: everything the kernel reads and writes."""
 
-    param: np.ndarray
-    grad: np.ndarray
-    slots: Sequence[np.ndarray]
-    args: np.ndarray  # float32[MAX_ARGS], from Op.pack
+    param: Array
+    grad: Array
+    slots: Sequence[Array]
+    args: np.ndarray  # float32[MAX_ARGS], from Op.pack (host memory on every backend)

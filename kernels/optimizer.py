@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,9 @@ _F32 = np.dtype(np.float32)
 # Prepared step_batch layouts kept per optimizer: one per name for a loop of single steps
 # (the rlx-optim trait's way), so this covers models of thousands of tensors.
 MAX_PLANS = 4096
+# The args of the Launches a layout is prepared from: a prepared launch takes its scalars
+# per run, so these are never read.
+_NO_ARGS = np.zeros(MAX_ARGS, np.float32)
 
 
 @dataclass
@@ -44,8 +47,10 @@ class _Plan:
     """A prepared launch and what a step_batch must match to reuse it."""
 
     launch: Any  # the backend's PreparedLaunch
+    args_row: Callable[[int, float, bool], np.ndarray]  # its ElementwiseAlgorithm's
     shapes: tuple[tuple[int, ...], ...]
-    params: tuple[weakref.ref, ...]  # the very arrays (identity is checked), not kept alive
+    # The very param arrays (their identity is checked), referred to weakly: not kept alive.
+    params: tuple[weakref.ref[np.ndarray], ...]
     states: tuple[ParamState, ...]
     scales: tuple[float, ...]  # lr_scale per item (set_lr_scale drops every plan)
     sizes: tuple[int, ...]
@@ -269,7 +274,8 @@ class Optimizer:
             return
         op = self.algorithm.op()
         launch = prepare(
-            op, [Launch(it.param, it.grad, [it.slots[s] for s in op.slots], None) for it in items]
+            op,
+            [Launch(it.param, it.grad, [it.slots[s] for s in op.slots], _NO_ARGS) for it in items],
         )
         if len(self._plans) >= MAX_PLANS:
             # The oldest goes. A server steps different names of one optimizer from several
@@ -279,6 +285,7 @@ class Optimizer:
                 self._plans.pop(keys[0], None)
         self._plans[tuple(it.name for it in items)] = _Plan(
             launch,
+            self.algorithm.args_row,
             tuple(it.shape for it in items),
             tuple(weakref.ref(it.param) for it in items),
             tuple(self._state[it.name] for it in items),
@@ -297,9 +304,10 @@ class Optimizer:
         if plan is None:
             return None
         for item, shape, ref in zip(items, plan.shapes, plan.params, strict=True):
-            if len(item) != 4 or item[2] is not ref() or item[1] != shape:
+            param = ref()  # None once the prepared array is gone
+            if param is None or len(item) != 4 or item[2] is not param or item[1] != shape:
                 return None
-            if not item[2].flags.writeable:
+            if not param.flags.writeable:
                 return None
         return plan
 
@@ -307,7 +315,7 @@ class Optimizer:
         for (name, shape, _, grad), size in zip(items, plan.sizes, strict=True):
             self._check_array(name, "grad", grad, shape, size)
         t = self._global_step + 1
-        row = self.algorithm.args_row
+        row = plan.args_row
         lr = self._lr
         scales = plan.scales
         if plan.uniform:

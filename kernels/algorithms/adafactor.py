@@ -92,12 +92,12 @@ PAPER_LR = 1e-2  # the paper's cap on the relative step size, min(1e-2, 1/sqrt(t
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # torch's eps1=None for float32 parameters
 
 
-def _reference(p: np.ndarray, u: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, u: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     p *= a.decay
     p -= a.step * u
 
 
-def _reference_momentum(p: np.ndarray, u: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_momentum(p: np.ndarray, u: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (m,) = slots
     m[...] = m + a.one_minus_beta1 * (a.step * u - m)
     p *= a.decay
@@ -114,7 +114,10 @@ ADAFACTOR_MOMENTUM = Op(
 @dataclass(frozen=True)
 class AdafactorHyperparams(Hyperparams):
     algorithm = "adafactor"
-    lr: float | None = PAPER_LR  # None: the paper's relative step (stored as PAPER_LR)
+    # None: the paper's relative step. __init__ takes None and __post_init__ stores PAPER_LR
+    # in its place (after validate), so a constructed instance's lr is a float, as the base
+    # declares; a dataclass field cannot type its __init__ parameter wider than the attribute.
+    lr: float | None = PAPER_LR  # type: ignore[assignment]
     beta2_decay: float = -0.8
     eps: tuple[float | None, float] = (1e-30, 1e-3)  # (eps1, eps2); eps1 None: float32 eps
     d: float = 1.0  # update clipping threshold (inf: no clipping)
@@ -141,6 +144,7 @@ class AdafactorHyperparams(Hyperparams):
         if not (math.isfinite(self.beta2_decay) and self.beta2_decay <= 0.0):
             raise ValueError(f"beta2_decay should be <= 0 but is: {self.beta2_decay}")
         eps1, eps2 = self.eps
+        assert eps1 is not None  # __post_init__ put FLOAT32_EPS in its place
         if not (math.isfinite(eps1) and eps1 >= 0.0):
             raise ValueError(f"epsilon1 should be >= 0 but is: {eps1}")
         if not (math.isfinite(eps2) and eps2 >= 0.0):
@@ -200,6 +204,7 @@ class Adafactor(Algorithm):
     def _precondition(self, xp: Any, it: StepItem, beta2t: float) -> Any:
         """Update the second moment of ``it`` and return ``U = G / sqrt(V̂)`` (a new array)."""
         eps1, floor = self.hp.eps[0], self.hp.eps1_floor
+        assert eps1 is not None  # __post_init__ stores FLOAT32_EPS for eps1=None
         one_minus_beta2t = 1.0 - beta2t
         if len(it.shape) < 2:
             g, v = _flat(it.grad), _flat(it.slots["exp_avg_sq"])

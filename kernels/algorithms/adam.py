@@ -14,6 +14,7 @@ decays θ by ``1 - ηλ`` first instead of adding λθ to the gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from ..ops import Op
 from .base import ElementwiseAlgorithm
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     p *= a.decay
     g = g + a.l2 * p

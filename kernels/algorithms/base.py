@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from ..hyperparams import Hyperparams
 from ..ops import Launch, Op
 
@@ -56,6 +58,9 @@ class Algorithm(ABC):
 class ElementwiseAlgorithm(Algorithm):
     """An algorithm whose update is one fused per-element op plus host scalars."""
 
+    # args_row's cache: (t, {(lr, fresh): packed row}); set on first use.
+    _rows: tuple[int, dict[tuple[float, bool], np.ndarray]]
+
     @abstractmethod
     def op(self) -> Op:
         """The fused op (fixed by the hyperparameters)."""
@@ -67,7 +72,7 @@ class ElementwiseAlgorithm(Algorithm):
     def slot_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         return {slot: shape for slot in self.op().slots}
 
-    def args_row(self, t: int, lr: float, fresh: bool) -> Any:
+    def args_row(self, t: int, lr: float, fresh: bool) -> np.ndarray:
         """The op's packed scalars for (t, lr, fresh), kept for the current ``t``: packing
         costs about as much as a small tensor's whole launch. Never written after packing."""
         rows = self.__dict__.get("_rows")

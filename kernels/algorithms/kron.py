@@ -75,7 +75,7 @@ TINY = np.float32(np.finfo(np.float32).tiny)
 CLIP_EPS = np.float32(1e-6)
 
 
-def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (buf,) = slots
     buf[...] = buf * a.beta + a.one_minus_beta * g
     p[...] = buf / a.bias_correction

@@ -63,13 +63,13 @@ def _direction(xp: Any, p: Any, m: Any, v: Any, a: Any) -> Any:
     return u
 
 
-def _reference_moments(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_moments(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     m[...] = a.one_minus_beta1 * g + a.beta1 * m
     v[...] = a.one_minus_beta2 * g * g + a.beta2 * v
 
 
-def _reference_apply(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_apply(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     p += a.neg_step * _direction(np, p, m, v, a)
 

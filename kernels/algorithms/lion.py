@@ -10,6 +10,7 @@ One slot, ``exp_avg``; sign(0) = 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..ops import Op
 from .base import ElementwiseAlgorithm
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (m,) = slots
     c = a.beta1 * m + a.one_minus_beta1 * g
     p *= a.decay

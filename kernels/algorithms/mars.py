@@ -68,7 +68,7 @@ _CHUNK = 1 << 20  # elements per chunk of the norm (bounds its float64 temporary
 V_EPS = 1e-15  # pytorch-optimizer's exp_avg_sq_eps, under the square root
 
 
-def _reference_correct(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_correct(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (last,) = slots
     last[...] = (g - last) * a.coef + g
 
@@ -81,13 +81,13 @@ def _adamw(p: np.ndarray, c: np.ndarray, m: np.ndarray, v: np.ndarray, a) -> Non
     p += a.neg_lr * (m / denom)
 
 
-def _reference_adamw(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_adamw(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v, last = slots
     _adamw(p, last / a.clip, m, v, a)
     last[...] = g
 
 
-def _reference_adamw_1d(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_adamw_1d(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     _adamw(p, g, m, v, a)
 

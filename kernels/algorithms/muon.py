@@ -129,7 +129,7 @@ def adjust_lr_ratio(adjust_lr_fn: str, rows: int, cols: int) -> float:
     raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}")
 
 
-def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (buf,) = slots
     buf[...] = buf + a.one_minus_momentum * (g - buf)
     if a.nesterov != 0:
@@ -138,7 +138,7 @@ def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a
         p[...] = buf
 
 
-def _reference_apply(p: np.ndarray, o: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_apply(p: np.ndarray, o: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     p *= a.decay
     p += a.neg_lr * o
 

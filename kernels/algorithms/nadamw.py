@@ -16,6 +16,7 @@ The products of μ depend on the global step only, so they are host scalars, not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..ops import Op
 from .base import ElementwiseAlgorithm
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     p *= a.decay
     m += a.one_minus_beta1 * (g - m)

@@ -13,6 +13,7 @@ Defaults are the authors' QHAdamW recommendation (β = (0.995, 0.999), ν = (0.7
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..ops import Op
 from .base import ElementwiseAlgorithm
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     p *= a.decay
     m += a.one_minus_beta1 * (g - m)

@@ -19,6 +19,7 @@ decoupled (θ ← θ(1 − ηλ) first) with ``decoupled_weight_decay=True``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ from .base import ElementwiseAlgorithm
 RHO_THRESHOLD = 5.0
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, v = slots
     p *= a.decay
     g = g + a.l2 * p

@@ -15,6 +15,7 @@ With ``momentum = 0`` no buffer is kept (op ``sgd``); otherwise one slot,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,12 +44,12 @@ class SgdHyperparams(Hyperparams):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     g = g + a.weight_decay * p
     p += a.neg_lr * g
 
 
-def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_momentum(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (buf,) = slots
     g = g + a.weight_decay * p
     buf[...] = a.buf_decay * buf + a.grad_coef * g

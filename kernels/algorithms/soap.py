@@ -98,17 +98,17 @@ def _lerp(a: np.ndarray, b: np.ndarray, w: np.float32) -> np.ndarray:
     return a + w * (b - a) if w < 0.5 else b - (b - a) * (np.float32(1.0) - w)
 
 
-def _reference_lerp(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_lerp(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     p[...] = _lerp(p, g, a.weight)
 
 
-def _reference_precondition(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_precondition(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     (v,) = slots
     v[...] = _lerp(v, g * g, a.weight)
     p[...] = p / (np.sqrt(v) + a.eps)
 
 
-def _reference_apply(p: np.ndarray, u: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_apply(p: np.ndarray, u: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     p[...] = p + a.neg_step_size * (u / a.norm)
     p *= a.decay
 

@@ -45,7 +45,7 @@ from ..ops import Launch, Op
 from .base import Algorithm, StepItem
 
 
-def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     m, h = slots
     p *= a.decay
     m += a.one_minus_beta1 * (g - m)
@@ -56,7 +56,7 @@ def _reference(p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], a) -> None
     p += a.neg_lr * u
 
 
-def _reference_hessian(h: np.ndarray, hhat: np.ndarray, slots: list[np.ndarray], a) -> None:
+def _reference_hessian(h: np.ndarray, hhat: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
     h += a.one_minus_beta2 * (hhat - h)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from _ctypes import CFuncPtr  # the type of a loaded C function (ctypes._CFuncPtr)
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +16,9 @@ def _addr(a: np.ndarray) -> int:
     # 4x cheaper than `a.ctypes.data`, which matters at hundreds of tensors per batch; a
     # read-only buffer (a gradient straight from request bytes) takes the slower path.
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+        # An ndarray exports the buffer protocol; numpy's stubs declare __buffer__ for
+        # Python >= 3.12 only, so the 3.11 checker does not see it as a Buffer.
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return a.ctypes.data
 
@@ -31,7 +34,7 @@ class CpuBackend:
         self._lib = ctypes.CDLL(str(self.library_path))
         if (self._lib.stepd_max_slots(), self._lib.stepd_max_args()) != (MAX_SLOTS, MAX_ARGS):
             raise RuntimeError(f"{self.library_path} was built for other slot/arg limits")
-        self._fns: dict[str, ctypes._CFuncPtr] = {}
+        self._fns: dict[str, CFuncPtr] = {}
         self._all_finite = self._lib.stepd_all_finite
         self._all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
 
@@ -39,7 +42,7 @@ class CpuBackend:
         """True when no element of the contiguous float32 array ``x`` is NaN or ±Inf."""
         return bool(self._all_finite(_addr(x), x.size))
 
-    def _fn(self, op: Op) -> ctypes._CFuncPtr:
+    def _fn(self, op: Op) -> CFuncPtr:
         fn = self._fns.get(op.name)
         if fn is None:
             nargs = getattr(self._lib, f"stepd_{op.name}_nargs")()
@@ -86,7 +89,7 @@ class PreparedLaunch:
     param arrays it was prepared for, alive (kernels.Optimizer checks their identity).
     """
 
-    def __init__(self, fn: ctypes._CFuncPtr, op: Op, items: Sequence[Launch]) -> None:
+    def __init__(self, fn: CFuncPtr, op: Op, items: Sequence[Launch]) -> None:
         pad = (0,) * (MAX_SLOTS - len(op.slots))
         rows = [(_addr(it.param), 0, *map(_addr, it.slots), *pad, it.param.size) for it in items]
         self._fn = fn

@@ -220,3 +220,19 @@ def test_a_prepared_layout_does_not_keep_its_params_alive() -> None:
         opt.step("w", (1000,), q, g)
         ref.step("w", (1000,), r, g)
     np.testing.assert_array_equal(q, r)
+
+
+def test_a_none_param_after_the_prepared_array_is_gone_is_refused_as_bad_input() -> None:
+    """The layout's array is dead and the caller passes None for it: the checked path
+    says what is wrong (the identity test once let None through to ``.flags``)."""
+    import gc
+
+    opt = create_optimizer("adamw", backend="cpu")
+    p = np.ones(8, np.float32)
+    for _ in range(3):
+        opt.step("w", (8,), p, np.ones(8, np.float32))
+    assert opt._plans
+    del p
+    gc.collect()
+    with pytest.raises(TypeError, match=r"param must be a numpy\.ndarray"):
+        opt.step("w", (8,), None, np.ones(8, np.float32))
