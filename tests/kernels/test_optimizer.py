@@ -7,9 +7,10 @@ import copy
 import numpy as np
 import pytest
 from stepd.kernels import create_optimizer
+from stepd.kernels.algorithms import ALGORITHMS, ElementwiseAlgorithm
 
 # The elementwise family; the matrix-aware algorithms have tests of their own.
-ELEMENTWISE = ["adam", "adamw", "lion", "nadamw", "qhadamw", "radam", "sgd"]
+ELEMENTWISE = sorted(n for n, c in ALGORITHMS.items() if issubclass(c, ElementwiseAlgorithm))
 HPARAMS = {"sgd": {"lr": 0.05, "momentum": 0.9}}
 
 

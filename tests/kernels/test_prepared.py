@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from stepd.kernels import create_optimizer
 from stepd.kernels import optimizer as optimizer_module
+from stepd.kernels.algorithms import ALGORITHMS, ElementwiseAlgorithm
 from stepd.kernels.optimizer import MAX_PLANS
 
-ELEMENTWISE = ["adam", "adamw", "lion", "nadamw", "qhadamw", "radam", "sgd"]
+ELEMENTWISE = sorted(n for n, c in ALGORITHMS.items() if issubclass(c, ElementwiseAlgorithm))
 HP = {"sgd": {"lr": 0.05, "momentum": 0.9}}
 SHAPES = {"a": (3, 5), "b": (7,), "c": (2, 2, 2)}
 
