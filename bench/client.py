@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from stepd.client import connect  # noqa: E402
 from stepd.kernels import create_optimizer  # noqa: E402
+from tests.service.server import Server  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
-from tests.service.server import Server  # noqa: E402
 
 HP = {"lr": 1e-3, "weight_decay": 0.01}
 
@@ -93,10 +93,10 @@ def big_step(server: Server, shm_url: str, n: int) -> None:
         p = p0.copy()
         t = timed(lambda: o.step("big.shm", (n,), p, g), reps, 2)
         rows.append(("shm:// (arrays copied to/from the segment)", statistics.median(t)))
-        bp, bg = o.transport.buffers("big.buf", (n,), p0)
+        bp, bg = o.buffers("big.buf", (n,), p0)
         bg[...] = g
         t = timed(lambda: o.step("big.buf", (n,), bp, bg), reps, 2)
-        rows.append(("shm:// (ShmTransport.buffers: zero copy)", statistics.median(t)))
+        rows.append(("shm:// (opt.buffers: zero copy)", statistics.median(t)))
     with connect(server.url, "adamw", **HP) as o:
         p = p0.copy()
         t = timed(lambda: o.step("big.http", (n,), p, g), reps, 2)

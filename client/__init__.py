@@ -3,7 +3,7 @@
 ::
 
     from stepd.client import connect
-    opt = connect("local://", algorithm="adamw", lr=1e-3)   # or "http://127.0.0.1:8000"
+    opt = connect("http://127.0.0.1:8000", algorithm="adamw", lr=1e-3)  # or "local://"
     opt.step("fc1.weight", param.shape, param, grad)        # param updated in place
     opt.end_iteration()
 
@@ -18,6 +18,7 @@ from .errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
+    RoundTimeoutError,
     ServerError,
     StepdError,
     TransportError,
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "Optimizer",
+    "RoundTimeoutError",
     "ServerError",
     "StepdError",
     "StepdOptimizer",

@@ -6,9 +6,10 @@
     ├── TransportError             no answer: connection refused or reset, timeout, bad URL scheme
     └── ServerError                the server answered with an error status (``status``, ``detail``)
         ├── AuthError              401: missing or wrong bearer token
-        ├── NotFoundError          404: unknown parameter, slot, group or checkpoint
+        ├── NotFoundError          404: unknown run, parameter, slot, group or checkpoint
         ├── ConflictError          409: the name is registered with another shape or group
-        └── InvalidRequestError    400 / 413 / 422: the server refused the request's content
+        ├── InvalidRequestError    400 / 413 / 422: the server refused the request's content
+        └── RoundTimeoutError      504: a sync round or barrier did not complete in time
 
 Low-level errors (``httpx``) are mapped with ``raise ... from exc``, so the original stays
 on ``__cause__``. Bad arguments caught in the client before anything is sent raise the
@@ -18,6 +19,8 @@ built-in ``TypeError`` / ``ValueError`` instead: nothing reached a server.
 from __future__ import annotations
 
 from typing import Any
+
+from stepd.wire import Status
 
 
 class StepdError(Exception):
@@ -61,13 +64,19 @@ class InvalidRequestError(ServerError):
     """400 / 413 / 422: the server refused the content (bad hyperparameters, body too big…)."""
 
 
+class RoundTimeoutError(ServerError):
+    """504: a sync round or barrier did not complete in time; nothing was applied."""
+
+
+# The statuses are stepd.wire's, the numbers the server's errors carry on every transport.
 _BY_STATUS: dict[int, type[ServerError]] = {
-    400: InvalidRequestError,
-    401: AuthError,
-    404: NotFoundError,
-    409: ConflictError,
-    413: InvalidRequestError,
-    422: InvalidRequestError,
+    Status.BAD_REQUEST: InvalidRequestError,
+    Status.UNAUTHORIZED: AuthError,
+    Status.NOT_FOUND: NotFoundError,
+    Status.CONFLICT: ConflictError,
+    Status.TOO_LARGE: InvalidRequestError,
+    Status.INVALID: InvalidRequestError,
+    Status.TIMEOUT: RoundTimeoutError,
 }
 
 

@@ -3,20 +3,35 @@
 ``local://`` uses the ``auto`` backend (fused CPU kernels, NumPy fallback with a warning);
 ``local://?backend=reference`` (or ``cpu``) picks one explicitly. Registration is a no-op:
 state is created, zero-initialised, on a name's first step, exactly as on a server.
-``update_hessian`` on an algorithm that takes no Hessian raises the numeric core's
-``TypeError`` (over http:// and shm:// the server's 422 is an ``InvalidRequestError``).
+
+It answers like a server would: what the numeric core refuses (an unknown algorithm, invalid
+hyperparameters, a Hessian for an algorithm that takes none) is an ``InvalidRequestError``
+with the core's message, the server's 422 for the same call, and it refuses what a server
+refuses by default: a first value or a gradient with NaN or Inf entries (nothing applied). ``connect("local://",
+run="x")`` joins the process's named run ``x``: optimizers that name it share one optimizer
+(its state, global step, lr and lr_scales; local:// keeps no parameter values, so nothing
+like the server's copy exists here), ``fresh=True`` starts it anew; without ``run`` the
+optimizer is its own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from stepd.wire import Status
+
+from .errors import ConflictError, InvalidRequestError
+from .state import check
 from .transport import (
     EndIteration,
     GetLr,
     GetLrScale,
     GetStateDict,
+    Item,
     LoadStateDict,
     Op,
     Register,
@@ -27,24 +42,81 @@ from .transport import (
     UpdateHessian,
 )
 
+_runs: dict[str, tuple[tuple[str, str, str], Any]] = {}  # name -> (config, optimizer)
+_runs_lock = threading.Lock()
+
+
+def _refused(exc: Exception, what: str) -> InvalidRequestError:
+    return InvalidRequestError(Status.INVALID, str(exc), "local", what)
+
 
 class LocalTransport(Transport):
     """Wraps ``stepd.kernels.create_optimizer(algorithm, backend=..., **hyperparams)``."""
 
     def __init__(
-        self, algorithm: str, hyperparams: Mapping[str, Any], backend: str = "auto"
+        self,
+        algorithm: str,
+        hyperparams: Mapping[str, Any],
+        backend: str = "auto",
+        run: str | None = None,
+        fresh: bool = False,
     ) -> None:
         from stepd.kernels import create_optimizer  # only local:// needs the numeric core
 
-        self.optimizer = create_optimizer(algorithm, backend=backend, **dict(hyperparams))
+        try:
+            opt = create_optimizer(algorithm, backend=backend, **dict(hyperparams))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _refused(exc, "connect") from None
+        self.run = run
+        self._seen: set[str] = set()  # names whose first value was checked
+        if run is None:
+            self.optimizer = opt
+            return
+        config = (algorithm, repr(sorted(opt.hyperparams.to_dict().items())), backend)
+        with _runs_lock:
+            known = _runs.get(run)
+            if known is None or fresh:
+                _runs[run] = (config, opt)
+            elif known[0] != config:
+                raise ConflictError(
+                    Status.CONFLICT,
+                    f"local run {run!r} runs {known[0][0]} with other settings: local:// runs "
+                    "hold one optimizer",
+                    "local",
+                    "connect",
+                )
+            self.optimizer = _runs[run][1]
 
     def handle(self, op: Op) -> Any:
+        if isinstance(op, LoadStateDict):  # the structure is checked as for a server, first
+            check(op.state, self.optimizer.hyperparams.algorithm)
+        try:
+            return self._handle(op)
+        except (TypeError, ValueError) as exc:  # the core refused it, as a server would
+            raise _refused(exc, type(op).__name__) from None
+
+    def _admit(self, items: tuple[Item, ...], grads: bool) -> None:
+        """Refuse non-finite first values and gradients, as a server does (all before any)."""
+        for name, _, param, _ in items:
+            if name not in self._seen and not np.isfinite(param).all():
+                raise InvalidRequestError(
+                    Status.INVALID, f"{name!r}: initial value has non-finite entries", "local", ""
+                )
+        if grads:
+            bad = [name for name, _, _, g in items if not np.isfinite(g).all()]
+            if bad:
+                detail = f"non-finite gradient values for {', '.join(map(repr, bad))}"
+                raise InvalidRequestError(Status.INVALID, detail, "local", "Step")
+        self._seen.update(name for name, *_ in items)
+
+    def _handle(self, op: Op) -> Any:
         opt = self.optimizer
         match op:
             case Step(items=items):
+                self._admit(items, grads=True)
                 return opt.step_batch(items)
-            case Register():
-                return None
+            case Register(items=items):
+                return self._admit(items, grads=False)
             case EndIteration():
                 return opt.end_iteration()
             case GetLr():
@@ -60,5 +132,5 @@ class LocalTransport(Transport):
             case LoadStateDict(state=state):
                 return opt.load_state_dict(state)
             case UpdateHessian(name=name, shape=shape, hessian=hessian):
-                return opt.update_hessian(name, shape, hessian)  # TypeError: not Sophia
+                return opt.update_hessian(name, shape, hessian)
         raise TypeError(f"unknown op {op!r}")

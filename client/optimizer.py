@@ -6,9 +6,10 @@
 - ``local://``: the numeric core in this process, no server (:mod:`stepd.client.local`);
 - ``shm:///path/to/stepd.sock``: same host, shared memory (:mod:`stepd.client.shm`).
 
-:class:`StepdOptimizer` validates every argument before anything is sent (``TypeError`` /
-``ValueError``, nothing changed), then hands one op to the transport. It is not thread-safe:
-use one per thread, or a lock.
+For a server, a :class:`stepd.client.session.Session` holds the client's policy once over
+the transport. :class:`StepdOptimizer` validates every argument before anything is sent
+(``TypeError`` / ``ValueError``, nothing changed), then hands one op to the session. It is
+not thread-safe: use one per thread, or a lock.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from stepd.wire import PARAM_NAME_RE, PARAM_NAME_RULE
+
 from .errors import StepdError
+from .session import Session
 from .transport import (
     EndIteration,
     GetLr,
@@ -29,6 +33,7 @@ from .transport import (
     Item,
     LoadStateDict,
     Register,
+    ServerTransport,
     SetLr,
     SetLrScale,
     Step,
@@ -60,6 +65,8 @@ class Optimizer(Protocol):
 def _name(name: Any) -> str:
     if type(name) is not str or not name:
         raise TypeError(f"parameter name must be a non-empty str, got {name!r}")
+    if not PARAM_NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid parameter name {name!r}: {PARAM_NAME_RULE}")
     return name
 
 
@@ -106,10 +113,20 @@ class StepdOptimizer:
     :mod:`stepd.client.http`).
     """
 
-    def __init__(self, transport: Transport) -> None:
-        self.transport = transport
+    def __init__(self, session: Transport) -> None:
+        self.session = session
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._closed = False
+
+    @property
+    def transport(self) -> Any:
+        """What carries the bytes: the session's server transport, or ``local://``'s own."""
+        return getattr(self.session, "transport", self.session)
+
+    @property
+    def run(self) -> str | None:
+        """The run this optimizer acts on (``None`` in process)."""
+        return getattr(self.session, "run", None)
 
     # -- the rlx-optim Optimizer trait ------------------------------------------------------
 
@@ -132,7 +149,7 @@ class StepdOptimizer:
             and grad.flags.c_contiguous
             and not self._closed
         ):
-            self.transport.handle(Step(((name, known, param, grad),)))
+            self.session.handle(Step(((name, known, param, grad),)))
             return
         self.step_batch([(name, shape, param, grad)])
 
@@ -148,6 +165,20 @@ class StepdOptimizer:
         checked = self._check_items([(name, shape, param, None)], with_grad=False)
         self._call(Register(checked))
         self._remember(checked)
+
+    def buffers(
+        self, name: str, shape: Sequence[int], init: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Register ``name`` (initial value ``init``) and return ``(param, grad)`` arrays that
+        live in shared memory the server reads and writes (shm:// only): write the gradient
+        into ``grad`` and step with both, and the step copies nothing. If the run has the
+        name already, ``param`` holds the server's copy. Valid until :meth:`close`."""
+        buffers = getattr(self.transport, "buffers", None)
+        if buffers is None:
+            raise TypeError("buffers() needs shm://: other transports have no shared memory")
+        param = np.array(init, dtype=_F32, order="C", copy=True)
+        self.register(name, shape, param)
+        return buffers(name, self._shapes[name])
 
     def update_hessian(self, name: str, shape: Sequence[int], hessian: np.ndarray) -> None:
         """Pass a Hessian-diagonal estimate for ``name`` (Sophia); the next step uses it.
@@ -210,7 +241,7 @@ class StepdOptimizer:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.transport.close()
+            self.session.close()
 
     def __enter__(self) -> StepdOptimizer:
         return self
@@ -223,7 +254,7 @@ class StepdOptimizer:
     def _call(self, op: Any) -> Any:
         if self._closed:
             raise StepdError("this optimizer is closed")
-        return self.transport.handle(op)
+        return self.session.handle(op)
 
     def _check_items(self, items: Iterable[Any], with_grad: bool) -> tuple[Item, ...]:
         checked = []
@@ -258,6 +289,8 @@ def connect(
     url: str | Sequence[str],
     algorithm: str = "adamw",
     *,
+    run: str | None = None,
+    fresh: bool = False,
     token: str | None = None,
     timeout: float = 30.0,
     worker: str | None = None,
@@ -265,27 +298,50 @@ def connect(
     retries: int = 2,
     **hyperparams: Any,
 ) -> Any:
-    """An optimizer behind ``url``: ``http://host:port``, ``local://`` or ``local://?backend=cpu``.
+    """An optimizer behind ``url``: ``http://host:port``, ``shm:///path/stepd.sock`` or
+    ``local://`` (``local://?backend=cpu``).
 
-    ``hyperparams`` follow torch.optim names (``lr``, ``betas``, ``weight_decay``…). Over HTTP
-    the server is asked for ``/v1/status`` first, so a dead server (``TransportError``) or a
-    wrong token (``AuthError``) shows here; hyperparameters are validated by the server on the
-    first registration (``InvalidRequestError``). ``local://`` validates them at once
-    (``ValueError`` / ``TypeError``).
+    ``run``: join that *named* run on the server — shared with every client that names it
+    (distributed workers, a resumed job): names it already holds take the server's values.
+    ``fresh=True`` deletes the named run first. Without ``run``, the optimizer gets an
+    *anonymous* run of its own: nothing is shared with other optimizers, a re-run script
+    starts afresh, and the run is deleted when the optimizer closes (or, if this process
+    dies, after the server's idle TTL). ``local://`` keeps named runs in this process.
+
+    ``hyperparams`` follow torch.optim names (``lr``, ``betas``, ``weight_decay``…); the
+    server checks them, and the algorithm, right here (``InvalidRequestError``), as does
+    ``local://``. A dead server is a ``TransportError``, a wrong token an ``AuthError``.
 
     Several servers: ``connect([url0, url1, ...])`` shards the parameters over them by a
-    stable hash of the name (:mod:`stepd.client.sharding`). Distributed workers (http://, shm://):
-    ``worker`` is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync",
-    "count": 4}`` or ``{"mode": "async", "max_staleness": 8}``.
+    stable hash of the name (:mod:`stepd.client.sharding`). Distributed workers: ``worker``
+    is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync", "count":
+    4}`` or ``{"mode": "async", "max_staleness": 8}``; they need a named ``run``.
 
     ``retries`` (http:// only): how many times a step is resent, with the same request id,
     after a transport failure; the server applies it once whatever arrives (see
-    :mod:`stepd.client.http`). 0 disables it: a lost reply is then a ``TransportError``.
+    :mod:`stepd.client.session`). 0 disables it: a lost reply is then a ``TransportError``.
     """
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")
     if not 0 <= retries <= 10:
         raise ValueError(f"retries must be in [0, 10], got {retries}")
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a str, got {algorithm!r}")
+    if run is not None and not isinstance(run, str):
+        raise TypeError(f"run must be a str, got {run!r}")
+    if not isinstance(fresh, bool):
+        raise TypeError(f"fresh must be a bool, got {fresh!r}")
+    if fresh and run is None:
+        raise ValueError("fresh=True needs a named run (an anonymous run is always fresh)")
+    options = {
+        "run": run,
+        "fresh": fresh,
+        "token": token,
+        "timeout": _rate("timeout", timeout),
+        "worker": worker,
+        "workers": workers,
+        "retries": retries,
+    }
     if not isinstance(url, str):
         from .sharding import ShardedOptimizer
 
@@ -293,91 +349,73 @@ def connect(
         opts: list[StepdOptimizer] = []
         try:
             for index, one in enumerate(urls):
-                opts.append(
-                    _connect_http(
-                        one,
-                        algorithm,
-                        token,
-                        timeout,
-                        worker,
-                        workers,
-                        hyperparams,
-                        shard=(index, len(urls)),
-                        retries=retries,
-                    )
-                )
+                if urlsplit(one).scheme not in ("http", "https", "shm"):
+                    raise ValueError(f"sharding needs http:// or shm:// servers, got {one!r}")
+                opts.append(_connect_one(one, algorithm, hyperparams, (index, len(urls)), options))
         except BaseException:
             for opt in opts:
                 opt.close()
             raise
         return ShardedOptimizer(opts)
-    if not isinstance(algorithm, str):
-        raise TypeError(f"algorithm must be a str, got {algorithm!r}")
+    return _connect_one(url, algorithm, hyperparams, None, options)
+
+
+def _connect_one(
+    url: str,
+    algorithm: str,
+    hyperparams: Mapping[str, Any],
+    shard: tuple[int, int] | None,
+    options: Mapping[str, Any],
+) -> StepdOptimizer:
     parts = urlsplit(url)
-    if parts.scheme in ("http", "https"):
-        return _connect_http(
-            url, algorithm, token, timeout, worker, workers, hyperparams, retries=retries
-        )
-    if (worker is not None or workers is not None) and parts.scheme != "shm":
-        raise ValueError(
-            f"worker modes need a server over http:// or shm://, not {parts.scheme}://"
-        )
+    worker, workers = options["worker"], options["workers"]
     if parts.scheme == "local":
         from .local import LocalTransport
 
+        if worker is not None or workers is not None:
+            raise ValueError("worker modes need a server over http:// or shm://, not local://")
         query = parse_qs(parts.query)
         backend = query.pop("backend", ["auto"])[-1]
         if query or parts.netloc or parts.path not in ("", "/"):
             raise ValueError(f"local:// takes only ?backend=..., got {url!r}")
-        return StepdOptimizer(LocalTransport(algorithm, hyperparams, backend=backend))
-    if parts.scheme == "shm":
+        return StepdOptimizer(
+            LocalTransport(
+                algorithm, hyperparams, backend=backend, run=options["run"], fresh=options["fresh"]
+            )
+        )
+    if (worker is not None or workers is not None) and options["run"] is None:
+        raise ValueError(
+            "distributed workers meet in a named run: pass run=... (an anonymous run is private "
+            "to one optimizer)"
+        )
+    transport: ServerTransport
+    if parts.scheme in ("http", "https"):
+        from .http import HttpTransport
+
+        transport = HttpTransport(url, token=options["token"], timeout=options["timeout"])
+    elif parts.scheme == "shm":
         from .shm import ShmTransport
 
         if parts.netloc or not parts.path or parts.query:
             raise ValueError(f"shm:// takes a socket path, shm:///path/to/stepd.sock, got {url!r}")
-        timeout = _rate("timeout", timeout)
-        return StepdOptimizer(
-            ShmTransport(
-                parts.path, algorithm, hyperparams, timeout=timeout, worker=worker, workers=workers
-            )
+        transport = ShmTransport(parts.path, timeout=options["timeout"])
+    else:
+        raise ValueError(
+            f"unsupported URL {url!r}: expected http://host:port, shm:///path or local://"
         )
-    raise ValueError(f"unsupported URL {url!r}: expected http://host:port, shm:///path or local://")
-
-
-def _connect_http(
-    url: str,
-    algorithm: str,
-    token: str | None,
-    timeout: float,
-    worker: str | None,
-    workers: Mapping[str, Any] | None,
-    hyperparams: Mapping[str, Any],
-    shard: tuple[int, int] | None = None,
-    retries: int = 2,
-) -> StepdOptimizer:
-    from .http import HttpTransport
-
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise ValueError(f"sharding needs http:// servers, got {url!r}")
-    transport = HttpTransport(
-        url,
-        algorithm,
-        hyperparams,
-        token=token,
-        timeout=_rate("timeout", timeout),
-        worker=worker,
-        workers=workers,
-        shard=shard,
-        retries=retries,
-    )
     try:
-        status = transport.check()
-        if shard is not None and status.get("shard") != {"index": shard[0], "count": shard[1]}:
-            raise ValueError(
-                f"{url} is shard {status.get('shard')}, but the client's server list makes it "
-                f"shard {shard[0]} of {shard[1]}"
-            )
+        session = Session(
+            transport,
+            algorithm,
+            hyperparams,
+            run=options["run"],
+            fresh=options["fresh"],
+            worker=worker,
+            workers=workers,
+            shard=shard,
+            retries=options["retries"],
+        )
     except BaseException:
         transport.close()
         raise
-    return StepdOptimizer(transport)
+    return StepdOptimizer(session)

@@ -1,26 +1,23 @@
 """Parameters sharded over several servers: ``connect([url0, url1, ...], ...)``.
 
-The owner of a parameter is a stable hash of its name (BLAKE2b, the same function as the
-server's ``service/sharding.py``; never Python's salted ``hash``), so every process and every
-run agree. Each server is told which shard the client thinks it is and refuses a mismatch, so
-a client with a wrong server list fails loudly instead of scattering state. ``step_batch``
-sends one request per server; ``end_iteration``, ``set_lr`` and ``state_dict`` fan out.
+The owner of a parameter is a stable hash of its name (:func:`stepd.wire.shard_of`, the
+server's own; never Python's salted ``hash``), so every process and every run agree. Each
+server is told which shard the client thinks it is and refuses a mismatch, so a client with
+a wrong server list fails loudly instead of scattering state. ``step_batch`` sends one
+request per server; ``end_iteration``, ``set_lr`` and ``state_dict`` fan out. Each server
+holds its part of the run under the same name (an anonymous run has one name per server).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from stepd.wire import shard_of
+
 from .optimizer import StepArgs, StepdOptimizer
-
-
-def shard_of(name: str, count: int) -> int:
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % count
 
 
 class ShardedOptimizer:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from . import _safetensors
+from stepd import wire
 
 _F32 = np.dtype(np.float32)
 
@@ -162,7 +162,7 @@ class StateLoad:
                 meta["lr"] = self.lr
         if lr_scales:
             meta["lr_scales"] = dict(lr_scales)
-        body = _safetensors.dump(tensors, {k: json.dumps(v) for k, v in meta.items()})
+        body = wire.dump(tensors, {k: json.dumps(v) for k, v in meta.items()})
         return body, names
 
     def uploaded(self, names: Iterable[str]) -> None:
@@ -186,48 +186,3 @@ class StateLoad:
                 "slots": {k: v.copy() for k, v in entry["slots"].items()},
             }
         return sd
-
-
-class StateUploads:
-    """``load_state_dict`` for a server transport (http://, shm://): what to upload now,
-    what stays pending, and the loaded lr / lr_scales in force at once. A transport says
-    which names it has registered and how the bytes travel; the rest is the same."""
-
-    _algorithm: str
-    _group_id: str | None
-    _lr: float | None
-    _pending_scales: dict[str, float]
-    _explicit_scales: set[str]
-    _pending_load: StateLoad | None
-
-    def _registered_names(self) -> Collection[str]:
-        raise NotImplementedError
-
-    def _send_state(self, group_id: str, body: bytes) -> None:
-        raise NotImplementedError
-
-    def _load_state(self, state: Mapping[str, Any]) -> None:
-        """Upload what can go now; keep the rest pending."""
-        load = StateLoad(state, self._algorithm)
-        registered = self._registered_names()
-        if self._group_id is not None:  # lr_scales of this client's names: as loaded, else 1
-            scales = {n: load.lr_scales.get(n, 1.0) for n in registered}
-            self._upload_state(load, scales)
-        self._pending_load = None if load.finished else load
-        if load.lr is not None:
-            self._lr = load.lr
-        self._pending_scales = {n: s for n, s in load.lr_scales.items() if n not in registered}
-        self._explicit_scales = set(load.lr_scales)
-
-    def _upload_state(self, load: StateLoad, lr_scales: Mapping[str, float] | None = None) -> None:
-        """Send the part of ``load`` that is due (idempotent on the server)."""
-        if self._group_id is None:
-            return
-        due = load.next_upload(self._registered_names(), lr_scales)
-        if due is None:
-            return
-        body, names = due
-        self._send_state(self._group_id, body)
-        load.uploaded(names)
-        if load is self._pending_load and load.finished:
-            self._pending_load = None

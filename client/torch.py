@@ -26,7 +26,7 @@ from .optimizer import StepdOptimizer, connect
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
-    """``torch.optim.Optimizer`` over a :class:`client.StepdOptimizer` (any transport)."""
+    """``torch.optim.Optimizer`` over a :class:`stepd.client.StepdOptimizer` (any transport)."""
 
     def __init__(
         self,
@@ -34,10 +34,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         url: str,
         algorithm: str = "adamw",
         *,
+        run: str | None = None,
+        fresh: bool = False,
         token: str | None = None,
         timeout: float = 30.0,
         **hyperparams: Any,
     ) -> None:
+        """``run``: a named run to join (see :func:`stepd.client.connect`); without it, an
+        anonymous run private to this optimizer."""
         named = list(named_parameters)
         if not named:
             raise ValueError("RemoteOptimizer got an empty parameter list")
@@ -48,7 +52,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if not isinstance(p, torch.Tensor) or p.dtype != torch.float32:
                 raise TypeError(f"{n!r}: RemoteOptimizer takes float32 tensors only")
         self.remote: StepdOptimizer = connect(
-            url, algorithm, token=token, timeout=timeout, **hyperparams
+            url, algorithm, run=run, fresh=fresh, token=token, timeout=timeout, **hyperparams
         )
         try:
             for n, p in named:

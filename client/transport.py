@@ -96,7 +96,7 @@ Op = (
 
 
 class Transport(ABC):
-    """Carries ops to an optimizer somewhere (in process, over HTTP, …)."""
+    """Carries ops to an optimizer somewhere (in process, or a session with a server)."""
 
     @abstractmethod
     def handle(self, op: Op) -> Any:
@@ -104,3 +104,91 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections; the transport is unusable afterwards."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registration's outcome: ``created`` False means the server had the name already
+    (its value was written into the local param: the server's copy wins)."""
+
+    created: bool
+    group: str
+    version: int
+
+
+class ServerTransport(ABC):
+    """Moves requests to one stepd server and brings the replies back; no policy.
+
+    Each method is one request (one round trip where the protocol allows), raises
+    ``TransportError`` when no answer came and the ``ServerError`` subclass of the server's
+    status when it refused. Which requests are sent when, retried or remembered is the
+    session's business (:mod:`stepd.client.session`).
+    """
+
+    url: str
+    #: whether a request that got no answer may be sent again on this transport (a
+    #: connection that failed mid-message cannot be reused: shm://)
+    can_retry: bool = False
+
+    @abstractmethod
+    def open_run(
+        self,
+        run: str | None,
+        fresh: bool,
+        worker: str | None,
+        group: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Join (or create) the named run, or create an anonymous one (``run`` None); the
+        server checks ``group`` and answers with the run's name, ``anonymous``, the wire
+        ``protocol``, its ``limits`` and its ``shard``. Every later request acts on that run."""
+
+    @abstractmethod
+    def register(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        param: np.ndarray,
+        group: Mapping[str, Any],
+        lr_scale: float,
+        shard: tuple[int, int] | None,
+    ) -> Registered: ...
+
+    @abstractmethod
+    def step(
+        self, items: tuple[Item, ...], versions: Mapping[str, int] | None, request_id: str
+    ) -> dict[str, int]:
+        """Apply the gradients, write the new values into the params; the new versions."""
+
+    @abstractmethod
+    def end_iteration(self) -> int: ...
+
+    @abstractmethod
+    def set_lr(self, group: str, lr: float) -> None: ...
+
+    @abstractmethod
+    def group(self, group: str) -> dict[str, Any]:
+        """The group's description, its current ``lr`` included."""
+
+    @abstractmethod
+    def lr_scale(self, name: str) -> float: ...
+
+    @abstractmethod
+    def set_lr_scale(self, name: str, scale: float) -> None: ...
+
+    @abstractmethod
+    def update_hessian(self, name: str, hessian: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def load_state(self, group: str, body: bytes) -> None:
+        """Upload optimizer state (the safetensors of :mod:`stepd.client.state`)."""
+
+    @abstractmethod
+    def global_step(self) -> int: ...
+
+    @abstractmethod
+    def group_state(self, group: str) -> dict[str, Any]:
+        """The group's ``state_dict`` on the server (``lr_scales``: every name's)."""
+
+    @abstractmethod
+    def close(self, delete_run: bool = False) -> None:
+        """Release the connection; ``delete_run``: delete the run first (best effort)."""

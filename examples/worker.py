@@ -7,11 +7,11 @@ applies AdamW and replies with the updated parameters, written into the worker's
     stepd serve --port 8000 &
     python examples/worker.py --url http://127.0.0.1:8000 --steps 200
 
-Several workers given the same ``--prefix`` share one model: the first registers the
-parameters, the next ones get the server's copy (registration is idempotent), and every
-gradient is applied as it arrives (async, Hogwild-style). Give each worker its own
-``--prefix`` for independent models on one server. The URL and token also come from
-``STEPD_URL`` and ``STEPD_TOKEN``.
+Workers given the same ``--run`` (default ``example``) share one model: the first registers
+the parameters, the next ones get the server's copy (registration is idempotent), and every
+gradient is applied as it arrives (Hogwild-style). Give each worker its own ``--run`` for
+independent models on one server. The URL, token and run also come from ``STEPD_URL``,
+``STEPD_TOKEN`` and ``STEPD_RUN``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default=os.environ.get("STEPD_URL", "http://127.0.0.1:8000"))
     p.add_argument("--token", default=os.environ.get("STEPD_TOKEN") or None)
-    p.add_argument("--prefix", default="model", help="parameter name prefix (shared model)")
+    p.add_argument("--run", default=os.environ.get("STEPD_RUN", "example"), help="shared run")
+    p.add_argument("--prefix", default="model", help="parameter name prefix")
     p.add_argument("--worker", type=int, default=0, help="worker id: seeds this worker's data")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=64)
@@ -64,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     names = (f"{args.prefix}.weight", f"{args.prefix}.bias")
 
     opt = connect_with_retry(
-        args.url, args.wait, algorithm="adamw", token=args.token, lr=args.lr, weight_decay=0.0
+        args.url,
+        args.wait,
+        algorithm="adamw",
+        run=args.run,
+        token=args.token,
+        lr=args.lr,
+        weight_decay=0.0,
     )
     first = loss = float("nan")
     with opt:

@@ -4,9 +4,9 @@ It starts ``stepd serve`` in the background (CPU, a free loopback port, a tempor
 checkpoint directory, and the shared-memory transport on a Unix socket next to it), then
 launches worker processes that train a small classifier on scikit-learn's bundled digits,
 data-parallel: each worker computes gradients on its own slice of every batch and sends them
-with ``stepd.client.connect(url, worker=..., workers={"mode": "sync", ...})``; the server averages
-the workers' gradients, steps once per iteration and returns the same parameters to all of
-them. The workers alternate transports in one sync group: even ranks use ``shm://`` (same
+with ``stepd.connect(url, run="demo", worker=..., workers={"mode": "sync", ...})``; the server
+averages the workers' gradients, steps once per iteration and returns the same parameters to
+all of them. The workers alternate transports in one sync group: even ranks use ``shm://`` (same
 host, shared memory), odd ranks ``http://``. The demo shows the loss per iteration, then the
 held-out accuracy of the parameters the server holds, and where to look.
 """
@@ -30,6 +30,7 @@ import numpy as np
 
 SHAPES = {"fc1.weight": (64, 32), "fc1.bias": (32,), "fc2.weight": (32, 10), "fc2.bias": (10,)}
 HYPERPARAMS = {"lr": 1e-2, "weight_decay": 1e-4}
+RUN = "demo"  # the named run the workers share
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -81,7 +82,9 @@ def worker(url: str, rank: int, count: int, iterations: int, batch: int, losses:
         for name, shape in SHAPES.items()
     }
     workers = {"mode": "sync", "count": count, "timeout_s": 60}
-    with connect(url, "adamw", worker=f"worker-{rank}", workers=workers, **HYPERPARAMS) as opt:
+    with connect(
+        url, "adamw", run=RUN, worker=f"worker-{rank}", workers=workers, **HYPERPARAMS
+    ) as opt:
         order = np.random.default_rng(0).permutation(len(x))
         for it in range(iterations):
             start = (it * batch) % (len(x) - batch)
@@ -193,22 +196,23 @@ def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool
         _, _, x_test, y_test = digits()
         served = {
             name: np.frombuffer(
-                httpx.get(f"{url}/v1/params/{name}/value").content, np.float32
+                httpx.get(f"{url}/v1/runs/{RUN}/params/{name}/value").content, np.float32
             ).reshape(shape)
             for name, shape in SHAPES.items()
         }
         _, acc, _ = forward(served, x_test, y_test)
-        status = httpx.get(f"{url}/v1/status").json()
+        status = httpx.get(f"{url}/v1/runs/{RUN}").json()
         print(
             f"\nheld-out accuracy of the served parameters: {acc:.1%} "
             f"(global step {status['global_step']}, {status['params']} parameters)"
         )
         print("where to look:")
-        print(f"  {url}/docs                       the API")
-        print(f"  {url}/v1/params                  what it holds")
-        print(f"  {url}/v1/params/fc1.weight/stats per-slot statistics")
-        print(f"  {url}/v1/workers                 who trained")
-        print(f"  {url}/metrics                    Prometheus metrics")
+        run = f"{url}/v1/runs/{RUN}"
+        print(f"  {url}/docs{' ' * 30}the API")
+        print(f"  {run}/params{' ' * 16}what the run holds")
+        print(f"  {run}/params/fc1.weight/stats per-slot statistics")
+        print(f"  {run}/workers{' ' * 15}who trained")
+        print(f"  {url}/metrics{' ' * 27}Prometheus metrics")
         if keep:
             print("serving until Ctrl-C ...")
             with contextlib.suppress(KeyboardInterrupt):

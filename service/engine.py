@@ -42,6 +42,7 @@ from stepd.wire import (
 from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
 from .config import Settings
 from .errors import Conflict, Invalid, NotFound, Stale
+from .groups import check_group
 from .metrics import Metrics
 from .runs import Run
 from .rwlock import WouldBlock
@@ -99,11 +100,23 @@ class Engine:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def open_run(self, name: str | None = None, *, fresh: bool = False) -> tuple[Run, bool]:
+    def open_run(
+        self,
+        name: str | None = None,
+        *,
+        fresh: bool = False,
+        group: Mapping[str, Any] | None = None,
+    ) -> tuple[Run, bool]:
         """Join the named run, creating it if needed (``fresh``: delete it first), or create
-        an anonymous one (``name`` None). Returns the run and whether it was created."""
+        an anonymous one (``name`` None). Returns the run and whether it was created.
+
+        ``group``: the joining client's optimizer configuration (``algorithm``,
+        ``hyperparams``, ``workers``), checked now so that a wrong one fails at connect,
+        before any run is made."""
         if name is not None and (not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name)):
             raise Invalid(f"invalid run name {name!r}: {RUN_NAME_RULE}")
+        if group is not None:
+            check_group(group)
         anonymous = name is None
         with self._lock:
             if name is None:

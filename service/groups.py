@@ -61,3 +61,17 @@ def resolve_group(
         return Group(algorithm, opt.hyperparams.to_dict(), parse_workers(workers)), opt
     except (TypeError, ValueError, OverflowError) as exc:  # Overflow: an int past float
         raise Invalid(str(exc)) from None
+
+
+def check_group(spec: Mapping[str, Any]) -> Group:
+    """A group spec as clients send it (``algorithm``, ``hyperparams``, ``workers``)."""
+    algorithm, hyperparams = spec.get("algorithm"), spec.get("hyperparams", {})
+    workers = spec.get("workers")
+    if not isinstance(algorithm, str):
+        raise Invalid(f"the group's algorithm must be a string, got {algorithm!r}")
+    if not isinstance(hyperparams, Mapping):
+        raise Invalid(f"the group's hyperparams must be an object, got {hyperparams!r}")
+    if workers is not None and not isinstance(workers, Mapping):
+        raise Invalid(f"the group's workers must be an object, got {workers!r}")
+    group, _ = resolve_group(algorithm, hyperparams, workers)
+    return group

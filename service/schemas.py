@@ -134,6 +134,9 @@ class RunRequest(BaseModel):
         None, description="a named (shared) run; absent: a new anonymous run", examples=["exp-42"]
     )
     fresh: bool = Field(False, description="delete the named run first and start it anew")
+    group: GroupSpec | None = Field(
+        None, description="the joining client's optimizer configuration, checked right away"
+    )
 
 
 class RunInfo(BaseModel):

@@ -321,6 +321,9 @@ class ShmServer:
         """Bind the connection to its run (named, or a new anonymous one it owns) and, for
         distributed workers, name its worker; validated completely first."""
         name, fresh, worker = meta.get("run"), meta.get("fresh", False), meta.get("worker")
+        group = meta.get("group")
+        if group is not None and not isinstance(group, dict):
+            raise ProtocolError("HELLO: group must be an object")
         if name is not None and not isinstance(name, str):
             raise ProtocolError("HELLO: run must be a string or null")
         if not isinstance(fresh, bool):
@@ -328,7 +331,7 @@ class ShmServer:
         if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
             raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
         engine = self.engine
-        run, _ = engine.open_run(name, fresh=fresh)
+        run, _ = engine.open_run(name, fresh=fresh, group=group)
         conn.run, conn.owns_run = run.name, name is None
         run.holders += 1
         if worker is not None:

@@ -31,7 +31,10 @@ async def open_run(
     the client closes, or after ``STEPD_ANONYMOUS_RUN_TTL`` idle seconds. The reply names the
     run and announces the server's limits and wire protocol."""
     body = body or RunRequest()
-    run, created = await run_in_threadpool(engine.open_run, body.name, fresh=body.fresh)
+    group = body.group.model_dump(exclude_none=True) if body.group else None
+    run, created = await run_in_threadpool(
+        engine.open_run, body.name, fresh=body.fresh, group=group
+    )
     if not created:
         response.status_code = 200
     status = engine.status()

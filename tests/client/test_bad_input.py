@@ -5,16 +5,17 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from stepd.client import StepdOptimizer, TransportError, connect
+from stepd.client import InvalidRequestError, StepdOptimizer, TransportError, connect
 
-from .conftest import Spy
+from tests.support.clients import connect_shared
+from tests.support.state import Spy
 
 
 @pytest.fixture(params=["local", "http"])
 def spied(request, shared_server):
     url = "local://?backend=cpu" if request.param == "local" else shared_server.url
-    opt = connect(url, "adamw", lr=1e-2)
-    spy = Spy(opt.transport)
+    opt = connect_shared(url, "adamw", lr=1e-2)
+    spy = Spy(opt.session)
     yield StepdOptimizer(spy), spy, request.param, shared_server.url
     spy.close()
 
@@ -72,7 +73,7 @@ def test_other_bad_calls_send_nothing(spied) -> None:
         opt.lr_scale(3)
     assert spy.ops == []
     if kind == "http":  # and the server never heard of these names
-        names = {p["name"] for p in httpx.get(f"{url}/v1/params").json()}
+        names = {p["name"] for p in httpx.get(f"{url}/v1/runs/t/params").json()}
         assert not any(n.startswith("bad.") for n in names)
 
 
@@ -90,12 +91,12 @@ def test_a_name_keeps_its_shape(spied) -> None:
 
 def test_bad_urls() -> None:
     with pytest.raises(ValueError, match="unsupported URL"):
-        connect("ftp://x")
+        connect_shared("ftp://x")
     with pytest.raises(ValueError, match="local://"):
         connect("local://?flavour=x")
     with pytest.raises(TransportError, match="shm://"):  # no server listens there
-        connect("shm:///nonexistent/stepd.sock")
+        connect_shared("shm:///nonexistent/stepd.sock")
     with pytest.raises(ValueError, match="socket path"):
-        connect("shm://host/x.sock")
-    with pytest.raises(ValueError, match="unknown algorithm"):
+        connect_shared("shm://host/x.sock")
+    with pytest.raises(InvalidRequestError, match="unknown algorithm"):  # as a server says it
         connect("local://", "nope")

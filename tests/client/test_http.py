@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 
 import httpx
@@ -21,9 +19,10 @@ from stepd.client import (
     connect,
 )
 
-from tests.service.server import Server, free_port
-
-from .conftest import assert_same_state
+from tests.support.clients import connect_shared
+from tests.support.proxy import DroppingProxy
+from tests.support.server import Server, free_port
+from tests.support.state import assert_same_state
 
 
 def f32(*shape: int, seed: int = 0) -> np.ndarray:
@@ -31,13 +30,13 @@ def f32(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 def server_value(url: str, name: str) -> np.ndarray:
-    return np.frombuffer(httpx.get(f"{url}/v1/params/{name}/value").content, np.float32)
+    return np.frombuffer(httpx.get(f"{url}/v1/runs/t/params/{name}/value").content, np.float32)
 
 
 def test_first_step_registers_with_the_local_value(shared_server) -> None:
     url = shared_server.url
     p0 = f32(2, 3)
-    with connect(url, "sgd", lr=0.5) as opt:
+    with connect_shared(url, "sgd", lr=0.5) as opt:
         opt.register("reg.w", (2, 3), p0.copy())
         np.testing.assert_array_equal(server_value(url, "reg.w"), p0.reshape(-1))
         p = p0.copy()
@@ -50,19 +49,19 @@ def test_the_servers_copy_wins_when_the_name_exists(shared_server) -> None:
     url = shared_server.url
     g = f32(2, 3, seed=1)
     pa0 = f32(2, 3, seed=2)
-    with connect(url, "adamw", lr=1e-2) as a:
+    with connect_shared(url, "adamw", lr=1e-2) as a:
         step0 = a.state_dict()["global_step"]
         pa = pa0.copy()
         for _ in range(3):
             a.step("win.w", (2, 3), pa, g)
             a.end_iteration()
     # Another worker (or a restart) brings its own initial value, same config.
-    with connect(url, "adamw", lr=1e-2) as b:
+    with connect_shared(url, "adamw", lr=1e-2) as b:
         pb = np.zeros((2, 3), np.float32)
         b.register("win.w", (2, 3), pb)
         np.testing.assert_array_equal(pb, pa)  # overwritten in place by the server's copy
     # First contact through a step: it continues from the server's value and state.
-    with connect(url, "adamw", lr=1e-2) as c:
+    with connect_shared(url, "adamw", lr=1e-2) as c:
         pc = np.full((2, 3), 7.0, np.float32)
         c.step("win.w", (2, 3), pc, g)
     with connect("local://?backend=cpu", "adamw", lr=1e-2) as local:
@@ -77,32 +76,36 @@ def test_the_servers_copy_wins_when_the_name_exists(shared_server) -> None:
 
 
 def test_a_different_config_is_a_conflict_with_the_servers_detail(shared_server) -> None:
-    with connect(shared_server.url, "adamw", lr=1e-2) as a:
+    with connect_shared(shared_server.url, "adamw", lr=1e-2) as a:
         a.step("conf.w", (2, 3), f32(2, 3), f32(2, 3))
     p = f32(2, 3, seed=5)
     before = p.copy()
-    with connect(shared_server.url, "adamw", lr=2e-2) as b, pytest.raises(ConflictError) as err:
+    with (
+        connect_shared(shared_server.url, "adamw", lr=2e-2) as b,
+        pytest.raises(ConflictError) as err,
+    ):
         b.step("conf.w", (2, 3), p, f32(2, 3))
     assert err.value.status == 409
     assert "is registered with shape [2, 3]" in err.value.detail
     np.testing.assert_array_equal(p, before)
 
 
-def test_unknown_algorithm_is_invalid_with_the_servers_detail(shared_server) -> None:
-    with connect(shared_server.url, "nope") as opt, pytest.raises(InvalidRequestError) as err:
-        opt.step("unk.w", (2,), np.zeros(2, np.float32), np.ones(2, np.float32))
+def test_unknown_algorithm_is_invalid_at_connect_with_the_servers_detail(shared_server) -> None:
+    before = httpx.get(f"{shared_server.url}/v1/runs").json()
+    with pytest.raises(InvalidRequestError) as err:
+        connect(shared_server.url, "nope")  # anonymous: no run may be left behind
     assert err.value.status == 422
     assert "unknown algorithm 'nope'" in err.value.detail
     assert isinstance(err.value, ServerError)
-    bad_hp = connect(shared_server.url, "adamw", betas=(1.5, 0.9))
     with pytest.raises(InvalidRequestError, match="Invalid beta parameter"):
-        bad_hp.step("unk.w", (2,), np.zeros(2, np.float32), np.ones(2, np.float32))
-    bad_hp.close()
+        connect_shared(shared_server.url, "adamw", betas=(1.5, 0.9))
+    after = httpx.get(f"{shared_server.url}/v1/runs").json()
+    assert [r["name"] for r in after] == [r["name"] for r in before]
 
 
 def test_not_found_maps_to_NotFoundError(shared_server) -> None:
-    with connect(shared_server.url) as opt, pytest.raises(NotFoundError) as err:
-        opt.transport.request("GET", "/v1/params/missing")
+    with connect_shared(shared_server.url) as opt, pytest.raises(NotFoundError) as err:
+        opt.transport.request("GET", "/v1/runs/t/params/missing")
     assert "'missing' is not registered" in err.value.detail
 
 
@@ -110,9 +113,9 @@ def test_token(tmp_path) -> None:
     with Server(tmp_path / "ckpt", STEPD_TOKEN="s3cret") as srv:
         for token in (None, "wrong"):
             with pytest.raises(AuthError) as err:
-                connect(srv.url, token=token)
+                connect_shared(srv.url, token=token)
             assert err.value.status == 401
-        with connect(srv.url, "sgd", token="s3cret", lr=1.0) as opt:
+        with connect_shared(srv.url, "sgd", token="s3cret", lr=1.0) as opt:
             p = np.zeros(2, np.float32)
             opt.step("w", (2,), p, np.ones(2, np.float32))
             np.testing.assert_array_equal(p, [-1.0, -1.0])
@@ -122,7 +125,7 @@ def test_dead_server_is_a_TransportError_quickly() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(TransportError) as err:
-        connect(url, timeout=2.0)
+        connect_shared(url, timeout=2.0)
     assert isinstance(err.value.__cause__, httpx.TransportError)
     assert isinstance(err.value, StepdError)
     assert time.monotonic() - start < 5
@@ -136,7 +139,7 @@ def test_a_silent_server_times_out_instead_of_hanging() -> None:
         listener.listen(8)
         start = time.monotonic()
         with pytest.raises(TransportError) as err:
-            connect(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.3)
+            connect_shared(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.3)
         elapsed = time.monotonic() - start
     assert isinstance(err.value.__cause__, httpx.TimeoutException)
     assert elapsed < 3  # two tries of 0.3 s (a status read is retried once)
@@ -145,7 +148,7 @@ def test_a_silent_server_times_out_instead_of_hanging() -> None:
 def test_server_gone_mid_run_leaves_the_param_untouched(tmp_path) -> None:
     srv = Server(tmp_path / "ckpt")
     try:
-        opt = connect(srv.url, "adamw", lr=1e-2, timeout=5.0)
+        opt = connect_shared(srv.url, "adamw", lr=1e-2, timeout=5.0)
         p = f32(3, seed=3)
         opt.step("w", (3,), p, np.ones(3, np.float32))
         srv.stop()
@@ -163,7 +166,7 @@ def test_server_gone_mid_run_leaves_the_param_untouched(tmp_path) -> None:
 
 def test_load_state_dict_over_http_round_trips(shared_server) -> None:
     """The full story is tests/client/test_state_load.py; a group of its own here."""
-    with connect(shared_server.url, "sgd", lr=0.1, momentum=0.25) as opt:
+    with connect_shared(shared_server.url, "sgd", lr=0.1, momentum=0.25) as opt:
         opt.step("lsd.w", (2,), np.zeros(2, np.float32), np.ones(2, np.float32))
         sd = opt.state_dict()
         sd["state"]["lsd.w"]["slots"]["momentum_buffer"] += 1.0
@@ -173,81 +176,27 @@ def test_load_state_dict_over_http_round_trips(shared_server) -> None:
 
 
 def test_closed_optimizer_refuses_calls(shared_server) -> None:
-    opt = connect(shared_server.url)
+    opt = connect_shared(shared_server.url)
     opt.close()
     opt.close()  # idempotent
     with pytest.raises(StepdError, match="closed"):
         opt.end_iteration()
 
 
-class DroppingProxy:
-    """A TCP proxy in front of a server; with ``drop`` set it forwards requests but cuts the
-    connection instead of passing the reply back (the server goes away mid-step). ``drop_next(n)``
-    does that to the next ``n`` replies only."""
-
-    def __init__(self, port: int) -> None:
-        self.upstream = port
-        self.drop = threading.Event()
-        self._pending = 0
-        self.accepted = 0  # connections the client opened through the proxy
-        self._lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            for src, dst, reply in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(src, dst, reply), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if reply and (self.drop.is_set() or self._take()):
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def drop_next(self, n: int) -> None:
-        with self._lock:
-            self._pending = n
-
-    def _take(self) -> bool:
-        with self._lock:
-            if self._pending:
-                self._pending -= 1
-                return True
-            return False
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_without_retries_a_lost_reply_is_a_TransportError_applied_once(shared_server) -> None:
     proxy = DroppingProxy(shared_server.port)
     try:
-        with connect(proxy.url, "sgd", lr=1.0, timeout=5.0, retries=0) as opt:
+        with connect_shared(proxy.url, "sgd", lr=1.0, timeout=5.0, retries=0) as opt:
             p = np.zeros(3, np.float32)
             opt.step("lost.w", (3,), p, np.ones(3, np.float32))
-            version = httpx.get(f"{shared_server.url}/v1/params/lost.w").json()["version"]
+            version = httpx.get(f"{shared_server.url}/v1/runs/t/params/lost.w").json()["version"]
             proxy.drop.set()
             with pytest.raises(TransportError) as err:
                 opt.step("lost.w", (3,), p, np.ones(3, np.float32))
             assert isinstance(err.value.__cause__, httpx.TransportError)
             np.testing.assert_array_equal(p, [-1, -1, -1])  # untouched
             # the server applied it exactly once: no retry doubled the gradient
-            info = httpx.get(f"{shared_server.url}/v1/params/lost.w").json()
+            info = httpx.get(f"{shared_server.url}/v1/runs/t/params/lost.w").json()
             assert info["version"] == version + 1
             proxy.drop.clear()
             opt.step("lost.w", (3,), p, np.ones(3, np.float32))  # a fresh connection works
@@ -269,7 +218,7 @@ def test_large_bodies_in_pieces_match_local_bit_for_bit(server) -> None:
     results = []
     for url in ("local://", server.url):
         params = {k: v.copy() for k, v in init.items()}
-        with connect(url, "adamw", lr=1e-2) as opt:
+        with connect_shared(url, "adamw", lr=1e-2) as opt:
             for g in grads:
                 opt.step("big.one", shapes["big.one"], params["big.one"], g["big.one"])
                 opt.step_batch([(k, shapes[k], params[k], g[k]) for k in ("big.b0", "big.b1")])

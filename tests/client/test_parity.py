@@ -1,10 +1,10 @@
-"""local:// and http:// (a real server process) give bit-identical results for the same calls.
+"""local://, http:// and shm:// (a real server process) give bit-identical results for the
+same calls, for every algorithm: params after every iteration and the optimizer state.
 
-Sophia also gets a Hessian estimate (``update_hessian``) every ``HESSIAN_EVERY`` iterations.
-
-One server serves every family (names prefixed by the algorithm, one group each); its global
-step is shared, so the in-process optimizer starts from the server's step (via
-``load_state_dict``) and both then see exactly the same sequence of calls.
+The sequence mixes step_batch and single steps, lr and lr_scale changes before and after
+the names exist; Sophia also gets a Hessian estimate (``update_hessian``) every
+``HESSIAN_EVERY`` iterations. Each remote leg runs in an anonymous run of its own, so it
+starts at step 0 like the in-process optimizer.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from stepd.client import connect
+from stepd.kernels.algorithms import ALGORITHMS
 
-from .conftest import assert_same_state
+from tests.support.state import assert_same_state
 
 SHAPES = {"w": (4, 6), "b": (6,), "m": (3, 3)}
 
@@ -67,21 +68,32 @@ def run(opt, algorithm: str, lr: float | None, step0: int) -> list[dict]:
     return history
 
 
-@pytest.mark.parametrize("algorithm", sorted(FAMILIES))
-def test_local_and_http_are_bit_identical(shared_server, algorithm) -> None:
-    hp = FAMILIES[algorithm]
-    lr = hp.get("lr")
-    with connect(shared_server.url, algorithm, **hp) as remote:
-        step0 = remote.state_dict()["global_step"]
+def test_every_algorithm_has_a_family() -> None:
+    assert set(FAMILIES) == set(ALGORITHMS)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, tuple[list[dict], dict]]:
+    """local://'s run of each family, computed once for both remote legs."""
+    out = {}
+    for algorithm, hp in FAMILIES.items():
         with connect("local://?backend=cpu", algorithm, **hp) as local:
-            local.load_state_dict({**local.state_dict(), "global_step": step0})
-            want = run(local, algorithm, lr, step0)
-            want_sd = local.state_dict()
-        got = run(remote, algorithm, lr, step0)
+            out[algorithm] = (run(local, algorithm, hp.get("lr"), 0), local.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["http", "shm"])
+@pytest.mark.parametrize("algorithm", sorted(FAMILIES))
+def test_remote_is_bit_identical_to_local(shm_server, reference, kind, algorithm) -> None:
+    hp = FAMILIES[algorithm]
+    url = shm_server.url if kind == "http" else shm_server.shm_url
+    want, want_sd = reference[algorithm]
+    with connect(url, algorithm, **hp) as remote:  # an anonymous run: step 0, nothing shared
+        got = run(remote, algorithm, hp.get("lr"), 0)
         got_sd = remote.state_dict()
     for t, (a, b) in enumerate(zip(want, got, strict=True)):
         for n in a:
-            np.testing.assert_array_equal(b[n], a[n], err_msg=f"{algorithm} {n} iteration {t}")
+            np.testing.assert_array_equal(b[n], a[n], err_msg=f"{kind} {n} iteration {t}")
     w = f"{algorithm}.w"
     assert not np.array_equal(want[-1][w], want[0][w])  # it did move
     assert_same_state(want_sd, got_sd)

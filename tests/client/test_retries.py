@@ -12,18 +12,19 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from stepd.client import TransportError, connect
 
-from .test_http import DroppingProxy
+from tests.support.clients import connect_shared
+from tests.support.proxy import DroppingProxy
 
 SGD = {"lr": 0.5, "momentum": 0.9}  # momentum: applying a gradient twice shows in the value
 RID = "0123456789abcdef0123456789abcdef-1"
 
 
 def info(url: str, name: str) -> dict:
-    return httpx.get(f"{url}/v1/params/{name}").json()
+    return httpx.get(f"{url}/v1/runs/t/params/{name}").json()
 
 
 def value(url: str, name: str) -> np.ndarray:
-    return np.frombuffer(httpx.get(f"{url}/v1/params/{name}/value").content, np.float32)
+    return np.frombuffer(httpx.get(f"{url}/v1/runs/t/params/{name}/value").content, np.float32)
 
 
 def oracle(grads: list[np.ndarray], p0: np.ndarray) -> np.ndarray:
@@ -41,7 +42,7 @@ def test_a_lost_reply_is_retried_and_the_step_applied_once(shared_server) -> Non
     grads = [np.full(3, k + 1.0, np.float32) for k in range(3)]
     p0 = np.arange(3, dtype=np.float32)
     try:
-        with connect(proxy.url, "sgd", timeout=5.0, **SGD) as opt:
+        with connect_shared(proxy.url, "sgd", timeout=5.0, **SGD) as opt:
             p = p0.copy()
             opt.step(name, (3,), p, grads[0])
             version = info(url, name)["version"]
@@ -65,7 +66,7 @@ def test_when_every_delivery_is_lost_it_is_a_TransportError_applied_once(shared_
     url, name = shared_server.url, "retry.lost"
     proxy = DroppingProxy(shared_server.port)
     try:
-        with connect(proxy.url, "sgd", timeout=5.0, retries=2, **SGD) as opt:
+        with connect_shared(proxy.url, "sgd", timeout=5.0, retries=2, **SGD) as opt:
             p = np.zeros(3, np.float32)
             opt.step(name, (3,), p, np.ones(3, np.float32))
             before, version, opened = p.copy(), info(url, name)["version"], proxy.accepted
@@ -82,39 +83,43 @@ def test_when_every_delivery_is_lost_it_is_a_TransportError_applied_once(shared_
 
 def test_a_repeated_request_id_gets_the_same_reply_and_changes_nothing(shared_server) -> None:
     url, name = shared_server.url, "retry.by_hand"
-    with connect(url, "sgd", **SGD) as opt:
+    with connect_shared(url, "sgd", **SGD) as opt:
         opt.register(name, (4,), np.ones(4, np.float32))
     g = np.array([1, 2, 3, 4], np.float32).tobytes()
     with httpx.Client(base_url=url) as c:
-        first = c.post(f"/v1/params/{name}/step", content=g, headers={"x-stepd-request-id": RID})
+        first = c.post(
+            f"/v1/runs/t/params/{name}/step", content=g, headers={"x-stepd-request-id": RID}
+        )
         assert first.status_code == 200, first.text
-        state = c.get(f"/v1/params/{name}/stats").json()
-        again = c.post(f"/v1/params/{name}/step", content=g, headers={"x-stepd-request-id": RID})
+        state = c.get(f"/v1/runs/t/params/{name}/stats").json()
+        again = c.post(
+            f"/v1/runs/t/params/{name}/step", content=g, headers={"x-stepd-request-id": RID}
+        )
         assert again.status_code == 200
         assert again.content == first.content
         for h in ("x-stepd-version", "x-stepd-applied"):
             assert again.headers[h] == first.headers[h]
-        assert c.get(f"/v1/params/{name}/stats").json() == state  # no step, no state change
+        assert c.get(f"/v1/runs/t/params/{name}/stats").json() == state  # no step, no state change
         # the same id for another parameter set is a mistake, not a replay
         other = st_save({name: np.ones(4, np.float32), "retry.other": np.ones(2, np.float32)})
-        opt2 = connect(url, "sgd", **SGD)
+        opt2 = connect_shared(url, "sgd", **SGD)
         opt2.register("retry.other", (2,), np.zeros(2, np.float32))
         opt2.close()
-        r = c.post("/v1/step", content=other, headers={"x-stepd-request-id": RID})
+        r = c.post("/v1/runs/t/step", content=other, headers={"x-stepd-request-id": RID})
         assert r.status_code == 409
         assert "already used" in r.json()["detail"]
-        assert c.get(f"/v1/params/{name}/stats").json() == state
+        assert c.get(f"/v1/runs/t/params/{name}/stats").json() == state
         # a different id applies
         fresh = c.post(
-            f"/v1/params/{name}/step", content=g, headers={"x-stepd-request-id": RID + "0"}
+            f"/v1/runs/t/params/{name}/step", content=g, headers={"x-stepd-request-id": RID + "0"}
         )
         assert int(fresh.headers["x-stepd-version"]) == int(first.headers["x-stepd-version"]) + 1
         assert fresh.content != first.content
         # batches replay too
         batch = st_save({name: np.ones(4, np.float32)})
         rid = {"x-stepd-request-id": RID + "b"}
-        b1 = c.post("/v1/step", content=batch, headers=rid)
-        b2 = c.post("/v1/step", content=batch, headers=rid)
+        b1 = c.post("/v1/runs/t/step", content=batch, headers=rid)
+        b2 = c.post("/v1/runs/t/step", content=batch, headers=rid)
         assert b1.status_code == b2.status_code == 200
         assert b1.content == b2.content
         assert info(url, name)["version"] == int(first.headers["x-stepd-version"]) + 2
@@ -127,13 +132,13 @@ def test_a_repeated_request_id_gets_the_same_reply_and_changes_nothing(shared_se
 )
 def test_malformed_request_ids_are_422_and_change_nothing(shared_server, rid) -> None:
     url, name = shared_server.url, "retry.bad_id"
-    with connect(url, "sgd", **SGD) as opt:
+    with connect_shared(url, "sgd", **SGD) as opt:
         opt.register(name, (2,), np.ones(2, np.float32))
     before = (info(url, name), value(url, name))
     with httpx.Client(base_url=url) as c:
         for path, body in (
-            (f"/v1/params/{name}/step", np.ones(2, np.float32).tobytes()),
-            ("/v1/step", st_save({name: np.ones(2, np.float32)})),
+            (f"/v1/runs/t/params/{name}/step", np.ones(2, np.float32).tobytes()),
+            ("/v1/runs/t/step", st_save({name: np.ones(2, np.float32)})),
         ):
             r = c.post(path, content=body, headers={"x-stepd-request-id": rid.encode()})
             assert r.status_code == 422, r.text
@@ -151,13 +156,13 @@ def test_a_repeated_delivery_in_a_sync_round_counts_once(server) -> None:
             "group": {"algorithm": "sgd", "hyperparams": {"lr": 1.0}, "workers": {
                 "mode": "sync", "count": 2, "timeout_s": 10}},
         }  # fmt: skip
-        assert c.post("/v1/params", json=body).status_code == 201
+        assert c.post("/v1/runs/t/params", json=body).status_code == 201
     replies: dict[str, httpx.Response] = {}
 
     def send(key: str, worker: str, rid: str) -> None:
         with httpx.Client(base_url=server.url, timeout=30) as own:
             replies[key] = own.post(
-                f"/v1/params/{name}/step?worker={worker}",
+                f"/v1/runs/t/params/{name}/step?worker={worker}",
                 content=g[worker].tobytes(),
                 headers={"x-stepd-request-id": rid},
             )
@@ -189,7 +194,7 @@ def test_a_repeated_delivery_in_a_sync_round_counts_once(server) -> None:
                                                  (True, TypeError), ("2", TypeError)])  # fmt: skip
 def test_retries_is_validated(retries, error) -> None:
     with pytest.raises(error, match="retries"):
-        connect("http://127.0.0.1:9", retries=retries)
+        connect_shared("http://127.0.0.1:9", retries=retries)
 
 
 def test_a_large_body_sent_in_pieces_is_resent_whole(shared_server) -> None:
@@ -201,7 +206,7 @@ def test_a_large_body_sent_in_pieces_is_resent_whole(shared_server) -> None:
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     p0 = rng.standard_normal(n).astype(np.float32)
     try:
-        with connect(proxy.url, "sgd", timeout=10.0, **SGD) as opt:
+        with connect_shared(proxy.url, "sgd", timeout=10.0, **SGD) as opt:
             p = p0.copy()
             opt.step(name, (n,), p, grads[0])
             proxy.drop_next(1)

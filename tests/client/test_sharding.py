@@ -8,23 +8,19 @@ import sys
 import httpx
 import numpy as np
 import pytest
-from stepd.client import ConflictError, connect
-from stepd.client.sharding import shard_of
-from stepd.service.sharding import shard_of as server_shard_of
+from stepd.client import ConflictError
 
-from ..service.server import Server
+from stepd.wire import shard_of
+from tests.support.clients import connect_shared
+from tests.support.server import Server
 
 NAMES = [f"layers.{i}.{kind}" for i in range(10) for kind in ("weight", "bias")]
 
 
-def test_client_and_server_agree_and_the_hash_is_stable_across_runs() -> None:
-    for count in (1, 2, 3, 7):
-        assert [shard_of(n, count) for n in NAMES] == [server_shard_of(n, count) for n in NAMES]
-    # A fresh interpreter (another hash seed) gives the same answers: not Python's hash().
-    code = (
-        "from stepd.client.sharding import shard_of; "
-        "print([shard_of(f'p{i}', 5) for i in range(9)])"
-    )
+def test_the_hash_is_stable_across_runs() -> None:
+    # One function for client and server (stepd.wire); a fresh interpreter (another hash
+    # seed) gives the same answers: not Python's hash().
+    code = "from stepd.wire import shard_of; print([shard_of(f'p{i}', 5) for i in range(9)])"
     runs = {
         subprocess.run(
             [sys.executable, "-c", code],
@@ -53,7 +49,7 @@ def _train(opt, steps: int = 8) -> dict[str, np.ndarray]:
 
 def test_three_servers_train_like_one(tmp_path) -> None:
     hp = {"lr": 1e-2, "weight_decay": 0.01}
-    with Server(tmp_path / "one") as single, connect(single.url, "adamw", **hp) as opt:
+    with Server(tmp_path / "one") as single, connect_shared(single.url, "adamw", **hp) as opt:
         expected = _train(opt)
     servers = [
         Server(tmp_path / f"s{i}", STEPD_SHARD_INDEX=str(i), STEPD_SHARD_COUNT="3")
@@ -61,35 +57,35 @@ def test_three_servers_train_like_one(tmp_path) -> None:
     ]
     try:
         urls = [s.url for s in servers]
-        with connect(urls, "adamw", **hp) as opt:
+        with connect_shared(urls, "adamw", **hp) as opt:
             got = _train(opt)
             assert opt.state_dict()["state"].keys() == set(NAMES)
         for n in NAMES:
             np.testing.assert_array_equal(got[n], expected[n], err_msg=n)
         for i, s in enumerate(servers):  # each holds exactly its own parameters
-            held = {p["name"] for p in httpx.get(f"{s.url}/v1/params").json()}
+            held = {p["name"] for p in httpx.get(f"{s.url}/v1/runs/t/params").json()}
             assert held == {n for n in NAMES if shard_of(n, 3) == i}
 
         # A client with the wrong server list is refused, loudly.
         with pytest.raises(ValueError, match="shard"):
-            connect(urls[:2], "adamw", **hp)
+            connect_shared(urls[:2], "adamw", **hp)
         wrong = {
             "name": "x",
             "shape": [1],
             "group": {"algorithm": "adamw"},
             "shard": {"index": 0, "count": 2},
         }
-        r = httpx.post(f"{urls[0]}/v1/params", json=wrong)
+        r = httpx.post(f"{urls[0]}/v1/runs/t/params", json=wrong)
         assert r.status_code == 409
         assert "expects shard 0 of 2" in r.json()["detail"]
         foreign = next(n for n in NAMES if shard_of(n, 3) == 1)
         r = httpx.post(
-            f"{urls[0]}/v1/params",
+            f"{urls[0]}/v1/runs/t/params",
             json={"name": foreign, "shape": [1], "group": {"algorithm": "adamw"}},
         )
         assert r.status_code == 409
         assert "belongs to shard 1 of 3" in r.json()["detail"]
-        with connect(urls[0], "adamw") as lone, pytest.raises(ConflictError):
+        with connect_shared(urls[0], "adamw") as lone, pytest.raises(ConflictError):
             lone.step(foreign, (1,), np.zeros(1, np.float32), np.ones(1, np.float32))
     finally:
         for s in servers:

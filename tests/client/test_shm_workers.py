@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from stepd.client import ConflictError, InvalidRequestError, ServerError, connect
 
-from .test_shm import ShmServer
+from tests.support.clients import connect_shared
+from tests.support.server import ShmServer
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
 
@@ -55,7 +56,7 @@ def test_sync_workers_over_shm_get_one_averaged_step(srv) -> None:
     steps: dict[int, list[int]] = {}
 
     def work(i: int) -> None:
-        with connect(srv.shm_url, "adamw", lr=0.1, worker=f"w{i}", workers=mode) as opt:
+        with connect_shared(srv.shm_url, "adamw", lr=0.1, worker=f"w{i}", workers=mode) as opt:
             params = {n: np.full(s, i, np.float32) for n, s in SHAPES.items()}  # w0's wins
             opt.register("a", SHAPES["a"], params["a"])
             got = []
@@ -69,7 +70,7 @@ def test_sync_workers_over_shm_get_one_averaged_step(srv) -> None:
             results[i], steps[i] = params, got
 
     # w0 registers first so that its initial value (zeros) is the one everyone starts from
-    with connect(srv.shm_url, "adamw", lr=0.1, worker="w0", workers=mode) as first:
+    with connect_shared(srv.shm_url, "adamw", lr=0.1, worker="w0", workers=mode) as first:
         zeros = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
         for n, p in zeros.items():
             first.register(n, p.shape, p)
@@ -91,7 +92,7 @@ def test_sync_workers_over_shm_get_one_averaged_step(srv) -> None:
         for n in SHAPES:
             assert results[i][n].tobytes() == results[0][n].tobytes()
             assert results[i][n].tobytes() == expect[n].tobytes(), (i, n)
-    seen = {w["id"]: w for w in httpx.get(f"{srv.url}/v1/workers").json()}
+    seen = {w["id"]: w for w in httpx.get(f"{srv.url}/v1/runs/t/workers").json()}
     assert {f"w{i}" for i in range(count)} <= set(seen)
     assert seen["w1"]["gradients"] == iterations * len(SHAPES)
 
@@ -102,7 +103,7 @@ def test_sync_over_shm_and_http_in_one_group_see_the_same_bytes(srv) -> None:
 
     def work(i: int) -> None:
         url = srv.shm_url if i == 0 else srv.url
-        with connect(url, "sgd", lr=0.5, worker=f"w{i}", workers=mode) as opt:
+        with connect_shared(url, "sgd", lr=0.5, worker=f"w{i}", workers=mode) as opt:
             p = np.zeros(3, np.float32)
             for _ in range(4):
                 opt.step("p", p.shape, p, np.full(3, i + 1, np.float32))  # grads 1 and 2
@@ -112,32 +113,32 @@ def test_sync_over_shm_and_http_in_one_group_see_the_same_bytes(srv) -> None:
     run_threads(work, 2)
     assert results[0].tobytes() == results[1].tobytes()
     np.testing.assert_array_equal(results[0], np.full(3, -0.5 * 1.5 * 4, np.float32))
-    assert httpx.get(f"{srv.url}/v1/status").json()["global_step"] == 4
+    assert httpx.get(f"{srv.url}/v1/runs/t").json()["global_step"] == 4
 
 
 def test_sync_over_shm_needs_a_worker_id_and_times_out_stragglers(srv) -> None:
     mode = {"mode": "sync", "count": 2, "timeout_s": 0.5}
-    with connect(srv.shm_url, "sgd", lr=1.0, workers=mode) as anon:
+    with connect_shared(srv.shm_url, "sgd", lr=1.0, workers=mode) as anon:
         p = np.zeros(2, np.float32)
         with pytest.raises(InvalidRequestError, match="sync group"):
             anon.step("p", (2,), p, np.ones(2, np.float32))
     with pytest.raises(InvalidRequestError, match="invalid worker id"):
-        connect(srv.shm_url, "sgd", lr=1.0, worker="no spaces", workers=mode)
-    with connect(srv.shm_url, "sgd", lr=1.0, worker="alone", workers=mode) as opt:
+        connect_shared(srv.shm_url, "sgd", lr=1.0, worker="no spaces", workers=mode)
+    with connect_shared(srv.shm_url, "sgd", lr=1.0, worker="alone", workers=mode) as opt:
         p = np.zeros(2, np.float32)
         with pytest.raises(ServerError, match="straggler timeout") as info:
             opt.step("p", (2,), p, np.ones(2, np.float32))  # the other worker never comes
         assert info.value.status == 504
         np.testing.assert_array_equal(p, [0, 0])  # nothing applied, param untouched
-        value = httpx.get(f"{srv.url}/v1/params/p/value").content
+        value = httpx.get(f"{srv.url}/v1/runs/t/params/p/value").content
         np.testing.assert_array_equal(np.frombuffer(value, np.float32), [0, 0])
 
 
 def test_async_over_shm_refuses_stale_gradients(srv) -> None:
     mode = {"mode": "async", "max_staleness": 0}
     with (
-        connect(srv.shm_url, "sgd", lr=1.0, worker="a", workers=mode) as a,
-        connect(srv.shm_url, "sgd", lr=1.0, worker="b", workers=mode) as b,
+        connect_shared(srv.shm_url, "sgd", lr=1.0, worker="a", workers=mode) as a,
+        connect_shared(srv.shm_url, "sgd", lr=1.0, worker="b", workers=mode) as b,
     ):
         pa, pb = np.zeros(2, np.float32), np.zeros(2, np.float32)
         g = np.ones(2, np.float32)
@@ -147,7 +148,7 @@ def test_async_over_shm_refuses_stale_gradients(srv) -> None:
         with pytest.raises(ConflictError, match="stale gradient"):
             a.step("p", (2,), pa, g)  # a's copy is from v1, the param is at v2
         np.testing.assert_array_equal(pa, [-1, -1])  # a refused step changes nothing
-        value = httpx.get(f"{srv.url}/v1/params/p/value").content
+        value = httpx.get(f"{srv.url}/v1/runs/t/params/p/value").content
         np.testing.assert_array_equal(np.frombuffer(value, np.float32), [-2, -2])
         b.step("p", (2,), pb, g)  # b is current: v3
         np.testing.assert_array_equal(pb, [-3, -3])
@@ -165,6 +166,6 @@ def test_async_over_shm_refuses_stale_gradients(srv) -> None:
         b.step_batch([("p", (2,), pb, g), ("q", (1,), qb, one)])  # current: p v5, q v2
         np.testing.assert_array_equal(pb, [-5, -5])
         np.testing.assert_array_equal(qb, [-2])
-    params = {p["name"]: p for p in httpx.get(f"{srv.url}/v1/params").json()}
+    params = {p["name"]: p for p in httpx.get(f"{srv.url}/v1/runs/t/params").json()}
     assert params["p"]["version"] == 5
     assert params["q"]["version"] == 2

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from stepd.client import ConflictError, InvalidRequestError, NotFoundError, connect
-from stepd.client.shm import LOAD_STATE, U32
 from stepd.client.state import StateLoad
 
-from .conftest import assert_same_state
-from .test_shm import ShmServer
+from tests.support.clients import connect_shared
+from tests.support.server import ShmServer
+from tests.support.state import assert_same_state
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
 
@@ -69,7 +69,7 @@ def test_a_loaded_remote_continues_like_local(srv, transport, algorithm) -> None
     start = {n: p.copy() for n, p in params.items()}
     with (
         connect(LOCAL, algorithm, **hp) as local,
-        connect(url_of(srv, transport), algorithm, **hp) as remote,
+        connect_shared(url_of(srv, transport), algorithm, **hp) as remote,
     ):
         local.set_lr(local.lr * 0.7)
         local.set_lr_scale("b", 0.5)
@@ -128,7 +128,7 @@ def test_pending_state_is_uploaded_when_its_name_registers(srv, transport) -> No
         sd = local.state_dict()
     with (
         connect(LOCAL, "adamw", **hp) as local,
-        connect(url_of(srv, transport), "adamw", **hp) as remote,
+        connect_shared(url_of(srv, transport), "adamw", **hp) as remote,
     ):
         local.load_state_dict(sd)
         remote.load_state_dict(sd)
@@ -149,7 +149,7 @@ def test_pending_state_is_uploaded_when_its_name_registers(srv, transport) -> No
 def test_bad_state_is_refused_and_changes_nothing(srv, transport) -> None:
     hp = FAMILIES["adamw"]
     params = {n: np.ones(s, np.float32) for n, s in SHAPES.items()}
-    with connect(url_of(srv, transport), "adamw", **hp) as opt:
+    with connect_shared(url_of(srv, transport), "adamw", **hp) as opt:
         for t in range(2):
             iterate(opt, params, t)
         good = opt.state_dict()
@@ -186,14 +186,7 @@ def test_bad_state_is_refused_and_changes_nothing(srv, transport) -> None:
         ghost = copy.deepcopy(good)
         ghost["state"]["ghost"] = copy.deepcopy(good["state"]["w"])
         body, _ = StateLoad(ghost, "adamw").next_upload(["w", "ghost"])
-        t = opt.transport
-        if transport == "http":
-            send = functools.partial(
-                t.request, "PUT", f"/v1/groups/{t._group_id}/state", content=body
-            )
-        else:
-            gid = t._group_id.encode()
-            send = functools.partial(t.request, LOAD_STATE, U32.pack(len(gid)) + gid + body)
+        send = functools.partial(opt.transport.load_state, opt.session.group_id, body)
         with pytest.raises(NotFoundError, match="'ghost' is not registered"):
             send()
         assert_same_state(opt.state_dict(), before)
@@ -208,7 +201,7 @@ def test_a_state_larger_than_a_control_message_loads_over_shm(srv) -> None:
         p = np.zeros(n, np.float32)
         local.step("huge", (n,), p, g)
         sd = local.state_dict()
-    with connect(srv.shm_url, "sgd", lr=0.1, momentum=0.9) as remote:
+    with connect_shared(srv.shm_url, "sgd", lr=0.1, momentum=0.9) as remote:
         q = np.zeros(n, np.float32)
         remote.load_state_dict(sd)
         remote.step("huge", (n,), q, g)  # registers, uploads the 68 MiB state, then steps

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from stepd.client import ConflictError, connect
 
-from ..service.server import Server
+from tests.support.clients import connect_shared
+from tests.support.server import Server
 
 
 def test_sync_workers_through_the_client_see_one_averaged_step(tmp_path) -> None:
@@ -16,7 +17,7 @@ def test_sync_workers_through_the_client_see_one_averaged_step(tmp_path) -> None
     with Server(tmp_path) as server:
 
         def work(i: int) -> None:
-            with connect(
+            with connect_shared(
                 server.url, "sgd", lr=0.5, worker=f"w{i}", workers={"mode": "sync", "count": 2}
             ) as opt:
                 p = np.zeros(3, np.float32)
@@ -38,8 +39,8 @@ def test_async_client_tracks_versions_itself(tmp_path) -> None:
     with Server(tmp_path) as server:
         mode = {"mode": "async", "max_staleness": 0}
         with (
-            connect(server.url, "sgd", lr=1.0, worker="a", workers=mode) as a,
-            connect(server.url, "sgd", lr=1.0, worker="b", workers=mode) as b,
+            connect_shared(server.url, "sgd", lr=1.0, worker="a", workers=mode) as a,
+            connect_shared(server.url, "sgd", lr=1.0, worker="b", workers=mode) as b,
         ):
             pa, pb = np.zeros(2, np.float32), np.zeros(2, np.float32)
             g = np.ones(2, np.float32)

@@ -10,7 +10,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from stepd.kernels import create_optimizer
 
-from .conftest import assert_same_state, full_state, make_client, register
+from tests.support.app import assert_same_snapshot as assert_same_state
+from tests.support.app import full_state, make_client, register
 
 OCTET = {"content-type": "application/octet-stream"}
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from .server import Server
+from tests.support.server import Server
 
 LR = 2.0**-10  # SGD steps of exactly representable size: any order gives the same bits
 SIZE = 1 << 18  # large enough that a read racing a write would see two versions

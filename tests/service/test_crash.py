@@ -19,8 +19,8 @@ import pytest
 from safetensors.numpy import save as st_save
 from stepd.kernels import create_optimizer
 
-from .conftest import b64
-from .server import Server
+from tests.support.app import b64
+from tests.support.server import Server
 
 HP = {"lr": 1e-2, "weight_decay": 0.05}
 SIZES = {"a": 1 << 18, "b": 3 << 16}  # 1.75 MiB of params, 5.25 MiB with AdamW's two slots

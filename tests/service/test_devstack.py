@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server import Server
+from tests.support.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "examples" / "worker.py"
@@ -114,7 +114,7 @@ def test_example_workers_train_one_shared_model(tmp_path) -> None:
         for p, out in zip(procs, outs, strict=True):
             assert p.returncode == 0, out  # the worker exits 1 if its loss did not go down
             assert "done: loss" in out
-        params = {p["name"]: p for p in httpx.get(f"{server.url}/v1/params").json()}
+        params = {p["name"]: p for p in httpx.get(f"{server.url}/v1/runs/example/params").json()}
     assert set(params) == {"model.weight", "model.bias"}
     # Both workers stepped the same parameters: every gradient was applied.
     assert all(p["version"] == 2 * steps for p in params.values()), params

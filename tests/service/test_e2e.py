@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 from stepd.kernels import create_optimizer
 
-from .conftest import b64
-from .server import Server
+from tests.support.app import b64
+from tests.support.server import Server
 
 
 def _register(c: httpx.Client, value: np.ndarray) -> None:

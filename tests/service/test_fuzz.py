@@ -15,8 +15,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from .conftest import b64
-from .server import Server
+from tests.support.app import b64
+from tests.support.server import Server
 
 CHECKS = [
     not_a_server_error,

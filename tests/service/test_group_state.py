@@ -9,7 +9,7 @@ import numpy as np
 from safetensors.numpy import save as st_save
 from stepd.kernels import create_optimizer
 
-from .conftest import make_client, register
+from tests.support.app import make_client, register
 
 
 def test_loaded_state_replaces_the_group_and_sets_the_step_everywhere(tmp_path) -> None:

@@ -22,8 +22,9 @@ from safetensors.numpy import save as st_save
 from stepd.kernels import create_optimizer
 from stepd.service.store import Group
 
-from .conftest import assert_same_state, b64, full_state, make_client, register
-from .server import Server
+from tests.support.app import assert_same_snapshot as assert_same_state
+from tests.support.app import b64, full_state, make_client, register
+from tests.support.server import Server
 
 J = {"content-type": "application/json"}
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from stepd.kernels import create_optimizer
 
-from .server import Server
+from tests.support.server import Server
 
 CLIENTS, SIZE = 8, 4096
 LR = 2.0**-10  # the shared SGD param: exactly representable steps, any order same bits

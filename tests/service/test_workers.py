@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from stepd.kernels import create_optimizer
 
-from . import sync_worker
-from .server import Server
+from tests.support import sync_worker
+from tests.support.server import Server
 
 WORKERS = ["w0", "w1", "w2", "w3"]
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,3 +76,18 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ShmServer(Server):
+    """A server that also serves shm:// on a socket in a short temporary folder."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="stepd-test-"))  # short: sun_path <= 107
+        self.socket = self.dir / "stepd.sock"
+        super().__init__(self.dir / "ckpt", STEPD_SHM_SOCKET=str(self.socket))
+        self.shm_url = f"shm://{self.socket}"
+
+    def stop(self, *args, **kw) -> int:
+        rc = super().stop(*args, **kw)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return rc
