@@ -41,12 +41,13 @@ from stepd.wire import (
 
 from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
 from .config import Settings
+from .entries import Entry, StepOutcome
 from .errors import Conflict, Invalid, NotFound, Stale
 from .groups import check_group
 from .metrics import Metrics
 from .runs import Run
 from .rwlock import WouldBlock
-from .store import Entry, ParamStore, StepOutcome
+from .store import ParamStore
 
 log = logging.getLogger("stepd")
 

@@ -13,54 +13,27 @@ request is validated completely before anything is written: a failed call change
 
 from __future__ import annotations
 
-import json
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from stepd.kernels import Optimizer, create_optimizer, get_backend, l2_norm
 
 from stepd.wire import shard_of
 
+from .entries import Entry, StepOutcome
 from .errors import Conflict, Invalid, NotFound, Stale
 from .groups import Group, check_name, resolve_group
 from .requests import RequestLog
 from .rwlock import RWLock, WouldBlock
-
-T = TypeVar("T")
-
-
-@dataclass
-class Entry:
-    name: str
-    shape: tuple[int, ...]
-    group: Group
-    param: Any  # device array, flat float32
-    version: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    last_grad_norm: float | None = None
-    last_update_norm: float | None = None
-    norms_at_version: int | None = None
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+from .snapshots import Snapshots
 
 
-@dataclass
-class StepOutcome:
-    name: str
-    version: int
-    applied: bool  # False: the gradient was non-finite and skipped
-    param: np.ndarray | None = None  # host copy right after this step, when asked for
-    staleness: int | None = None  # async groups: versions the gradient lagged
-    replayed: bool = False  # a repeated request id: nothing was applied this time
+class ParamStore(Snapshots):
+    """One run's parameters and optimizers (see the module docstring)."""
 
-
-class ParamStore:
     def __init__(
         self,
         device: str = "cpu",
@@ -501,188 +474,6 @@ class ParamStore:
             self._entries, self._groups, self._group_info = {}, {}, {}
             self.requests = RequestLog()
 
-    # -- snapshots (checkpoints) -----------------------------------------------------------
-
-    def write_snapshot(self, write: Callable[[dict[str, np.ndarray], dict[str, Any]], T]) -> T:
-        """Call ``write(tensors, meta)`` with steps held off: on the CPU the tensors are the
-        live buffers themselves, so a checkpoint costs no copy and no extra memory."""
-        with self.lock.exclusive():
-            return write(*self._snapshot(copy=False))
-
-    def _snapshot(self, copy: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors: dict[str, np.ndarray] = {}
-        params = {}
-        for e in self._entries.values():
-            value = self._host(e.param) if copy or self.xp is not np else e.param
-            tensors[f"param/{e.name}"] = value.reshape(e.shape)
-            params[e.name] = {"shape": list(e.shape), "group": e.group.id, "version": e.version}
-        groups = {}
-        for gid, opt in self._groups.items():
-            sd = opt.state_dict(copy=copy)
-            for name, st in sd["state"].items():
-                for slot, arr in st["slots"].items():
-                    tensors[f"state/{name}/{slot}"] = arr
-                params[name]["count"] = st["count"]
-            groups[gid] = {
-                "workers": dict(self._group_info[gid].workers),
-                "algorithm": sd["algorithm"],
-                "hyperparams": sd["hyperparams"],
-                "lr": sd["lr"],
-                "lr_scales": sd["lr_scales"],
-            }
-        meta = {
-            "format": 1,
-            "global_step": self.global_step,
-            "groups": groups,
-            "params": params,
-        }
-        return tensors, meta
-
-    def restore(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        """Replace everything with a snapshot; validated fully before the swap."""
-        try:
-            global_step = int(meta["global_step"])
-            built: dict[str, Optimizer] = {}
-            infos: dict[str, Group] = {}
-            for gid, g in meta["groups"].items():
-                group, _ = resolve_group(g["algorithm"], g["hyperparams"], g.get("workers"))
-                opt = create_optimizer(g["algorithm"], backend=self.device, **g["hyperparams"])
-                state = {}
-                for name, p in meta["params"].items():
-                    if p["group"] != gid or "count" not in p:
-                        continue
-                    slots = {
-                        k.rsplit("/", 1)[1]: np.ascontiguousarray(v)
-                        for k, v in tensors.items()
-                        if k.startswith(f"state/{name}/")
-                    }
-                    state[name] = {"shape": p["shape"], "count": p["count"], "slots": slots}
-                opt.load_state_dict(
-                    {
-                        "algorithm": g["algorithm"],
-                        "hyperparams": g["hyperparams"],
-                        "global_step": global_step,
-                        "lr": g["lr"],
-                        "lr_scales": g["lr_scales"],
-                        "state": state,
-                    }
-                )
-                built[group.id] = opt
-                infos[group.id] = group
-            entries = {}
-            for name, p in meta["params"].items():
-                check_name(name)
-                value = tensors[f"param/{name}"]
-                shape = tuple(p["shape"])
-                if tuple(value.shape) != shape or p["group"] not in built:
-                    raise Invalid(f"checkpoint entry {name!r} is inconsistent")
-                param = self.xp.array(np.ascontiguousarray(value).reshape(-1), copy=True)
-                entries[name] = Entry(name, shape, infos[p["group"]], param, int(p["version"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise Invalid(f"checkpoint is malformed: {exc!r}") from None
-        with self.lock.exclusive(), self._meta:
-            self._groups, self._group_info, self._entries = built, infos, entries
-            self.global_step = global_step
-            self.requests = RequestLog()  # ids applied to the replaced state may apply again
-
-    # -- loading a group's optimizer state (client load_state_dict) -------------------------
-
-    def load_group_state(
-        self, group_id: str, tensors: Mapping[str, Any], meta: Mapping[str, str]
-    ) -> None:
-        """Replace a group's optimizer state, as ``kernels.Optimizer.load_state_dict`` does.
-
-        ``tensors``: ``{param}/{slot}`` float32 arrays; ``meta``: safetensors metadata, each
-        value JSON: ``algorithm`` and ``hyperparams`` (must be the group's: 409), ``counts``
-        ``{param: count}`` (the parameters whose state is given) and ``shapes`` ``{param:
-        shape}`` (each must be the registered one: 409), and optionally ``lr``,
-        ``lr_scales`` ``{param: scale}``, ``global_step`` and ``replace`` (default true:
-        parameters of the group absent from ``counts`` lose their state, fresh as after a
-        local ``load_state_dict``; false: only the named ones change). ``global_step`` is
-        server-wide: every group's optimizer gets it, as in :meth:`restore`. Every named
-        parameter must be registered in this group with the shape of its state (404 / 409 /
-        422). Parameter values and versions are left alone (torch semantics). Everything is
-        validated, into a new optimizer for the group, before the swap: a bad upload
-        changes nothing.
-        """
-        fields = _decode_meta(meta)
-        counts, lr_scales = fields.get("counts", {}), fields.get("lr_scales", {})
-        shapes = fields.get("shapes", {})
-        replace, global_step = fields.get("replace", True), fields.get("global_step")
-        for key, value in (("counts", counts), ("lr_scales", lr_scales), ("shapes", shapes)):
-            if not isinstance(value, dict):
-                raise Invalid(f"state metadata {key!r} must be an object, got {value!r}")
-        if not isinstance(replace, bool):
-            raise Invalid(f"state metadata 'replace' must be true or false, got {replace!r}")
-        slots: dict[str, dict[str, Any]] = {name: {} for name in counts}
-        for key, arr in tensors.items():
-            name, _, slot = key.partition("/")
-            if name not in slots or not slot:
-                raise Invalid(f"state tensor {key!r} is not '<param>/<slot>' of a param in counts")
-            slots[name][slot] = np.ascontiguousarray(arr, np.float32)
-        with self.lock.exclusive(), self._meta:
-            opt = self._groups.get(group_id)
-            if opt is None:
-                raise NotFound(f"group {group_id!r} does not exist")
-            group = self._group_info[group_id]
-            if fields.get("algorithm") != group.algorithm:
-                raise Conflict(
-                    f"the state is for algorithm {fields.get('algorithm')!r}, group "
-                    f"{group_id!r} runs {group.algorithm!r}"
-                )
-            hyperparams = fields.get("hyperparams")
-            if not isinstance(hyperparams, dict):
-                raise Invalid(
-                    f"state metadata 'hyperparams' must be an object, got {hyperparams!r}"
-                )
-            given, _ = resolve_group(group.algorithm, hyperparams, group.workers)
-            if given.hyperparams != group.hyperparams:
-                raise Conflict(
-                    f"the state's hyperparams {dict(given.hyperparams)} differ from group "
-                    f"{group_id!r}'s {dict(group.hyperparams)}"
-                )
-            for name in {**counts, **lr_scales}:
-                e = self.entry(check_name(name))
-                if e.group.id != group_id:
-                    raise Conflict(f"{name!r} belongs to group {e.group.id!r}, not {group_id!r}")
-            current = opt.state_dict(copy=False)
-            state = {} if replace else dict(current["state"])
-            for name, count in counts.items():
-                shape = list(self._entries[name].shape)
-                if shapes.get(name) != shape:
-                    raise Conflict(
-                        f"{name!r} is registered with shape {shape}, its state is for shape "
-                        f"{shapes.get(name)!r}"
-                    )
-                state[name] = {"shape": shape, "count": count, "slots": slots[name]}
-            sd = {
-                "algorithm": group.algorithm,
-                "hyperparams": dict(group.hyperparams),
-                "global_step": self.global_step if global_step is None else global_step,
-                "lr": fields.get("lr", current["lr"]),
-                "lr_scales": {**current["lr_scales"], **lr_scales},
-                "state": state,
-            }
-            built = create_optimizer(group.algorithm, backend=self.device, **group.hyperparams)
-            try:
-                built.load_state_dict(sd)
-            except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                raise Invalid(f"group {group_id!r}: invalid state: {exc}") from None
-            others = {}
-            if built.global_step != self.global_step:  # server-wide: every group follows
-                for gid, other in self._groups.items():
-                    if gid != group_id:
-                        g = self._group_info[gid]
-                        others[gid] = create_optimizer(
-                            g.algorithm, backend=self.device, **g.hyperparams
-                        )
-                        others[gid].load_state_dict(
-                            {**other.state_dict(copy=False), "global_step": built.global_step}
-                        )
-            self._groups.update(others)
-            self._groups[group_id] = built
-            self.global_step = built.global_step
-
 
 def _flat(xp: Any, g: np.ndarray) -> Any:
     """``g`` as a flat device array; a flat host array on a CPU store is used as it is."""
@@ -697,14 +488,3 @@ def _norm(x: Any) -> float:
     if hasattr(x, "get"):  # cupy
         x = x.get()
     return l2_norm(x)
-
-
-def _decode_meta(meta: Mapping[str, str]) -> dict[str, Any]:
-    """safetensors metadata (strings) whose values are JSON, decoded."""
-    out = {}
-    for key, raw in meta.items():
-        try:
-            out[key] = json.loads(raw)
-        except (TypeError, ValueError):
-            raise Invalid(f"state metadata {key!r} is not JSON: {raw!r}") from None
-    return out

@@ -38,7 +38,8 @@ from .errors import Conflict, StragglerTimeout
 from .requests import RequestLog
 
 if TYPE_CHECKING:
-    from .store import ParamStore, StepOutcome
+    from .entries import StepOutcome
+    from .store import ParamStore
 
 MODES = ("plain", "sync", "async")
 

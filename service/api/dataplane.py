@@ -31,10 +31,10 @@ from stepd.wire import (
 )
 
 from ..engine import Engine
+from ..entries import StepOutcome
 from ..errors import Invalid
 from ..requests import CAPACITY
 from ..rwlock import WouldBlock
-from ..store import StepOutcome
 from .deps import ERRORS, read_body
 
 # Steps up to this many elements run on the event loop when their locks are free: a thread

@@ -14,9 +14,9 @@ from stepd.kernels import l2_norm
 from stepd.wire import OCTET, SAFETENSORS, SHAPE_HEADER, dump, from_bytes
 
 from ..engine import Engine
+from ..entries import Entry
 from ..errors import Invalid
 from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
-from ..store import Entry
 from .deps import ERRORS, EngineDep, read_body
 
 router = APIRouter(prefix="/v1/runs/{run}/params", tags=["params"], responses=ERRORS)
