@@ -109,6 +109,7 @@ def test_not_found_maps_to_NotFoundError(shared_server) -> None:
     assert "'missing' is not registered" in err.value.detail
 
 
+@pytest.mark.e2e
 def test_token(tmp_path) -> None:
     with Server(tmp_path / "ckpt", STEPD_TOKEN="s3cret") as srv:
         for token in (None, "wrong"):
@@ -145,6 +146,7 @@ def test_a_silent_server_times_out_instead_of_hanging() -> None:
     assert elapsed < 3  # two tries of 0.3 s (a status read is retried once)
 
 
+@pytest.mark.e2e
 def test_server_gone_mid_run_leaves_the_param_untouched(tmp_path) -> None:
     srv = Server(tmp_path / "ckpt")
     try:

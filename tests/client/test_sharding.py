@@ -14,6 +14,8 @@ from stepd.wire import shard_of
 from tests.support.clients import connect_shared
 from tests.support.server import Server
 
+pytestmark = pytest.mark.e2e  # starts real server processes
+
 NAMES = [f"layers.{i}.{kind}" for i in range(10) for kind in ("weight", "bias")]
 
 

@@ -162,6 +162,7 @@ def test_sigkilled_client_frees_its_segments(srv) -> None:
         assert httpx.get(f"{srv.url}/v1/runs/t/params/crash.0").json()["version"] >= 4
 
 
+@pytest.mark.e2e
 def test_server_gone_mid_run_leaves_param_untouched() -> None:
     with ShmServer() as s:
         opt = connect_shared(s.shm_url, "sgd", lr=0.1)

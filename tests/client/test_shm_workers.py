@@ -14,7 +14,10 @@ from stepd.client import ConflictError, InvalidRequestError, ServerError, connec
 from tests.support.clients import connect_shared
 from tests.support.server import ShmServer
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm"),
+]
 
 SHAPES = {"a": (3,), "b": (2, 2)}
 

@@ -11,6 +11,8 @@ from stepd.client import ConflictError, connect
 from tests.support.clients import connect_shared
 from tests.support.server import Server
 
+pytestmark = pytest.mark.e2e  # starts real server processes
+
 
 def test_sync_workers_through_the_client_see_one_averaged_step(tmp_path) -> None:
     results: dict[int, np.ndarray] = {}

@@ -6,12 +6,15 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 def _stepd() -> list[str]:
     exe = shutil.which("stepd")
     return [exe] if exe else [sys.executable, "-m", "stepd.service.cli"]
 
 
+@pytest.mark.e2e
 def test_demo_runs_a_server_and_workers_end_to_end() -> None:
     proc = subprocess.run(
         [*_stepd(), "demo", "--workers", "2"], capture_output=True, text=True, timeout=300

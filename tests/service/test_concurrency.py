@@ -6,8 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.support.server import Server
+
+pytestmark = pytest.mark.e2e  # starts real server processes
 
 LR = 2.0**-10  # SGD steps of exactly representable size: any order gives the same bits
 SIZE = 1 << 18  # large enough that a read racing a write would see two versions

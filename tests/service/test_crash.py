@@ -22,6 +22,8 @@ from stepd.kernels import create_optimizer
 from tests.support.app import b64
 from tests.support.server import Server
 
+pytestmark = pytest.mark.e2e  # starts real server processes
+
 HP = {"lr": 1e-2, "weight_decay": 0.05}
 SIZES = {"a": 1 << 18, "b": 3 << 16}  # 1.75 MiB of params, 5.25 MiB with AdamW's two slots
 TIMEOUT = httpx.Timeout(10.0, connect=2.0)

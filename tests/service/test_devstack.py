@@ -16,6 +16,8 @@ import pytest
 
 from tests.support.server import Server
 
+pytestmark = pytest.mark.e2e  # starts real server processes
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "examples" / "worker.py"
 

@@ -6,10 +6,13 @@ import signal
 
 import httpx
 import numpy as np
+import pytest
 from stepd.kernels import create_optimizer
 
 from tests.support.app import b64
 from tests.support.server import Server
+
+pytestmark = pytest.mark.e2e  # starts real server processes
 
 
 def _register(c: httpx.Client, value: np.ndarray) -> None:

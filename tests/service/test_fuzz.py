@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,8 @@ from schemathesis.checks import (
 
 from tests.support.app import b64
 from tests.support.server import Server
+
+pytestmark = pytest.mark.e2e  # starts real server processes
 
 CHECKS = [
     not_a_server_error,

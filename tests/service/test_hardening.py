@@ -376,6 +376,7 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: FILL.get(m.group(1), "c"), path)
 
 
+@pytest.mark.e2e
 def test_token_guards_every_operation_on_the_real_server(tmp_path) -> None:
     """Every operation of the schema but /healthz, the two step endpoints (served outside
     FastAPI) included, answers 401 without the token, with a wrong one or a malformed one."""
@@ -437,6 +438,7 @@ def test_checkpoint_names_cannot_escape_the_directory(tmp_path) -> None:
         assert sorted(p.name for p in (ckpt / "t").iterdir()) == ["ok.safetensors"]
 
 
+@pytest.mark.e2e
 def test_server_binds_to_loopback_by_default(tmp_path, monkeypatch) -> None:
     from stepd.service.config import Settings
 

@@ -21,6 +21,8 @@ from stepd.kernels import create_optimizer
 
 from tests.support.server import Server
 
+pytestmark = pytest.mark.e2e  # starts real server processes
+
 CLIENTS, SIZE = 8, 4096
 LR = 2.0**-10  # the shared SGD param: exactly representable steps, any order same bits
 HP = {"lr": 1e-3, "weight_decay": 0.01}

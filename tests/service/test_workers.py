@@ -13,6 +13,8 @@ from stepd.kernels import create_optimizer
 from tests.support import sync_worker
 from tests.support.server import Server
 
+pytestmark = pytest.mark.e2e  # starts real server processes
+
 WORKERS = ["w0", "w1", "w2", "w3"]
 
 

@@ -81,10 +81,10 @@ class Server:
 class ShmServer(Server):
     """A server that also serves shm:// on a socket in a short temporary folder."""
 
-    def __init__(self) -> None:
+    def __init__(self, **env: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="stepd-test-"))  # short: sun_path <= 107
         self.socket = self.dir / "stepd.sock"
-        super().__init__(self.dir / "ckpt", STEPD_SHM_SOCKET=str(self.socket))
+        super().__init__(self.dir / "ckpt", STEPD_SHM_SOCKET=str(self.socket), **env)
         self.shm_url = f"shm://{self.socket}"
 
     def stop(self, *args, **kw) -> int:

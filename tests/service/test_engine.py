@@ -1,0 +1,132 @@
+"""The engine in process: runs (join, fresh, anonymous, delete, reap) and the rules every
+adapter shares (worker modes, request ids, unknown names' lr_scale, metrics per run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stepd.service.config import Settings
+from stepd.service.engine import Engine
+from stepd.service.errors import Conflict, Invalid, NotFound
+from stepd.service.rwlock import WouldBlock
+
+
+@pytest.fixture
+def engine(tmp_path) -> Engine:
+    return Engine(Settings(checkpoint_dir=tmp_path, device="cpu", anonymous_run_ttl=10), "cpu")
+
+
+def ones(*shape: int) -> np.ndarray:
+    return np.ones(shape, np.float32)
+
+
+def test_named_runs_are_joined_and_fresh_starts_anew(engine) -> None:
+    run, created = engine.open_run("exp")
+    assert created
+    again, created = engine.open_run("exp")
+    assert again is run
+    assert not created
+    engine.register("exp", "w", (2,), ones(2), "sgd", {"lr": 0.5})
+    engine.step("exp", {"w": ones(2)})
+    assert engine.end_iteration("exp") == 1
+    new, created = engine.open_run("exp", fresh=True)
+    assert created
+    assert new is not run
+    assert new.store.names() == []
+    assert new.store.global_step == 0
+
+
+def test_run_names_and_groups_are_checked_before_anything_is_made(engine) -> None:
+    for bad in ("", "../x", ".hidden", "-x", "a/b", "x" * 65, "spa ce"):
+        with pytest.raises(Invalid, match="invalid run name"):
+            engine.open_run(bad)
+    with pytest.raises(Invalid, match="unknown algorithm"):
+        engine.open_run("ok", group={"algorithm": "nope"})
+    with pytest.raises(Invalid, match="beta"):
+        engine.open_run(None, group={"algorithm": "adamw", "hyperparams": {"betas": [2, 0.9]}})
+    assert engine.runs() == []
+
+
+def test_anonymous_runs_are_private(engine) -> None:
+    run, created = engine.open_run(None)
+    assert created
+    assert run.anonymous
+    assert run.name.startswith("anon-")
+    with pytest.raises(Conflict, match="anonymous"):
+        engine.open_run(run.name)
+    other, _ = engine.open_run(None)
+    assert other.name != run.name
+
+
+def test_the_same_names_in_two_runs_are_two_parameters(engine) -> None:
+    engine.open_run("g")
+    engine.open_run("d")
+    engine.register("g", "w", (3,), ones(3), "sgd", {"lr": 0.5})
+    engine.register("d", "w", (3,), ones(3), "adamw", {"lr": 0.1})  # no conflict
+    engine.step("g", {"w": ones(3)})
+    assert engine.end_iteration("g") == 1
+    assert engine.run("d").store.global_step == 0
+    np.testing.assert_array_equal(engine.read("g", "w"), np.full(3, 0.5, np.float32))
+    np.testing.assert_array_equal(engine.read("d", "w"), ones(3))
+
+
+def test_delete_frees_memory_and_forgets_metrics(engine) -> None:
+    engine.open_run("keep")
+    engine.open_run("gone")
+    engine.register("keep", "w", (4,), ones(4), "sgd", {"lr": 0.1})
+    engine.register("gone", "w", (1000,), ones(1000), "adamw", {})
+    engine.step("gone", {"w": ones(1000)})
+    engine.end_iteration("gone")
+    assert engine.device_bytes() == 16 + 3 * 4000
+    engine.delete_run("gone")
+    assert engine.device_bytes() == 16
+    with pytest.raises(NotFound, match="run 'gone' does not exist"):
+        engine.step("gone", {"w": ones(1000)})
+    with pytest.raises(NotFound):
+        engine.delete_run("gone")
+    from prometheus_client import generate_latest
+
+    assert b'run="gone"' not in generate_latest(engine.metrics.registry)
+
+
+def test_reap_takes_idle_anonymous_runs_only(engine) -> None:
+    named, _ = engine.open_run("named")
+    idle, _ = engine.open_run(None)
+    held, _ = engine.open_run(None)
+    held.holders += 1  # an shm:// connection is bound to it
+    busy, _ = engine.open_run(None)
+    later = idle.last_used + 11  # past the 10 s TTL
+    busy.last_used = later - 1
+    assert engine.reap(now=later) == [idle.name]
+    assert {r["name"] for r in engine.runs()} == {named.name, held.name, busy.name}
+
+
+def test_unknown_names_and_worker_rules_are_the_engines(engine) -> None:
+    engine.open_run("r")
+    with pytest.raises(NotFound, match="'nope' is not registered"):
+        engine.step("r", {"nope": ones(2)})
+    engine.register("r", "s", (2,), ones(2), "sgd", {}, workers={"mode": "sync", "count": 2})
+    engine.register("r", "a", (2,), ones(2), "sgd", {}, workers={"mode": "async"})
+    with pytest.raises(Invalid, match="sync group: name this worker"):
+        engine.step("r", {"s": ones(2)})
+    with pytest.raises(Invalid, match="async group: pass the parameter version"):
+        engine.step("r", {"a": ones(2)})
+    with pytest.raises(Invalid, match="invalid worker id"):
+        engine.step("r", {"a": ones(2)}, worker="a b", versions={"a": 0})
+    with pytest.raises(WouldBlock):  # a round waits for the others: never on the event loop
+        engine.step("r", {"s": ones(2)}, worker="w0", blocking=False)
+    [o] = engine.step("r", {"a": ones(2)}, worker="w0", versions={"a": 0})
+    assert (o.version, o.staleness) == (1, 0)
+
+
+def test_a_request_id_applies_once(engine) -> None:
+    engine.open_run("r")
+    engine.register("r", "w", (2,), ones(2), "sgd", {"lr": 1.0})
+    rid = "0123456789abcdef-1"
+    first = engine.step("r", {"w": ones(2)}, request_id=rid, read_back=True)
+    again = engine.step("r", {"w": ones(2)}, request_id=rid, read_back=True)
+    assert again[0].replayed
+    assert again[0].version == first[0].version == 1
+    np.testing.assert_array_equal(engine.read("r", "w"), np.zeros(2, np.float32))
+    with pytest.raises(Invalid, match="X-Stepd-Request-Id"):
+        engine.step("r", {"w": ones(2)}, request_id="short")

@@ -1,0 +1,98 @@
+"""The shared-memory listener in process, spoken to byte by byte over its Unix socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stepd.service.config import Settings
+from stepd.service.engine import Engine
+from stepd.service.shm import ShmServer
+
+from stepd.wire import F64, HEADER, PROTOCOL, U64, Op, Status
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[Engine, Path]]:
+    folder = Path(tempfile.mkdtemp(prefix="stepd-shm-"))  # short: sun_path <= 107
+    engine = Engine(Settings(checkpoint_dir=folder / "ckpt", device="cpu"), "cpu")
+    server = ShmServer(engine, folder / "s.sock")
+    server.start()
+    yield engine, folder / "s.sock"
+    server.stop()
+
+
+class Conn:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(10)
+
+    def ask(self, op: int, payload: bytes = b"") -> tuple[int, bytes]:
+        self.sock.sendall(HEADER.pack(op, 0, len(payload)) + payload)
+        head = self._read(HEADER.size)
+        status, _, n = HEADER.unpack(head)
+        return status, self._read(n)
+
+    def _read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            assert chunk, "the server closed the connection"
+            out += chunk
+        return out
+
+
+def test_hello_comes_first_and_binds_the_run(listener) -> None:
+    engine, path = listener
+    c = Conn(path)
+    assert c.ask(Op.PING) == (Status.OK, b"")
+    status, detail = c.ask(Op.END_ITERATION)
+    assert status == Status.BAD_REQUEST
+    assert b"HELLO first" in detail
+    status, reply = c.ask(Op.HELLO, json.dumps({"run": "r1"}).encode())
+    assert status == Status.OK
+    info = json.loads(reply)
+    assert (info["run"], info["anonymous"], info["protocol"]) == ("r1", False, PROTOCOL)
+    assert info["limits"]["max_body_bytes"] == engine.settings.max_body_bytes
+    assert c.ask(Op.HELLO, json.dumps({"run": "r2"}).encode())[0] == Status.CONFLICT
+    assert c.ask(Op.END_ITERATION) == (Status.OK, U64.pack(1))
+    assert engine.run("r1").store.global_step == 1
+
+
+def test_errors_carry_the_engines_status(listener) -> None:
+    _, path = listener
+    c = Conn(path)
+    assert c.ask(Op.HELLO, b"{not json")[0] == Status.BAD_REQUEST
+    status, detail = c.ask(Op.HELLO, json.dumps({"run": "../x"}).encode())
+    assert (status, b"invalid run name" in detail) == (Status.INVALID, True)
+    status, detail = c.ask(Op.HELLO, json.dumps({"run": "r", "group": {"algorithm": "x"}}).encode())
+    assert (status, b"unknown algorithm" in detail) == (Status.INVALID, True)
+    assert c.ask(Op.HELLO, json.dumps({"run": "r"}).encode())[0] == Status.OK
+    assert c.ask(Op.GET_LR_SCALE, b"nope")[0] == Status.NOT_FOUND
+    assert c.ask(Op.SET_LR, F64.pack(-1.0))[0] == Status.INVALID
+    assert c.ask(Op.STEP, b"\x00")[0] == Status.BAD_REQUEST  # malformed payload
+    assert c.ask(Op.STEP, b"\x00\x00\x00\x00")[0] == Status.NOT_FOUND  # no such slot
+    assert c.ask(999)[0] == Status.BAD_REQUEST
+    assert c.ask(Op.PING) == (Status.OK, b"")  # the connection is still fine
+
+
+def test_an_anonymous_run_lives_as_long_as_its_connection(listener) -> None:
+    engine, path = listener
+    c = Conn(path)
+    status, reply = c.ask(Op.HELLO, json.dumps({"run": None}).encode())
+    assert status == Status.OK
+    name = json.loads(reply)["run"]
+    assert engine.run(name).anonymous
+    assert engine.run(name).holders == 1
+    assert c.ask(Op.CLOSE) == (Status.OK, b"")
+    c.sock.close()
+    deadline = time.monotonic() + 5
+    while name in {r["name"] for r in engine.runs()} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert name not in {r["name"] for r in engine.runs()}
