@@ -28,6 +28,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY stepd ./stepd
 COPY kernels ./kernels
 COPY service ./service
 COPY client ./client
@@ -54,6 +55,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY stepd ./stepd
 COPY kernels ./kernels
 COPY service ./service
 COPY client ./client

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--iterations", type=int, default=60)
     demo.add_argument("--keep-serving", action="store_true", help="keep the server up after")
 
-    tour = sub.add_parser("tour", help="train a small classifier with each of the 14 optimizers")
+    tour = sub.add_parser("tour", help="train a small classifier with each optimizer")
     tour.add_argument("--steps", type=int, default=300, help="training steps per optimizer")
     tour.add_argument(
         "--backend",

@@ -81,6 +81,14 @@ def test_dockerfile_stages() -> None:
         assert needle in runtime, needle
     assert "g++" not in runtime  # no compiler in the default image
     assert '".[server,gpu]"' in cuda
+    import tomllib
+
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].values()
+    for stage in (build, cuda):  # every folder the stepd package is made of goes in
+        for folder in folders:
+            assert f"COPY {folder} ./{folder}" in stage, folder
     for stage in (runtime, cuda):
         assert re.search(r"^USER stepd$", stage, re.MULTILINE)
         assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", stage, re.MULTILINE)
