@@ -24,7 +24,7 @@ import numpy as np
 from stepd import wire
 
 from .errors import ServerError, TransportError, error_for_status
-from .transport import Item, Registered, ServerTransport
+from .transport import Registered, ServerTransport, StepItem
 
 # Bodies above this go out in pieces of this size (see _Body).
 CHUNK = 1 << 20
@@ -62,7 +62,7 @@ def _content(parts: list[bytes | memoryview], headers: dict[str, str]) -> dict[s
 
 def _raw(arr: np.ndarray) -> list[bytes | memoryview]:
     """A contiguous float32 array's bytes, as a view (no copy)."""
-    return [memoryview(arr.reshape(-1)).cast("B")] if arr.size else [b""]
+    return [arr.reshape(-1).data.cast("B")] if arr.size else [b""]
 
 
 def _path(name: str) -> str:
@@ -178,7 +178,7 @@ class HttpTransport(ServerTransport):
         return Registered(r.status_code == 201, info["group"], int(info["version"]))
 
     def step(
-        self, items: tuple[Item, ...], versions: Mapping[str, int] | None, request_id: str
+        self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
     ) -> dict[str, int]:
         rid = {wire.REQUEST_ID_HEADER: request_id}
         if len(items) == 1:

@@ -38,6 +38,7 @@ from .transport import (
     SetLr,
     SetLrScale,
     Step,
+    StepItem,
     Transport,
     UpdateHessian,
 )
@@ -95,28 +96,28 @@ class LocalTransport(Transport):
         except (TypeError, ValueError) as exc:  # the core refused it, as a server would
             raise _refused(exc, type(op).__name__) from None
 
-    def _admit(self, items: tuple[Item, ...], grads: bool) -> None:
-        """Refuse non-finite first values and gradients, as a server does (all before any)."""
+    def _admit(self, items: tuple[Item, ...], step: tuple[StepItem, ...] = ()) -> None:
+        """Refuse non-finite first values of ``items`` and gradients of ``step`` (a step's
+        items, the same ones), as a server does (all before any)."""
         for name, _, param, _ in items:
             if name not in self._seen and not np.isfinite(param).all():
                 raise InvalidRequestError(
                     Status.INVALID, f"{name!r}: initial value has non-finite entries", "local", ""
                 )
-        if grads:
-            bad = [name for name, _, _, g in items if not np.isfinite(g).all()]
-            if bad:
-                detail = f"non-finite gradient values for {', '.join(map(repr, bad))}"
-                raise InvalidRequestError(Status.INVALID, detail, "local", "Step")
+        bad = [name for name, _, _, g in step if not np.isfinite(g).all()]
+        if bad:
+            detail = f"non-finite gradient values for {', '.join(map(repr, bad))}"
+            raise InvalidRequestError(Status.INVALID, detail, "local", "Step")
         self._seen.update(name for name, *_ in items)
 
     def _handle(self, op: Op) -> Any:
         opt = self.optimizer
         match op:
             case Step(items=items):
-                self._admit(items, grads=True)
+                self._admit(items, step=items)
                 return opt.step_batch(items)
             case Register(items=items):
-                return self._admit(items, grads=False)
+                return self._admit(items)
             case EndIteration():
                 return opt.end_iteration()
             case GetLr():

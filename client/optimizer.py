@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -37,6 +37,7 @@ from .transport import (
     SetLr,
     SetLrScale,
     Step,
+    StepItem,
     Transport,
     UpdateHessian,
 )
@@ -256,7 +257,14 @@ class StepdOptimizer:
             raise StepdError("this optimizer is closed")
         return self.session.handle(op)
 
+    @overload
+    def _check_items(
+        self, items: Iterable[Any], with_grad: Literal[True]
+    ) -> tuple[StepItem, ...]: ...
+    @overload
+    def _check_items(self, items: Iterable[Any], with_grad: Literal[False]) -> tuple[Item, ...]: ...
     def _check_items(self, items: Iterable[Any], with_grad: bool) -> tuple[Item, ...]:
+        """``with_grad``: each item's grad is checked too (a step's items: ``StepItem``s)."""
         checked = []
         seen = set()
         for item in items:

@@ -33,6 +33,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from .errors import TransportError
@@ -50,6 +51,7 @@ from .transport import (
     SetLr,
     SetLrScale,
     Step,
+    StepItem,
     Transport,
     UpdateHessian,
 )
@@ -181,22 +183,20 @@ class Session(Transport):
                 continue
             scale = self.pending_scales.get(name, 1.0)
             reg = self._retry(
-                lambda n=name, s=shape, p=param, k=scale: t.register(
-                    n, s, p, self.group_spec, k, self.shard
-                ),
+                partial(t.register, name, shape, param, self.group_spec, scale, self.shard),
                 self._reads,
             )
             if self.group_id is None:
                 self.group_id = reg.group
                 if self.lr is not None:  # set_lr came before the group existed
-                    self._retry(lambda g=reg.group, lr=self.lr: t.set_lr(g, lr), self._reads)
+                    self._retry(partial(t.set_lr, reg.group, self.lr), self._reads)
             self.registered[name] = shape
             self.versions[name] = reg.version
             self.pending_scales.pop(name, None)
         if self.pending_load is not None:  # loaded state of names registered just now
             self._upload_state(self.pending_load)
 
-    def _step(self, items: tuple[Item, ...]) -> None:
+    def _step(self, items: tuple[StepItem, ...]) -> None:
         if any(name not in self.registered for name, *_ in items) or self.pending_load:
             self._ensure_registered(items)
         versions = {name: self.versions[name] for name, *_ in items} if self._async else None

@@ -51,7 +51,7 @@ import numpy as np
 from stepd.wire import F32, F64, HEADER, SLOT_VERSION, STEP_REPLY, U32, U64, Op
 
 from .errors import TransportError, error_for_status
-from .transport import Item, Registered, ServerTransport
+from .transport import Registered, ServerTransport, StepItem
 
 SHM_DIR = "/dev/shm"
 PREFIX = "stepd-"
@@ -258,7 +258,7 @@ class ShmTransport(ServerTransport):
         return seg.user
 
     def step(
-        self, items: tuple[Item, ...], versions: Mapping[str, int] | None, request_id: str
+        self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
     ) -> dict[str, int]:
         segs = self._segments
         if len(items) == 1 and versions is None:  # the latency path: as little as possible

@@ -79,8 +79,11 @@ def check(state: Mapping[str, Any], algorithm: str) -> dict[str, Any]:
         name = _param(name)
         if not isinstance(entry, Mapping):
             raise TypeError(f"state_dict state[{name!r}] must be a mapping")
+        dims = entry.get("shape")
+        if dims is None:
+            raise TypeError(f"{name!r}: shape must be a sequence of ints")
         try:
-            shape = [_count(f"{name!r} shape entry", d) for d in entry.get("shape")]
+            shape = [_count(f"{name!r} shape entry", d) for d in dims]
         except TypeError:
             raise TypeError(f"{name!r}: shape must be a sequence of ints") from None
         slots = entry.get("slots", {})

@@ -17,6 +17,7 @@ Parameters without a gradient are skipped, as in torch. float32 parameters only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         )
         try:
             for n, p in named:
-                self._sync(p, lambda buf, n=n, p=p: self.remote.register(n, tuple(p.shape), buf))
+                self._sync(p, partial(self.remote.register, n, tuple(p.shape)))
             lr = self.remote.lr
         except BaseException:
             self.remote.close()

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-# (name, shape, param, grad): shape a tuple of ints, param/grad contiguous float32 arrays
+# (name, shape, param, grad): shape a tuple of ints, param/grad contiguous float32 arrays;
+# grad is None where none goes (Register), a step's items always have one (StepItem)
 Item = tuple[str, tuple[int, ...], np.ndarray, np.ndarray | None]
+StepItem = tuple[str, tuple[int, ...], np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Register:
 class Step:
     """Apply one gradient per name; every param is overwritten with its new value."""
 
-    items: tuple[Item, ...]
+    items: tuple[StepItem, ...]
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ class ServerTransport(ABC):
 
     @abstractmethod
     def step(
-        self, items: tuple[Item, ...], versions: Mapping[str, int] | None, request_id: str
+        self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
     ) -> dict[str, int]:
         """Apply the gradients, write the new values into the params; the new versions."""
 

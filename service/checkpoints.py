@@ -73,7 +73,7 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in tensors.values():
-            f.write(memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B"))
+            f.write(np.ascontiguousarray(arr, dtype="<f4").data.cast("B"))
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(raw) + offset
@@ -127,10 +127,10 @@ class CheckpointDir:
             raise NotFound(f"checkpoint {name!r} does not exist")
         data = np.empty(path.stat().st_size, np.uint8)  # not zero-filled, unlike bytearray
         with open(path, "rb") as f:
-            if f.readinto(memoryview(data)) != data.size:
+            if f.readinto(data.data) != data.size:
                 raise Invalid(f"checkpoint {name!r} changed while being read")
         try:
-            tensors, metadata = parse(memoryview(data))
+            tensors, metadata = parse(data.data)
         except WireError as exc:
             raise Invalid(f"checkpoint {name!r} is malformed: {exc}") from None
         try:

@@ -24,12 +24,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 SHAPES = {"fc1.weight": (64, 32), "fc1.bias": (32,), "fc2.weight": (32, 10), "fc2.bias": (10,)}
-HYPERPARAMS = {"lr": 1e-2, "weight_decay": 1e-4}
+
+
+class _Hyperparams(TypedDict):
+    lr: float
+    weight_decay: float
+
+
+HYPERPARAMS: _Hyperparams = {"lr": 1e-2, "weight_decay": 1e-4}
 RUN = "demo"  # the named run the workers share
 
 
@@ -124,6 +131,7 @@ def _start_server(port: int, checkpoints: str, shm_socket: str) -> subprocess.Po
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            assert proc.stdout is not None  # stdout=PIPE
             raise RuntimeError(f"the server exited: {proc.stdout.read().decode()}")
         try:
             healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)

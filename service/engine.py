@@ -291,6 +291,7 @@ class Engine:
         if worker is not None:
             r.workers.touch(worker, len(grads))
         for n in sync:  # every worker sends the same names: the rounds complete in order
+            assert worker is not None  # a sync step without a worker id was refused above
             cfg = entries[n].group.workers
             outcomes[n] = r.sync.contribute(n, grads[n], worker, iteration, cfg, request_id)
         ordered = [outcomes[n] for n in grads]

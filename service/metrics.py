@@ -5,7 +5,7 @@ Everything a run does carries a ``run`` label; a deleted run's series go with it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -69,6 +69,6 @@ class Metrics:
                     metric.remove(*labels)
 
 
-def _label_sets(metric: MetricWrapperBase) -> list[tuple[str, ...]]:
+def _label_sets(metric: MetricWrapperBase) -> list[Sequence[str]]:
     with metric._lock:  # prometheus_client has no public listing of a metric's children
         return list(metric._metrics)

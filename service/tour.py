@@ -78,19 +78,22 @@ def loss_and_grads(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tu
 def hutchinson(p: dict, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict:
     """Hessian-diagonal estimate z * (H z), H z by central differences of the gradient."""
     eps = 1e-3
-    z = {k: rng.choice(np.float32([-1, 1]), v.shape) for k, v in p.items()}
+    z = {k: rng.choice(np.array([-1, 1], np.float32), v.shape) for k, v in p.items()}
     plus = loss_and_grads({k: v + eps * z[k] for k, v in p.items()}, x, y)[2]
     minus = loss_and_grads({k: v - eps * z[k] for k, v in p.items()}, x, y)[2]
     return {k: (z[k] * (plus[k] - minus[k]) / (2 * eps)).astype(np.float32) for k in p}
 
 
 def train(algorithm: str, steps: int, backend: str, seed: int) -> tuple[float, float, float, float]:
+    """The loss before the first step and after the last, the accuracy, the seconds taken."""
+    if steps < 1:
+        raise ValueError(f"the tour needs at least one training step, got {steps}")
     rng = np.random.default_rng(seed)
     x, y = spiral(200, 3, rng)
     params = init_params(rng, hidden=64, classes=3)
     opt = create_optimizer(algorithm, backend=backend, **CONFIGS[algorithm])
     base_lr = opt.lr
-    first = None
+    first: float | None = None
     start = time.perf_counter()
     for step in range(steps):
         loss, acc, grads = loss_and_grads(params, x, y)
@@ -105,6 +108,7 @@ def train(algorithm: str, steps: int, backend: str, seed: int) -> tuple[float, f
         )
         opt.end_iteration()
     loss, acc, _ = loss_and_grads(params, x, y)
+    assert first is not None  # steps >= 1
     return first, loss, acc, time.perf_counter() - start
 
 

@@ -159,7 +159,12 @@ class SyncRounds:
 
     def _settle(self, rnd: _Round) -> None:
         """A round is over: its deliveries' ids now map to the outcome, minus the arrays."""
-        done = rnd.error if rnd.error is not None else replace(rnd.outcome, param=None)
+        done: StepOutcome | Exception
+        if rnd.error is not None:
+            done = rnd.error
+        else:
+            assert rnd.outcome is not None  # a round ends with its outcome or its error
+            done = replace(rnd.outcome, param=None)
         for key in rnd.ids:
             self._requests.put(key, done)
 
@@ -204,6 +209,7 @@ class SyncRounds:
             self._cond.wait(left)
         if rnd.error is not None:
             raise rnd.error
+        assert rnd.outcome is not None  # the loop above ends with one of the two
         return rnd.outcome
 
     def _complete(self, name: str, rnd: _Round, count: int) -> None:
@@ -216,13 +222,13 @@ class SyncRounds:
         previous = self._done.get(name, 0)
         self._done[name] = rnd.iteration  # late duplicates now see "already done"
         del self._rounds[name]
+        outcome: StepOutcome | None = None
+        error: Exception | None = None
         self._cond.release()
         try:
             [outcome] = self.store.step({name: total}, read_back=True)
         except Exception as exc:  # e.g. a non-finite average: every waiter gets the error
-            outcome, error = None, exc
-        else:
-            error = None
+            error = exc
         finally:
             self._cond.acquire()
         if error is not None:

@@ -118,7 +118,7 @@ def dump_parts(
     parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
     for a in tensors.values():
         a = np.ascontiguousarray(a, dtype=F32)
-        parts.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+        parts.append(a.reshape(-1).data.cast("B") if a.size else b"")
     return parts
 
 

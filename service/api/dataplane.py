@@ -49,20 +49,35 @@ async def apply(
     request: Request, grads: dict[str, np.ndarray], read_back: bool, versions: dict[str, int]
 ) -> list[StepOutcome]:
     engine: Engine = request.app.state.engine
-    kwargs = {
-        "worker": request.query_params.get("worker"),
-        "iteration": _int(request, "iteration"),
-        "versions": versions,
-        "read_back": read_back,
-        "request_id": request.headers.get(REQUEST_ID_HEADER),
-    }
+    worker = request.query_params.get("worker")
+    iteration = _int(request, "iteration")
+    request_id = request.headers.get(REQUEST_ID_HEADER)
     run = request.path_params["run"]
     if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
         try:
-            return engine.step(run, grads, blocking=False, **kwargs)
+            return engine.step(
+                run,
+                grads,
+                worker=worker,
+                iteration=iteration,
+                versions=versions,
+                read_back=read_back,
+                request_id=request_id,
+                blocking=False,
+            )
         except WouldBlock:
             pass
-    return await run_in_threadpool(lambda: engine.step(run, grads, **kwargs))
+    return await run_in_threadpool(
+        lambda: engine.step(
+            run,
+            grads,
+            worker=worker,
+            iteration=iteration,
+            versions=versions,
+            read_back=read_back,
+            request_id=request_id,
+        )
+    )
 
 
 def _int(request: Request, name: str) -> int | None:
