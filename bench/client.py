@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from stepd.client import connect  # noqa: E402
 from stepd.kernels import create_optimizer  # noqa: E402
-from tests.service.server import Server  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
+from tests.support.server import Server  # noqa: E402
 
 HP = {"lr": 1e-3, "weight_decay": 0.01}
 

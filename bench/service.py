@@ -26,9 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.service.server import Server, free_port  # noqa: E402
-
 from bench.timing import timed  # noqa: E402
+from tests.support.server import Server, free_port  # noqa: E402
 
 
 def start_echo() -> tuple[subprocess.Popen, str]:
