@@ -80,6 +80,7 @@ class HttpTransport(ServerTransport):
     """Talks to ``stepd serve``; ``timeout`` (seconds) bounds every request."""
 
     can_retry = True  # a fresh connection carries the same request again
+    request_ids = True
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
         headers = {"user-agent": "stepd-client"}

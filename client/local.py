@@ -47,6 +47,10 @@ _runs: dict[str, tuple[tuple[str, str, str], Any]] = {}  # name -> (config, opti
 _runs_lock = threading.Lock()
 
 
+def _all_finite(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all())
+
+
 def _refused(exc: Exception, what: str) -> InvalidRequestError:
     return InvalidRequestError(Status.INVALID, str(exc), "local", what)
 
@@ -70,6 +74,9 @@ class LocalTransport(Transport):
             raise _refused(exc, "connect") from None
         self.run = run
         self._seen: set[str] = set()  # names whose first value was checked
+        core = opt.backend
+        # host arrays: the compiled check (one pass, no temporaries) where the core has one
+        self._finite = core.all_finite if core.xp is np else _all_finite
         if run is None:
             self.optimizer = opt
             return
@@ -100,11 +107,11 @@ class LocalTransport(Transport):
         """Refuse non-finite first values of ``items`` and gradients of ``step`` (a step's
         items, the same ones), as a server does (all before any)."""
         for name, _, param, _ in items:
-            if name not in self._seen and not np.isfinite(param).all():
+            if name not in self._seen and not self._finite(param):
                 raise InvalidRequestError(
                     Status.INVALID, f"{name!r}: initial value has non-finite entries", "local", ""
                 )
-        bad = [name for name, _, _, g in step if not np.isfinite(g).all()]
+        bad = [name for name, _, _, g in step if not self._finite(g)]
         if bad:
             detail = f"non-finite gradient values for {', '.join(map(repr, bad))}"
             raise InvalidRequestError(Status.INVALID, detail, "local", "Step")

@@ -127,6 +127,8 @@ class Session(Transport):
     # -- ops --------------------------------------------------------------------------------
 
     def handle(self, op: Op) -> Any:
+        if type(op) is Step:  # every step comes here: skip the match below
+            return self._step(op.items)
         t = self.transport
         match op:
             case Step(items=items):
@@ -197,12 +199,20 @@ class Session(Transport):
             self._upload_state(self.pending_load)
 
     def _step(self, items: tuple[StepItem, ...]) -> None:
-        if any(name not in self.registered for name, *_ in items) or self.pending_load:
+        # This runs per step: the common case (names known, nothing pending, no retries to
+        # arm) costs a few dict lookups.
+        known = self.registered
+        if self.pending_load is not None or not all(item[0] in known for item in items):
             self._ensure_registered(items)
-        versions = {name: self.versions[name] for name, *_ in items} if self._async else None
-        rid = self._request_id()  # the same on every resend
-        new = self._retry(lambda: self.transport.step(items, versions, rid), self._retries)
-        self.versions.update(new)
+        t = self.transport
+        versions = {item[0]: self.versions[item[0]] for item in items} if self._async else None
+        rid = self._request_id() if t.request_ids else ""  # the same on every resend
+        if self._retries:
+            new = self._retry(partial(t.step, items, versions, rid), self._retries)
+        else:
+            new = t.step(items, versions, rid)
+        if self._async:
+            self.versions.update(new)
 
     # -- optimizer state --------------------------------------------------------------------
 

@@ -131,6 +131,8 @@ class ServerTransport(ABC):
     #: whether a request that got no answer may be sent again on this transport (a
     #: connection that failed mid-message cannot be reused: shm://)
     can_retry: bool = False
+    #: whether steps carry request ids (the server then applies a repeated one once)
+    request_ids: bool = False
 
     @abstractmethod
     def open_run(

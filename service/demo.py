@@ -125,14 +125,18 @@ def _start_server(port: int, checkpoints: str, shm_socket: str) -> subprocess.Po
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its output goes to a file next to the checkpoints: a pipe nobody reads while it serves
+    # (--keep-serving) would block the server once its log filled the pipe's buffer.
+    log_path = os.path.join(os.path.dirname(checkpoints), "server.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     import httpx
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            assert proc.stdout is not None  # stdout=PIPE
-            raise RuntimeError(f"the server exited: {proc.stdout.read().decode()}")
+            with open(log_path, errors="replace") as log_text:
+                raise RuntimeError(f"the server exited: {log_text.read()}")
         try:
             healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
             if healthy.status_code == 200 and os.path.exists(shm_socket):

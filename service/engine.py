@@ -66,6 +66,7 @@ class Engine:
         self._lock = threading.Lock()
         self.backend_name = ParamStore(device).backend.name
         self.metrics = Metrics(self.device_bytes, lambda: len(self._runs))
+        self._step_seconds: dict[str, Any] = {}
 
     # -- the server ------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ class Engine:
             store = ParamStore(
                 self.device, self.settings.nonfinite, self.settings.stats_every, self.shard
             )
-            run = Run(name, store, CheckpointDir(self.root / name), anonymous)
+            run = Run(name, store, CheckpointDir(self.root / name), self.metrics, anonymous)
             self._runs[name] = run
         log.info("run %s %s", name, "created (anonymous)" if anonymous else "created")
         return run, True
@@ -250,64 +251,93 @@ class Engine:
         the order of ``grads``.
         """
         start = time.perf_counter()
-        r = self.run(run)
+        r = self._runs.get(run)  # self.run(run), inlined: this is every step's path
+        if r is None:
+            raise NotFound(f"run {run!r} does not exist")
+        r.last_used = time.monotonic()
         store = r.store
-        versions = versions or {}
         if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
             raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
         if request_id is not None and not REQUEST_ID_RE.fullmatch(request_id):
             raise Invalid(f"invalid X-Stepd-Request-Id {request_id[:160]!r}: {REQUEST_ID_RULE}")
         if not grads:
             raise Invalid("a step needs at least one gradient")
-        entries = {n: store.entry(n) for n in grads}
-        sync = [n for n, e in entries.items() if e.group.workers["mode"] == "sync"]
-        if sync and worker is None:
-            raise Invalid(f"{sync[0]!r} is in a sync group: name this worker (a worker id)")
-        missing = [
-            n
-            for n, e in entries.items()
-            if e.group.workers["mode"] == "async" and n not in versions
-        ]
-        if missing:
-            raise Invalid(
-                f"{missing[0]!r} is in an async group: pass the parameter version its gradient "
-                "was computed from"
-            )
+        # One pass over the names; on the common path (plain groups) nothing else is built.
+        entries: dict[str, Entry] = {}
+        sync: list[str] = []
+        for n in grads:
+            e = entries[n] = store.entry(n)
+            mode = e.group.workers["mode"]
+            if mode == "sync":
+                if worker is None:
+                    raise Invalid(f"{n!r} is in a sync group: name this worker (a worker id)")
+                sync.append(n)
+            elif mode == "async" and (versions is None or n not in versions):
+                raise Invalid(
+                    f"{n!r} is in an async group: pass the parameter version its gradient "
+                    "was computed from"
+                )
         if sync and not blocking:  # a round waits for the other workers
             raise WouldBlock
-        rest = {n: g for n, g in grads.items() if n not in sync}
-        outcomes: dict[str, StepOutcome] = {}
-        if rest:
-            based_on = {n: v for n, v in versions.items() if n in rest}
-            try:
-                applied = store.step(rest, read_back, blocking, based_on or None, request_id)
-            except Stale:
-                self.metrics.stale_rejected.labels(run).inc()
-                raise
-            for o in applied:
-                outcomes[o.name] = o
-                if o.staleness is not None:
-                    self.metrics.staleness.labels(run).observe(o.staleness)
+        if not sync and not versions:  # plain groups only: straight to the store
+            ordered = store.step(grads, read_back, blocking, None, request_id)
+        elif not sync:  # and async ones: staleness checked and counted
+            ordered = self._apply(r, grads, read_back, blocking, versions, request_id)
+        else:
+            rest = {n: g for n, g in grads.items() if n not in sync}
+            outcomes = {
+                o.name: o for o in self._apply(r, rest, read_back, blocking, versions, request_id)
+            }
+            for n in sync:  # every worker sends the same names: the rounds complete in order
+                assert worker is not None  # a sync step without a worker id was refused above
+                cfg = entries[n].group.workers
+                outcomes[n] = r.sync.contribute(n, grads[n], worker, iteration, cfg, request_id)
+            ordered = [outcomes[n] for n in grads]
         if worker is not None:
             r.workers.touch(worker, len(grads))
-        for n in sync:  # every worker sends the same names: the rounds complete in order
-            assert worker is not None  # a sync step without a worker id was refused above
-            cfg = entries[n].group.workers
-            outcomes[n] = r.sync.contribute(n, grads[n], worker, iteration, cfg, request_id)
-        ordered = [outcomes[n] for n in grads]
-        self._count(run, entries, ordered)
-        self.metrics.step_seconds.labels(transport).observe(time.perf_counter() - start)
-        return ordered
-
-    def _count(self, run: str, entries: Mapping[str, Entry], outcomes: list[StepOutcome]) -> None:
-        m = self.metrics
-        for o in outcomes:
+        for o in ordered:
             if o.replayed:  # a retried request id: counted when it was applied
                 continue
             if o.applied:
-                m.steps.labels(run, entries[o.name].group.id).inc()
+                r.counter(entries[o.name].group.id).inc()
             else:
-                m.skipped.labels(run).inc()
+                self.metrics.skipped.labels(run).inc()
+        seconds = self._step_seconds.get(transport) or self._seconds(transport)
+        seconds.observe(time.perf_counter() - start)
+        return ordered
+
+    def _apply(
+        self,
+        r: Run,
+        grads: Mapping[str, np.ndarray],
+        read_back: bool,
+        blocking: bool,
+        versions: Mapping[str, int] | None,
+        request_id: str | None,
+    ) -> list[StepOutcome]:
+        """The store's step of plain and async names, staleness counted in the metrics."""
+        if not grads:
+            return []
+        based_on = None
+        if versions:
+            based_on = {n: v for n, v in versions.items() if n in grads} or None
+        try:
+            applied = r.store.step(grads, read_back, blocking, based_on, request_id)
+        except Stale:
+            self.metrics.stale_rejected.labels(r.name).inc()
+            raise
+        if based_on is not None:
+            for o in applied:
+                if o.staleness is not None:
+                    self.metrics.staleness.labels(r.name).observe(o.staleness)
+        return applied
+
+    def _seconds(self, transport: str) -> Any:
+        """The step-duration histogram of ``transport`` (its child kept: labels() is slow)."""
+        child = self._step_seconds.get(transport)
+        if child is None:
+            child = self._step_seconds[transport] = self.metrics.step_seconds.labels(transport)
+        return child
 
     def end_iteration(self, run: str, worker: str | None = None) -> int:
         """Advance the run's global step; returns the new step.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import CheckpointDir
+from .metrics import Metrics
 from .store import ParamStore
 from .workers import SyncRounds, WorkerRegistry
 
@@ -27,15 +28,24 @@ class Run:
     name: str
     store: ParamStore
     checkpoints: CheckpointDir
+    metrics: Metrics
     anonymous: bool = False
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     holders: int = 0  # shm:// connections bound to it: an anonymous run lives while they do
     workers: WorkerRegistry = field(default_factory=WorkerRegistry)
     sync: SyncRounds = field(init=False)
+    _counters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sync = SyncRounds(self.store)
+
+    def counter(self, group: str) -> Any:
+        """The steps counter of this run's ``group`` (its child kept: labels() is slow)."""
+        child = self._counters.get(group)
+        if child is None:
+            child = self._counters[group] = self.metrics.steps.labels(self.name, group)
+        return child
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

@@ -82,10 +82,23 @@ extern "C" {
 
 // 1 when every element is finite: the screen a server runs on each incoming gradient, at
 // memory speed (x - x is 0 for finite x and NaN for Inf/NaN; no early exit, no branches).
+// Below kParallelMin one thread sums into kLanes independent accumulators, which the compiler
+// vectorises without reassociating anything (one chain of adds ran at a fifth of the speed).
 int stepd_all_finite(const float* x, int64_t n) {
+  if (n >= stepd::kParallelMin) {
+    float acc = 0.0f;
+#pragma omp parallel for simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += x[i] - x[i];
+    return acc == 0.0f;
+  }
+  constexpr int64_t kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[i + j] - x[i + j];
   float acc = 0.0f;
-#pragma omp parallel for simd reduction(+ : acc) if (n >= stepd::kParallelMin)
-  for (int64_t i = 0; i < n; ++i) acc += x[i] - x[i];
+  for (; i < n; ++i) acc += x[i] - x[i];
+  for (int64_t j = 0; j < kLanes; ++j) acc += lanes[j];
   return acc == 0.0f;
 }
 
