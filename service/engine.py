@@ -136,6 +136,9 @@ class Engine:
             )
             run = Run(name, store, CheckpointDir(self.root / name), self.metrics, anonymous)
             self._runs[name] = run
+        if existing is not None:  # fresh: the old run's memory goes now, as on a delete
+            with existing.store.lock.exclusive():
+                existing.store.clear()
         log.info("run %s %s", name, "created (anonymous)" if anonymous else "created")
         return run, True
 
@@ -214,6 +217,59 @@ class Engine:
 
     def set_value(self, run: str, name: str, value: np.ndarray) -> int:
         return self.run(run).store.set_value(name, value)
+
+    def params(self, run: str) -> list[dict[str, Any]]:
+        """Every parameter of the run: name, shape, group, algorithm, version, lr_scale and
+        the bytes its optimizer state holds."""
+        store = self.run(run).store
+        return [self._param_info(store, e) for e in store.iter_entries()]
+
+    def param(self, run: str, name: str) -> dict[str, Any]:
+        store = self.run(run).store
+        return self._param_info(store, store.entry(name))
+
+    @staticmethod
+    def _param_info(store: ParamStore, e: Entry) -> dict[str, Any]:
+        return {
+            "name": e.name,
+            "shape": list(e.shape),
+            "group": e.group.id,
+            "algorithm": e.group.algorithm,
+            "version": e.version,
+            "lr_scale": store.lr_scale(e.name),
+            "state_bytes": store.state_bytes(e.name),
+        }
+
+    def inspect(
+        self, run: str, name: str
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        """Host copies of the parameter and its slots, and its counters, taken atomically."""
+        return self.run(run).store.inspect(name)
+
+    def read_slot(self, run: str, name: str, slot: str) -> np.ndarray:
+        return self.run(run).store.read_slot(name, slot)
+
+    def global_step(self, run: str) -> int:
+        return self.run(run).store.global_step
+
+    def adopt(self, run: str, name: str, storage: np.ndarray, created: bool) -> bool:
+        """A same-host client lends ``storage`` (its shared-memory segment: the parameter's
+        float32 bytes) for ``name``: if the run had the name already, its value is written
+        there first (the server's copy wins); then, unless workers average into the name
+        (sync), the segment becomes the parameter's storage, updated in place by the kernel.
+        Returns whether it did."""
+        store = self.run(run).store
+        if not created:
+            np.copyto(storage, store.read(name).reshape(-1))
+        if store.entry(name).group.workers["mode"] == "sync":
+            return False
+        return store.adopt(name, storage)
+
+    def release(self, run: str, name: str, storage: np.ndarray) -> None:
+        """``storage`` goes away: the parameter moves back into the run's own memory (a
+        deleted run keeps nothing)."""
+        with contextlib.suppress(NotFound):
+            self.run(run).store.release(name, storage)
 
     def lr_scale(self, run: str, name: str) -> float:
         return self.run(run).store.lr_scale(name)

@@ -446,12 +446,7 @@ class ShmServer:
         entry, created = engine.register(
             run, name, shape, param, algorithm, hyperparams, lr_scale, workers, shard_view
         )
-        store = engine.run(run).store
-        if not created:  # the server's copy wins: the client reads it from the segment
-            np.copyto(param, store.read(name).reshape(-1))
-        # Unless workers average into it (sync), the parameter lives in this segment from now
-        # on: the step's kernel writes it in place and no copy follows (until detach).
-        adopted = entry.group.workers["mode"] != "sync" and store.adopt(name, param)
+        adopted = engine.adopt(run, name, param, created)
         conn.slots.append(Slot(name, param, grad, adopted))
         return {
             "created": created,
@@ -463,7 +458,7 @@ class ShmServer:
     def _state(self, run: str, gid: str) -> bytes:
         engine = self.engine
         if not gid:  # no group yet: just the global step
-            raw = json.dumps({"global_step": engine.run(run).store.global_step}).encode()
+            raw = json.dumps({"global_step": engine.global_step(run)}).encode()
             return U32.pack(len(raw)) + raw
         sd, versions = engine.group_state(run, gid)
         blobs: list[bytes] = []
@@ -491,14 +486,10 @@ class ShmServer:
 
     def _detach_all(self, conn: Connection) -> None:
         """Drop the views, unpin, unmap and unlink every segment this connection attached."""
-        store = None
-        if conn.run is not None:
-            with contextlib.suppress(NotFound):  # a deleted run keeps nothing of ours
-                store = self.engine.run(conn.run).store
-        for slot in conn.slots:  # first, adopted parameters move back into the store's memory
-            if slot.adopted and store is not None:
+        for slot in conn.slots:  # first, adopted parameters move back into the run's memory
+            if slot.adopted and conn.run is not None:
                 try:
-                    store.release(slot.name, slot.param)
+                    self.engine.release(conn.run, slot.name, slot.param)
                 except Exception:  # never leave the other segments mapped and linked
                     log.exception("cannot move %s out of its segment", slot.name)
         conn.slots.clear()

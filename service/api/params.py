@@ -13,27 +13,12 @@ from stepd.kernels import l2_norm
 
 from stepd.wire import OCTET, SAFETENSORS, SHAPE_HEADER, dump, from_bytes
 
-from ..engine import Engine
-from ..entries import Entry
 from ..errors import Invalid
 from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
 from .deps import ERRORS, EngineDep, read_body
 
 router = APIRouter(prefix="/v1/runs/{run}/params", tags=["params"], responses=ERRORS)
 Format = Annotated[Literal["raw", "safetensors"], Query(description="raw bytes or safetensors")]
-
-
-def info(engine: Engine, run: str, e: Entry) -> ParamInfo:
-    store = engine.run(run).store
-    return ParamInfo(
-        name=e.name,
-        shape=list(e.shape),
-        group=e.group.id,
-        algorithm=e.group.algorithm,
-        version=e.version,
-        lr_scale=store.lr_scale(e.name),
-        state_bytes=store.state_bytes(e.name),
-    )
 
 
 def tensor_response(name: str, arr: np.ndarray, fmt: str) -> Response:
@@ -69,17 +54,17 @@ async def register(
     )
     if not created:
         response.status_code = 200
-    return info(engine, run, entry)
+    return ParamInfo(**engine.param(run, entry.name))
 
 
 @router.get("", response_model=list[ParamInfo])
 async def list_params(run: str, engine: EngineDep) -> list[ParamInfo]:
-    return [info(engine, run, e) for e in engine.run(run).store.iter_entries()]
+    return [ParamInfo(**p) for p in engine.params(run)]
 
 
 @router.get("/{name}", response_model=ParamInfo)
 async def get_param(run: str, name: str, engine: EngineDep) -> ParamInfo:
-    return info(engine, run, engine.entry(run, name))
+    return ParamInfo(**engine.param(run, name))
 
 
 @router.put("/{name}/value", response_model=ParamInfo)
@@ -89,7 +74,7 @@ async def set_value(run: str, name: str, request: Request, engine: EngineDep) ->
     body = await read_body(request, engine.settings.max_body_bytes)
     value = from_bytes(body, entry.shape, f"{name!r} value")
     await run_in_threadpool(engine.set_value, run, name, value)
-    return info(engine, run, entry)
+    return ParamInfo(**engine.param(run, name))
 
 
 @router.get("/{name}/value", response_class=Response)
@@ -101,7 +86,7 @@ async def get_value(run: str, name: str, engine: EngineDep, format: Format = "ra
 async def get_slot(
     run: str, name: str, slot: str, engine: EngineDep, format: Format = "raw"
 ) -> Response:
-    arr = await run_in_threadpool(engine.run(run).store.read_slot, name, slot)
+    arr = await run_in_threadpool(engine.read_slot, run, name, slot)
     return tensor_response(f"{name}/{slot}", arr, format)
 
 
@@ -141,10 +126,9 @@ def tensor_stats(x: np.ndarray) -> TensorStats:
 @router.get("/{name}/stats", response_model=ParamStats)
 async def stats(run: str, name: str, engine: EngineDep) -> ParamStats:
     """Per-slot statistics (finite entries; non-finite counted apart) and the last norms."""
-    store = engine.run(run).store
 
     def collect() -> ParamStats:
-        param, slots, counters = store.inspect(name)
+        param, slots, counters = engine.inspect(run, name)
         return ParamStats(
             name=name,
             param=tensor_stats(param),
