@@ -114,6 +114,7 @@ def checkpoint_section(tmp: Path, gb: float) -> None:
 
     block = np.ones(n * 3, np.float32)
     path = tmp / "ckpt-bench" / "raw.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
 
     def disk_write(block: np.ndarray = block) -> float:
         t = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stepd.wire import WireError, parse
+from stepd.wire import WireError, dump_parts, parse
 
 from .errors import Invalid, NotFound
 
@@ -57,26 +57,16 @@ def check_checkpoint_name(name: str) -> str:
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
-    """Stream ``tensors`` into ``path`` (no in-memory copy of the whole file); fsynced."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, arr in tensors.items():
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    """Stream ``tensors`` into ``path`` (the wire's safetensors layout, written straight from
+    the arrays: no in-memory copy of the whole file); fsynced. Returns the bytes written."""
+    size = 0
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr, dtype="<f4").data.cast("B"))
+        for part in dump_parts(tensors, metadata):
+            f.write(part)
+            size += len(part) if isinstance(part, bytes) else part.nbytes
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(raw) + offset
+    return size
 
 
 def _fsync_dir(path: Path) -> None:
