@@ -220,11 +220,16 @@ def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool
         )
         print("where to look:")
         run = f"{url}/v1/runs/{RUN}"
-        print(f"  {url}/docs{' ' * 30}the API")
-        print(f"  {run}/params{' ' * 16}what the run holds")
-        print(f"  {run}/params/fc1.weight/stats per-slot statistics")
-        print(f"  {run}/workers{' ' * 15}who trained")
-        print(f"  {url}/metrics{' ' * 27}Prometheus metrics")
+        places = [
+            (f"{url}/docs", "the API"),
+            (f"{run}/params", "what the run holds"),
+            (f"{run}/params/fc1.weight/stats", "per-slot statistics"),
+            (f"{run}/workers", "who trained"),
+            (f"{url}/metrics", "Prometheus metrics"),
+        ]
+        width = max(len(where) for where, _ in places)
+        for where, what in places:
+            print(f"  {where:<{width}}  {what}")
         if keep:
             print("serving until Ctrl-C ...")
             with contextlib.suppress(KeyboardInterrupt):
