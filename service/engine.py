@@ -321,8 +321,13 @@ class Engine:
         # One pass over the names; on the common path (plain groups) nothing else is built.
         entries: dict[str, Entry] = {}
         sync: list[str] = []
-        for n in grads:
+        for n, g in grads.items():
             e = entries[n] = store.entry(n)
+            if g.ndim > 1 and g.shape != e.shape:  # flat, or the parameter's own shape
+                raise Invalid(
+                    f"{n!r}: gradient of shape {list(g.shape)} for a parameter of shape "
+                    f"{list(e.shape)}"
+                )
             mode = e.group.workers["mode"]
             if mode == "sync":
                 if worker is None:
@@ -333,6 +338,8 @@ class Engine:
                     f"{n!r} is in an async group: pass the parameter version its gradient "
                     "was computed from"
                 )
+        if versions and any(v < 0 for v in versions.values()):
+            raise Invalid(f"parameter versions are >= 0, got {dict(versions)}")
         if sync and not blocking:  # a round waits for the other workers
             raise WouldBlock
         if not sync and not versions:  # plain groups only: straight to the store

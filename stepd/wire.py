@@ -32,8 +32,9 @@ F32 = np.dtype("<f4")
 
 # -- names -----------------------------------------------------------------------------------
 
-PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]]{1,256}$")
-PARAM_NAME_RULE = "1-256 characters of letters, digits and _ . : - [ ]"
+# "." and ".." are refused: no path or URL could address them.
+PARAM_NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.:\-\[\]]{1,256}$")
+PARAM_NAME_RULE = "1-256 characters of letters, digits and _ . : - [ ] (not . or ..)"
 # Run names become folder names under the checkpoint dir: no leading dot, no separators.
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 RUN_NAME_RULE = "1-64 letters, digits and _ . - (not starting with . or -)"

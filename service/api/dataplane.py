@@ -84,7 +84,8 @@ def _int(request: Request, name: str) -> int | None:
     value = request.query_params.get(name)
     if value is None:
         return None
-    if not value.lstrip("-").isdigit():
+    digits = value.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise HTTPException(422, f"query parameter {name!r} must be an integer, got {value!r}")
     return int(value)
 
