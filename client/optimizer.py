@@ -406,7 +406,7 @@ def _connect_one(
 
         if parts.netloc or not parts.path or parts.query:
             raise ValueError(f"shm:// takes a socket path, shm:///path/to/stepd.sock, got {url!r}")
-        transport = ShmTransport(parts.path, timeout=options["timeout"])
+        transport = ShmTransport(parts.path, timeout=options["timeout"], token=options["token"])
     else:
         raise ValueError(
             f"unsupported URL {url!r}: expected http://host:port, shm:///path or local://"

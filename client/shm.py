@@ -80,8 +80,10 @@ class _Segment:
 class ShmTransport(ServerTransport):
     """Talks to ``stepd serve --shm-socket PATH`` on this host."""
 
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, timeout: float = 30.0, token: str | None = None) -> None:
+        """``token``: the server's bearer token, shown once in ``HELLO``."""
         self.path = path
+        self._bearer = token
         self.url = f"shm://{path}"
         self._pid = os.getpid()
         self._token = f"{self._pid}-{secrets.token_hex(4)}"
@@ -184,6 +186,8 @@ class ShmTransport(ServerTransport):
         self, run: str | None, fresh: bool, worker: str | None, group: Mapping[str, Any]
     ) -> dict[str, Any]:
         hello = {"run": run, "fresh": fresh, "worker": worker, "group": dict(group)}
+        if self._bearer is not None:
+            hello["token"] = self._bearer
         try:
             return json.loads(self.request(Op.HELLO, json.dumps(hello).encode()))
         except BaseException:

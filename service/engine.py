@@ -15,6 +15,7 @@ raises ``WouldBlock`` before doing anything when it would have to wait.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import math
 import secrets
@@ -42,7 +43,7 @@ from stepd.wire import (
 from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
 from .config import Settings
 from .entries import Entry, StepOutcome
-from .errors import Conflict, Invalid, NotFound, Stale
+from .errors import Conflict, Invalid, NotFound, Stale, Unauthorized
 from .groups import check_group
 from .metrics import Metrics
 from .runs import Run
@@ -85,6 +86,15 @@ class Engine:
             "device_bytes": self.device_bytes(),
             "limits": self.limits(),
         }
+
+    def authorize(self, token: object) -> None:
+        """A client that is not behind the HTTP front door (shm://) shows the token here."""
+        want = self.settings.token
+        if want is None:
+            return
+        given = token.encode() if isinstance(token, str) else b""
+        if not hmac.compare_digest(given, want.encode()):
+            raise Unauthorized("missing or wrong token")
 
     def device_bytes(self) -> int:
         return sum(r.store.device_bytes() for r in list(self._runs.values()))

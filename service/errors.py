@@ -8,6 +8,7 @@
     │   └── Stale         409  an async gradient beyond the staleness bound
     ├── Invalid           422  refused content (and malformed tensors: ``wire.WireError``)
     ├── TooLarge          413  over a size limit
+    ├── Unauthorized      401  a shm:// HELLO without the server's token
     └── StragglerTimeout  504  a sync round or barrier did not complete in time
 
 The statuses are :class:`stepd.wire.Status`, the numbers the client maps back to its own
@@ -41,6 +42,10 @@ class Stale(Conflict):
 
 class Invalid(StoreError):
     status = Status.INVALID
+
+
+class Unauthorized(StoreError):
+    status = Status.UNAUTHORIZED
 
 
 class TooLarge(StoreError):

@@ -19,7 +19,9 @@ attach, register, group, state); steps are ``struct``-packed ids. ``LOAD_STATE``
 the safetensors body of HTTP's state upload, up to the same limit; every other message stays
 within ``MAX_PAYLOAD``. No pickle, ever.
 
-``HELLO`` comes first and once: it binds the connection to its run (``{"run": name}`` joins
+``HELLO`` comes first and once: it carries the server's token when one is configured
+(``STEPD_TOKEN``; the socket's 0600 mode alone admits every process of the server's user),
+binds the connection to its run (``{"run": name}`` joins
 or creates a named run, ``"fresh": true`` deletes it first; ``{"run": null}`` creates an
 anonymous run that the connection owns and that is deleted when it closes), names its
 distributed worker (``"worker"``, validated like HTTP's ``?worker=``), and is answered with
@@ -320,6 +322,7 @@ class ShmServer:
     def _hello(self, conn: Connection, meta: dict[str, Any]) -> dict[str, Any]:
         """Bind the connection to its run (named, or a new anonymous one it owns) and, for
         distributed workers, name its worker; validated completely first."""
+        self.engine.authorize(meta.get("token"))  # first: nothing is looked at without it
         name, fresh, worker = meta.get("run"), meta.get("fresh", False), meta.get("worker")
         group = meta.get("group")
         if group is not None and not isinstance(group, dict):

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from stepd.client import ConflictError, StepdOptimizer, TransportError
+from stepd.client import AuthError, ConflictError, StepdOptimizer, TransportError, connect
 from stepd.client.session import Session
 from stepd.client.shm import ShmTransport
 
@@ -276,3 +276,19 @@ def test_a_sigkilled_lender_loses_nothing(srv) -> None:
         opt.step("lent.0", (1000,), p, np.ones(1000, np.float32))
         _sgd(oracle, np.ones(1000, np.float32))
         np.testing.assert_array_equal(p, oracle)
+
+
+@pytest.mark.e2e
+def test_with_a_token_hello_must_carry_it() -> None:
+    """The socket's 0600 mode admits every process of the server's user; with STEPD_TOKEN
+    set, a connection does nothing before a HELLO with the token."""
+    with ShmServer(STEPD_TOKEN="s3cret") as s:
+        for token in (None, "wrong", ""):
+            with pytest.raises(AuthError, match="missing or wrong token"):
+                connect(s.shm_url, "sgd", token=token, lr=0.1)
+        with connect(s.shm_url, "sgd", token="s3cret", lr=0.1) as opt:
+            p = np.ones(2, np.float32)
+            opt.step("w", (2,), p, np.ones(2, np.float32))
+            np.testing.assert_allclose(p, 0.9)
+        runs = httpx.get(f"{s.url}/v1/runs", headers={"authorization": "Bearer s3cret"}).json()
+        assert [r["name"] for r in runs] == ["t"]  # the refused ones made nothing
