@@ -13,11 +13,18 @@ import numbers
 import typing
 from typing import Any, ClassVar
 
+# The largest finite float32: the kernels compute in float32, so a finite hyperparameter
+# beyond it would turn a parameter into Inf or NaN on its first step.
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    value = float(value)
+    if math.isfinite(value) and abs(value) > FLOAT32_MAX:  # Inf and NaN: each field's rule
+        raise ValueError(f"{name} {value} is beyond float32's range (±{FLOAT32_MAX:.8g})")
+    return value
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -93,6 +100,8 @@ class Hyperparams:
 def check_lr(lr: float) -> None:
     if not (math.isfinite(lr) and lr >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr}")
+    if lr > FLOAT32_MAX:
+        raise ValueError(f"Invalid learning rate: {lr} (beyond float32's {FLOAT32_MAX:.8g})")
 
 
 def check_eps(eps: float) -> None:
@@ -119,3 +128,15 @@ def check_unit_interval(name: str, value: float) -> None:
 def check_lr_scale(name: str, scale: float) -> None:
     if not (math.isfinite(scale) and scale >= 0.0):
         raise ValueError(f"Invalid lr_scale for {name!r}: {scale} (must be finite and >= 0)")
+    if scale > FLOAT32_MAX:
+        raise ValueError(
+            f"Invalid lr_scale for {name!r}: {scale} (beyond float32's {FLOAT32_MAX:.8g})"
+        )
+
+
+def check_effective_lr(lr: float, name: str, scale: float) -> None:
+    """lr × lr_scale is what the kernel gets, in float32."""
+    if lr * scale > FLOAT32_MAX:
+        raise ValueError(
+            f"lr {lr} × lr_scale {scale} for {name!r} is beyond float32's {FLOAT32_MAX:.8g}"
+        )

@@ -20,7 +20,7 @@ import numpy as np
 
 from .algorithms import ALGORITHMS, Algorithm, ElementwiseAlgorithm, StepItem
 from .backends import get_backend
-from .hyperparams import check_lr, check_lr_scale
+from .hyperparams import check_effective_lr, check_lr, check_lr_scale
 from .ops import MAX_ARGS, Launch
 
 StepArgs = tuple[str, Sequence[int], Any, Any]  # (name, shape, param, grad)
@@ -151,13 +151,20 @@ class Optimizer:
     def set_lr_scale(self, name: str, scale: float) -> None:
         scale = float(scale)
         check_lr_scale(name, scale)
+        check_effective_lr(self._lr, name, scale)
         self._lr_scales[name] = scale
         self._plans.clear()  # they hold per-item scales
 
-    def set_lr(self, lr: float) -> None:
+    def check_lr(self, lr: float) -> float:
+        """``lr`` as :meth:`set_lr` would take it (``ValueError`` if it would not)."""
         lr = float(lr)
         check_lr(lr)
-        self._lr = lr
+        for name, scale in self._lr_scales.items():
+            check_effective_lr(lr, name, scale)
+        return lr
+
+    def set_lr(self, lr: float) -> None:
+        self._lr = self.check_lr(lr)
 
     # -- inspection ----------------------------------------------------------------------
 
@@ -231,6 +238,7 @@ class Optimizer:
         lr_scales = {str(k): float(v) for k, v in sd.get("lr_scales", {}).items()}
         for name, scale in lr_scales.items():
             check_lr_scale(name, scale)
+            check_effective_lr(lr, name, scale)
         xp = self.backend.xp
         states: dict[str, ParamState] = {}
         for name, entry in sd.get("state", {}).items():

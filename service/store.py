@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from stepd.kernels import Optimizer, create_optimizer, get_backend, l2_norm
+from stepd.kernels.hyperparams import check_effective_lr, check_lr_scale
 
 from stepd.wire import shard_of
 
@@ -104,9 +105,11 @@ class ParamStore(Snapshots):
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape) or math.prod(shape) > 1 << 34:
             raise Invalid(f"{name!r}: invalid shape {list(shape)}")
-        group, _ = resolve_group(algorithm, hyperparams, workers)
-        if not (math.isfinite(lr_scale) and lr_scale >= 0):
-            raise Invalid(f"Invalid lr_scale for {name!r}: {lr_scale} (must be finite and >= 0)")
+        group, reference = resolve_group(algorithm, hyperparams, workers)
+        try:
+            check_lr_scale(name, lr_scale)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
         if value is not None:
             if value.size != math.prod(shape):
                 raise Invalid(
@@ -129,6 +132,11 @@ class ParamStore(Snapshots):
                         f"{name!r} is registered with lr_scale {opt.lr_scale(name)}, got {lr_scale}"
                     )
                 return existing, False
+            current = self._groups.get(group.id, reference)  # the lr the scale multiplies
+            try:
+                check_effective_lr(current.lr, name, lr_scale)
+            except ValueError as exc:
+                raise Invalid(str(exc)) from None
             count = self.sync_count()
             if group.workers["mode"] == "sync" and count not in (None, group.workers["count"]):
                 raise Conflict(
@@ -372,11 +380,13 @@ class ParamStore(Snapshots):
             raise Invalid(f"Invalid learning rate: {lr}")
         with self.lock.exclusive():
             targets = self._select_groups(group_id)
+            try:  # every group first: one that refuses leaves them all as they were
+                for opt in targets.values():
+                    opt.check_lr(lr)
+            except ValueError as exc:
+                raise Invalid(str(exc)) from None
             for opt in targets.values():
-                try:
-                    opt.set_lr(lr)
-                except ValueError as exc:
-                    raise Invalid(str(exc)) from None
+                opt.set_lr(lr)
             return list(targets)
 
     def _select_groups(self, group_id: str | None) -> dict[str, Optimizer]:

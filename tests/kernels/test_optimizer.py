@@ -350,3 +350,31 @@ def test_converges_on_an_ill_conditioned_quadratic(algorithm: str) -> None:
         opt.step("x", (64,), x, (c * (x - 1)).astype(np.float32))
         opt.end_iteration()
     assert float(0.5 * (c * (x - 1) ** 2).sum()) < 1e-3 * f0
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: create_optimizer("sgd", lr=1e308), "beyond float32"),
+        (lambda: create_optimizer("adamw", lr=3.5e38), "beyond float32"),
+        (lambda: create_optimizer("lion", lr=0.1, weight_decay=1e300), "beyond float32"),
+        (lambda: create_optimizer("sgd", lr=0.1).set_lr(1e308), "beyond float32"),
+        (lambda: create_optimizer("sgd", lr=0.1).set_lr_scale("w", 1e308), "beyond float32"),
+        (lambda: create_optimizer("sgd", lr=1e30).set_lr_scale("w", 1e10), "× lr_scale"),
+    ],
+)
+def test_rates_beyond_float32_are_refused(call, match) -> None:
+    """Each of these was accepted and one step turned the parameter into Inf or NaN."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_an_lr_that_would_overflow_with_a_set_scale_is_refused() -> None:
+    opt = create_optimizer("sgd", lr=1e30)
+    opt.set_lr_scale("w", 1e6)
+    with pytest.raises(ValueError, match="× lr_scale"):
+        opt.set_lr(1e33)
+    assert opt.lr == 1e30  # nothing changed
+    p = np.ones(2, np.float32)
+    opt.step("w", (2,), p, np.full(2, 1e-38, np.float32))
+    assert np.isfinite(p).all()

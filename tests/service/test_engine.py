@@ -130,3 +130,18 @@ def test_a_request_id_applies_once(engine) -> None:
     np.testing.assert_array_equal(engine.read("r", "w"), np.zeros(2, np.float32))
     with pytest.raises(Invalid, match="X-Stepd-Request-Id"):
         engine.step("r", {"w": ones(2)}, request_id="short")
+
+
+def test_an_lr_one_group_refuses_changes_no_group(engine) -> None:
+    engine.open_run("r")
+    engine.register("r", "a", (2,), ones(2), "sgd", {"lr": 0.1})
+    engine.register("r", "b", (2,), ones(2), "adamw", {"lr": 0.1}, lr_scale=1e30)
+    with pytest.raises(Invalid, match="× lr_scale"):
+        engine.set_lr("r", 1e10)  # fine for sgd, 1e40 for b
+    assert [g["lr"] for g in engine.groups("r")] == [0.1, 0.1]
+    with pytest.raises(Invalid, match="beyond float32"):
+        engine.register("r", "c", (2,), ones(2), "adamw", {"lr": 0.1}, lr_scale=4e38)
+    with pytest.raises(Invalid, match="× lr_scale"):  # each fits, their product does not
+        engine.register("r", "d", (2,), ones(2), "sgd", {"lr": 10.0}, lr_scale=1e38)
+    assert [p["name"] for p in engine.params("r")] == ["a", "b"]
+    assert len(engine.groups("r")) == 2  # no group was made for the refused one
