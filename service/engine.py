@@ -53,6 +53,9 @@ from .store import ParamStore
 log = logging.getLogger("stepd")
 
 ANONYMOUS_PREFIX = "anon-"
+# A step tried with blocking=False (on the event loop) runs only when it is known to be cheap:
+# at most this many elements, of algorithms whose cost is linear in them, and its locks free.
+INLINE_MAX_ELEMENTS = 1 << 16
 
 
 class Engine:
@@ -314,7 +317,9 @@ class Engine:
         computed from); sync groups join the round of ``iteration`` (default: the current
         one) and wait for every worker's gradient. ``request_id``: a repeat of an applied
         request is answered with its recorded outcome and applies nothing. Outcomes come in
-        the order of ``grads``.
+        the order of ``grads``. ``blocking=False``: ``WouldBlock`` (before anything is done)
+        unless the step is cheap and its locks are free — the HTTP adapter then runs it on a
+        worker thread instead of its event loop.
         """
         start = time.perf_counter()
         r = self._runs.get(run)  # self.run(run), inlined: this is every step's path
@@ -350,7 +355,11 @@ class Engine:
                 )
         if versions and any(v < 0 for v in versions.values()):
             raise Invalid(f"parameter versions are >= 0, got {dict(versions)}")
-        if sync and not blocking:  # a round waits for the other workers
+        if not blocking and (
+            sync  # a round waits for the other workers
+            or sum(g.size for g in grads.values()) > INLINE_MAX_ELEMENTS
+            or not all(e.group.linear_cost for e in entries.values())
+        ):
             raise WouldBlock
         if not sync and not versions:  # plain groups only: straight to the store
             ordered = store.step(grads, read_back, blocking, None, request_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepd.kernels import Optimizer, create_optimizer
+from stepd.kernels.algorithms import ALGORITHMS
 
 from stepd.wire import PARAM_NAME_RE, PARAM_NAME_RULE
 
@@ -34,8 +35,11 @@ class Group:
     hyperparams: Mapping[str, Any]
     workers: Mapping[str, Any] = field(default_factory=lambda: {"mode": "plain"})
     id: str = field(init=False, compare=False)
+    # a step's cost is proportional to its elements (see Algorithm.linear_cost)
+    linear_cost: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "linear_cost", ALGORITHMS[self.algorithm].linear_cost)
         config: dict[str, Any] = {"a": self.algorithm, "h": self.hyperparams}
         if self.workers["mode"] != "plain":  # plain groups keep the ids they always had
             config["w"] = self.workers

@@ -60,6 +60,7 @@ from stepd.wire import (
     F64,
     HEADER,
     MAX_PAYLOAD,
+    MAX_REQUEST_HEADER_BYTES,
     PROTOCOL,
     SLOT_VERSION,
     STEP_REPLY,
@@ -303,7 +304,7 @@ class ShmServer:
                 gid = payload[4 : 4 + k].decode()
             except UnicodeDecodeError:
                 raise ProtocolError("LOAD_STATE: group id is not UTF-8") from None
-            tensors, meta = parse(memoryview(payload)[4 + k :])
+            tensors, meta = parse(memoryview(payload)[4 + k :], MAX_REQUEST_HEADER_BYTES)
             engine.load_group_state(run, gid, tensors, meta)
             return b""
         if op == Op.HESSIAN:  # the client wrote the estimate where a gradient goes

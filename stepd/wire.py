@@ -85,7 +85,9 @@ class WireError(ValueError):
     """Bytes that do not match what they claim (length, dtype, header, offsets)."""
 
 
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit (checkpoints)
+# A request's header (gradients of one step, a group's state): room for ~100k tensors.
+MAX_REQUEST_HEADER_BYTES = 8 * 1024 * 1024
 
 
 def from_bytes(
@@ -128,7 +130,14 @@ def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None =
     return b"".join(dump_parts(tensors, metadata))
 
 
-def parse(body: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def header_length(body: bytes | bytearray | memoryview) -> int:
+    """The JSON header's length a safetensors buffer announces (0 if too short to say)."""
+    return struct.unpack_from("<Q", body)[0] if len(body) >= 8 else 0
+
+
+def parse(
+    body: bytes | bytearray | memoryview, max_header: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read-only float32 views of a safetensors buffer, and its ``__metadata__``.
 
     Strict about everything (``WireError``): the header's JSON, each entry's keys, dtype
@@ -138,8 +147,10 @@ def parse(body: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], 
     if len(view) < 8:
         raise WireError("safetensors: body shorter than its 8-byte header length")
     (header_len,) = struct.unpack("<Q", view[:8])
-    if header_len > min(_MAX_HEADER, len(view) - 8):
+    if header_len > len(view) - 8:
         raise WireError(f"safetensors: header length {header_len} exceeds the body")
+    if header_len > max_header:
+        raise WireError(f"safetensors: header of {header_len} bytes, more than {max_header}")
     try:
         header = json.loads(bytes(view[8 : 8 + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

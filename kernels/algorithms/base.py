@@ -36,6 +36,9 @@ class Algorithm(ABC):
     name: ClassVar[str]
     hyperparams: ClassVar[type[Hyperparams]]
     takes_hessian: ClassVar[bool] = False  # True: implements update_hessian
+    # False: a step costs more than its element count says (matrix factors, eigenbases,
+    # Newton–Schulz), so even a small one may take seconds: a server never runs it inline.
+    linear_cost: ClassVar[bool] = True
 
     def __init__(self, hp: Hyperparams) -> None:
         if not isinstance(hp, self.hyperparams):

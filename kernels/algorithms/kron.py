@@ -246,6 +246,7 @@ class KronHyperparams(Hyperparams):
 
 class Kron(Algorithm):
     name = "kron"
+    linear_cost = False
     hyperparams = KronHyperparams
     hp: KronHyperparams
 

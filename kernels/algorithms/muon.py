@@ -196,6 +196,7 @@ class MuonHyperparams(Hyperparams):
 
 class Muon(Algorithm):
     name = "muon"
+    linear_cost = False
     hyperparams = MuonHyperparams
     hp: MuonHyperparams
 

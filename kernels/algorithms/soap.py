@@ -243,6 +243,7 @@ def _flat(a: Any) -> Any:
 
 class Soap(Algorithm):
     name = "soap"
+    linear_cost = False
     hyperparams = SoapHyperparams
     hp: SoapHyperparams
 

@@ -27,7 +27,6 @@ from stepd.wire import (
     VERSION_HEADER,
     dump,
     from_bytes,
-    parse,
 )
 
 from ..engine import Engine
@@ -35,12 +34,8 @@ from ..entries import StepOutcome
 from ..errors import Invalid
 from ..requests import CAPACITY
 from ..rwlock import WouldBlock
-from .deps import ERRORS, read_body
+from .deps import ERRORS, parse_tensors, read_body
 
-# Steps up to this many elements run on the event loop when their locks are free: a thread
-# hop costs more than the kernel. Anything bigger, contended or in a sync round goes to a
-# worker thread.
-INLINE_MAX_ELEMENTS = 1 << 16
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -53,20 +48,19 @@ async def apply(
     iteration = _int(request, "iteration")
     request_id = request.headers.get(REQUEST_ID_HEADER)
     run = request.path_params["run"]
-    if sum(g.size for g in grads.values()) <= INLINE_MAX_ELEMENTS:
-        try:
-            return engine.step(
-                run,
-                grads,
-                worker=worker,
-                iteration=iteration,
-                versions=versions,
-                read_back=read_back,
-                request_id=request_id,
-                blocking=False,
-            )
-        except WouldBlock:
-            pass
+    try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
+        return engine.step(
+            run,
+            grads,
+            worker=worker,
+            iteration=iteration,
+            versions=versions,
+            read_back=read_back,
+            request_id=request_id,
+            blocking=False,
+        )
+    except WouldBlock:
+        pass
     return await run_in_threadpool(
         lambda: engine.step(
             run,
@@ -132,7 +126,7 @@ async def step_many(request: Request) -> Response:
     engine.run(request.path_params["run"])  # an unknown run is a 404 before the body is read
     return_params = _flag(request, "return_params")
     body = await read_body(request, engine.settings.max_body_bytes)
-    grads, metadata = parse(body)
+    grads, metadata = await parse_tensors(body)
     if not grads:
         raise Invalid("the safetensors body holds no gradients")
     outcomes = await apply(request, grads, return_params, _versions(metadata))

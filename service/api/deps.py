@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+
+from stepd.wire import MAX_REQUEST_HEADER_BYTES, header_length, parse
 
 from ..engine import Engine
 
@@ -52,3 +55,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# Headers above this are parsed on a worker thread: JSON of many tensors takes a while, and
+# on the event loop it would hold up every other request.
+INLINE_HEADER_BYTES = 64 * 1024
+
+
+async def parse_tensors(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """A request's safetensors body (header capped at ``MAX_REQUEST_HEADER_BYTES``)."""
+    if header_length(body) <= INLINE_HEADER_BYTES:
+        return parse(body, MAX_REQUEST_HEADER_BYTES)
+    return await run_in_threadpool(parse, body, MAX_REQUEST_HEADER_BYTES)

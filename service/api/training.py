@@ -7,10 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from stepd.wire import parse
-
 from ..schemas import Iteration, LrRequest
-from .deps import ERRORS, EngineDep, read_body
+from .deps import ERRORS, EngineDep, parse_tensors, read_body
 
 router = APIRouter(prefix="/v1/runs/{run}", tags=["training"], responses=ERRORS)
 
@@ -66,6 +64,6 @@ async def load_group_state(
     slot of the algorithm's shape for it (422). Parameter values and versions are untouched.
     Validated completely before anything changes; 204 on success."""
     body = await read_body(request, engine.settings.max_body_bytes)
-    tensors, meta = parse(body)
+    tensors, meta = await parse_tensors(body)
     await run_in_threadpool(engine.load_group_state, run, group_id, tensors, meta)
     return Response(status_code=204)

@@ -69,3 +69,37 @@ def test_sigterm_writes_the_final_checkpoint(tmp_path) -> None:
     files = [p.name for p in (tmp_path / "t").iterdir()]  # the run's folder
     assert len(files) == 1
     assert files[0].endswith(".safetensors")
+
+
+def test_a_small_but_costly_step_does_not_hold_up_the_server(tmp_path) -> None:
+    """A SOAP step of 65536 elements (its first: eigenbases of a 2048x2048 factor) takes
+    about a second; it ran on the event loop, and /healthz waited for all of it."""
+    import threading
+    import time
+
+    shape = (2048, 32)
+    with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"name": "s", "shape": list(shape), "group": {"algorithm": "soap"}}
+        assert c.post("/v1/runs/t/params", json=body).status_code == 201
+        grad = np.random.default_rng(0).standard_normal(shape).astype(np.float32).tobytes()
+        done: list[float] = []
+
+        def step() -> None:
+            t = time.perf_counter()
+            with httpx.Client(base_url=server.url, timeout=60) as s:
+                assert s.post("/v1/runs/t/params/s/step", content=grad).status_code == 200
+            done.append(time.perf_counter() - t)
+
+        worker = threading.Thread(target=step)
+        worker.start()
+        time.sleep(0.05)  # the step is in
+        waits = []
+        while worker.is_alive():
+            t = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            waits.append(time.perf_counter() - t)
+            time.sleep(0.01)
+        worker.join()
+    assert done, "the step did not finish"
+    assert waits, "the step finished before /healthz was asked"
+    assert max(waits) < min(0.5, done[0] / 2), (max(waits), done[0])

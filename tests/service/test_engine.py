@@ -145,3 +145,22 @@ def test_an_lr_one_group_refuses_changes_no_group(engine) -> None:
         engine.register("r", "d", (2,), ones(2), "sgd", {"lr": 10.0}, lr_scale=1e38)
     assert [p["name"] for p in engine.params("r")] == ["a", "b"]
     assert len(engine.groups("r")) == 2  # no group was made for the refused one
+
+
+def test_only_cheap_steps_run_when_blocking_is_not_allowed(engine) -> None:
+    """The HTTP adapter tries blocking=False on its event loop: a step whose cost is not
+    linear in its elements (SOAP, Kron, Muon) or that is large must refuse before anything."""
+    engine.open_run("r")
+    engine.register("r", "soap", (64, 8), ones(64, 8), "soap", {"lr": 1e-3})
+    engine.register("r", "adam", (8,), ones(8), "adamw", {"lr": 1e-3})
+    engine.register("r", "big", (1 << 17,), ones(1 << 17), "adamw", {"lr": 1e-3})
+    for grads in (
+        {"soap": ones(64, 8)},
+        {"big": ones(1 << 17)},
+        {"adam": ones(8), "soap": ones(64, 8)},
+    ):
+        with pytest.raises(WouldBlock):
+            engine.step("r", grads, blocking=False)
+    assert {p["name"]: p["version"] for p in engine.params("r")} == {"soap": 0, "adam": 0, "big": 0}
+    [o] = engine.step("r", {"adam": ones(8)}, blocking=False)
+    assert o.version == 1

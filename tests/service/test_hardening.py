@@ -216,6 +216,8 @@ CASES = [
      "header is not JSON"),
     ("POST /v1/runs/t/step", "gradient of another shape, same size", "post", "/v1/runs/t/step",
      {"content": st_save({"w": np.ones((3, 2), np.float32)})}, 422, "gradient of shape [3, 2]"),
+    ("POST /v1/runs/t/step", "header past the request cap", "post", "/v1/runs/t/step",
+     {"content": _st("{" + " " * (9 << 20) + "}")}, 422, "more than 8388608"),
     ("POST /v1/runs/t/step", "header a JSON list", "post", "/v1/runs/t/step", {"content": _st([1])}, 422,
      "not a JSON object"),
     ("POST /v1/runs/t/step", "negative shape in header", "post", "/v1/runs/t/step",
