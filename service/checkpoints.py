@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -113,10 +114,18 @@ class CheckpointDir:
 
     def load(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         path = self.path(name)
-        if not path.exists():
-            raise NotFound(f"checkpoint {name!r} does not exist")
-        data = np.empty(path.stat().st_size, np.uint8)  # not zero-filled, unlike bytearray
-        with open(path, "rb") as f:
+        try:  # no symlink is followed, and a FIFO cannot make the open wait
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"checkpoint {name!r} does not exist") from None
+        except OSError as exc:
+            raise Invalid(f"checkpoint {name!r} cannot be opened: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise Invalid(f"checkpoint {name!r} is not a regular file")
+        with open(fd, "rb") as f:
+            data = np.empty(st.st_size, np.uint8)  # not zero-filled, unlike bytearray
             if f.readinto(data.data) != data.size:
                 raise Invalid(f"checkpoint {name!r} changed while being read")
         try:
@@ -125,8 +134,10 @@ class CheckpointDir:
             raise Invalid(f"checkpoint {name!r} is malformed: {exc}") from None
         try:
             meta = json.loads(metadata["stepd"])
-        except (KeyError, json.JSONDecodeError) as exc:
+        except (KeyError, json.JSONDecodeError, RecursionError) as exc:
             raise Invalid(f"checkpoint {name!r} has no stepd metadata: {exc!r}") from None
+        if not isinstance(meta, dict):
+            raise Invalid(f"checkpoint {name!r}: its stepd metadata is not an object")
         return tensors, meta
 
     def list(self) -> list[CheckpointInfo]:
@@ -138,11 +149,12 @@ class CheckpointDir:
             if not CHECKPOINT_NAME.fullmatch(name):
                 continue
             try:
-                infos.append(
-                    CheckpointInfo(name, _peek_step(p), p.stat().st_size, p.stat().st_mtime)
-                )
-            except (OSError, ValueError, KeyError):
-                continue  # unreadable: not listed, never loaded
+                st = p.lstat()
+                if not stat.S_ISREG(st.st_mode):  # symlinks, FIFOs, folders: never opened
+                    continue
+                infos.append(CheckpointInfo(name, _peek_step(p), st.st_size, st.st_mtime))
+            except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+                continue  # unreadable or not ours: not listed, never loaded
         return sorted(infos, key=lambda i: (i.created, i.name))
 
     def delete(self, name: str) -> None:
@@ -165,4 +177,7 @@ def _peek_step(path: Path) -> int:
         if n > 100 * 1024 * 1024:
             raise ValueError("header too large")
         header = json.loads(f.read(n))
-    return int(json.loads(header["__metadata__"]["stepd"])["global_step"])
+    step = json.loads(header["__metadata__"]["stepd"])["global_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"global step {step!r}")
+    return step

@@ -32,6 +32,7 @@ class Snapshots:
     """The snapshot half of :class:`stepd.service.store.ParamStore`."""
 
     device: str
+    backend: Any
     xp: Any
     lock: RWLock
     _meta: threading.Lock
@@ -88,7 +89,9 @@ class Snapshots:
     def restore(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Replace everything with a snapshot; validated fully before the swap."""
         try:
-            global_step = int(meta["global_step"])
+            global_step = meta["global_step"]
+            if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+                raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
             built: dict[str, Optimizer] = {}
             infos: dict[str, Group] = {}
             for gid, g in meta["groups"].items():
@@ -123,9 +126,11 @@ class Snapshots:
                 shape = tuple(p["shape"])
                 if tuple(value.shape) != shape or p["group"] not in built:
                     raise Invalid(f"checkpoint entry {name!r} is inconsistent")
+                if not self.backend.all_finite(np.ascontiguousarray(value, np.float32)):
+                    raise Invalid(f"checkpoint entry {name!r} has non-finite values")
                 param = self.xp.array(np.ascontiguousarray(value).reshape(-1), copy=True)
                 entries[name] = Entry(name, shape, infos[p["group"]], param, int(p["version"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise Invalid(f"checkpoint is malformed: {exc!r}") from None
         with self.lock.exclusive(), self._meta:
             self._groups, self._group_info, self._entries = built, infos, entries

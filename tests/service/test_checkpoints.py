@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from stepd.service.checkpoints import CheckpointDir
+from stepd.service.checkpoints import CheckpointDir, write_safetensors
 from stepd.service.errors import Invalid, NotFound
 
 
@@ -56,3 +56,25 @@ def test_leftovers_and_bad_files(tmp_path) -> None:
     for bad in ("..", "a/b", ".x", "x.safetensors"):
         with pytest.raises(Invalid, match="invalid checkpoint name"):
             ckpts.path(bad)
+
+
+def test_what_is_not_a_valid_checkpoint_is_skipped_and_never_followed(tmp_path) -> None:
+    import os
+
+    outside = CheckpointDir(tmp_path / "elsewhere")
+    outside.save({"param/w": np.ones(2, np.float32)}, meta(1), "theirs")
+    ckpts = CheckpointDir(tmp_path / "run")
+    ckpts.save({"param/w": np.ones(2, np.float32)}, meta(2), "good")
+    root = tmp_path / "run"
+    (root / "empty.safetensors").write_bytes(b"")
+    os.mkfifo(root / "fifo.safetensors")  # opening it for reading would wait for a writer
+    (root / "folder.safetensors").mkdir()
+    (root / "link.safetensors").symlink_to(tmp_path / "elsewhere" / "theirs.safetensors")
+    for i, bad_step in enumerate(("null", "{}", "-3", "Infinity", "[" * 5000 + "]" * 5000)):
+        stepd_meta = '{"format": 1, "global_step": ' + bad_step + ', "groups": {}, "params": {}}'
+        path = root / f"bad-{i}.safetensors"
+        write_safetensors(path, {"param/w": np.ones(2, np.float32)}, {"stepd": stepd_meta})
+    assert [i.name for i in ckpts.list()] == ["good"]  # answered at once, nothing else
+    for name in ("empty", "fifo", "folder", "link"):
+        with pytest.raises(Invalid):
+            ckpts.load(name)

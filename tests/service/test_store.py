@@ -93,3 +93,25 @@ def test_clear_drops_everything(store) -> None:
         store.clear()
     assert store.names() == []
     assert store.device_bytes() == 0
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda t, m: t.__setitem__("param/w", np.full((2, 3), np.nan, np.float32)), "non-finite"),
+        (lambda t, m: m.__setitem__("global_step", -1), "global_step"),
+        (lambda t, m: m.__setitem__("global_step", 2.5), "global_step"),
+        (lambda t, m: m["groups"][next(iter(m["groups"]))].__setitem__("lr", 1e308), "float32"),
+    ],
+)
+def test_a_restore_checks_what_it_brings_back(store, corrupt, match) -> None:
+    """Each was accepted: NaN parameters, a negative step, an lr a step would overflow."""
+    import copy
+
+    tensors, meta = snapshot(store)
+    tensors, meta = dict(tensors), copy.deepcopy(meta)
+    corrupt(tensors, meta)
+    before = snapshot(store)
+    with pytest.raises(Invalid, match=match):
+        store.restore(tensors, meta)
+    same(snapshot(store), before)
