@@ -41,6 +41,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,11 +93,19 @@ class ShmTransport(ServerTransport):
         self._closed = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            raise TransportError(f"shm://{path}: cannot connect: {exc!r}") from exc
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError as exc:  # the server's backlog is full: wait our turn
+                if time.monotonic() >= deadline:
+                    sock.close()
+                    raise TransportError(f"shm://{path}: cannot connect: {exc!r}") from exc
+                time.sleep(0.01)
+            except OSError as exc:
+                sock.close()
+                raise TransportError(f"shm://{path}: cannot connect: {exc!r}") from exc
         self._sock = sock
         self._rbuf = bytearray(1 << 16)
         self._rview = memoryview(self._rbuf)

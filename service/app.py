@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> StepdApp:
         if settings.shm_socket is not None:
             from .shm import ShmServer
 
-            shm = ShmServer(engine, settings.shm_socket)
+            shm = ShmServer(engine, settings.shm_socket, settings.shm_max_connections)
             shm.start()
         app.state.shm = shm
         reaper = asyncio.create_task(_reap(engine, settings.anonymous_run_ttl))

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     token: str | None = None
     # Also serve the shared-memory transport (shm://PATH) on this Unix socket (mode 0600).
     shm_socket: Path | None = None
+    # shm:// connections served at once (a thread each); more wait in the listen backlog.
+    shm_max_connections: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> Settings:

@@ -116,8 +116,12 @@ class Connection:
 class ShmServer:
     """Listens on ``path`` (mode 0600); one thread per connection, one shared store."""
 
-    def __init__(self, engine: Engine, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, engine: Engine, path: str | os.PathLike[str], max_connections: int = 256
+    ) -> None:
+        """``max_connections``: served at once (a thread each); more wait to be accepted."""
         self.engine = engine
+        self._slots = threading.BoundedSemaphore(max_connections)
         # LOAD_STATE carries what HTTP's state upload does, up to the same limit
         self.max_state_bytes = engine.limits()["max_state_bytes"]
         self.path = Path(path)
@@ -140,7 +144,7 @@ class ShmServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)  # a burst of connects waits in the backlog
         self._sock = sock
         self._thread = threading.Thread(target=self._accept, name="stepd-shm", daemon=True)
         self._thread.start()
@@ -165,9 +169,14 @@ class ShmServer:
     def _accept(self) -> None:
         assert self._sock is not None
         while not self._closing:
+            # at the cap, the next connection waits in the backlog until one closes
+            while not self._slots.acquire(timeout=0.5):
+                if self._closing:
+                    return
             try:
                 sock, _ = self._sock.accept()
             except OSError:
+                self._slots.release()
                 return
             conn = Connection(sock)
             with self._lock:
@@ -194,19 +203,19 @@ class ShmServer:
                 if n > (self.max_state_bytes if op == Op.LOAD_STATE else MAX_PAYLOAD):
                     raise ConnectionError(f"payload of {n} bytes is too large")
                 end = HEADER.size + n
-                if end > len(buf):  # a large control message: grow the buffer
-                    view.release()
-                    buf = buf[:have] + bytearray(end - have)
-                    view = memoryview(buf)
-                while have < end:
-                    k = sock.recv_into(view[have:])
-                    if k == 0:
-                        raise ConnectionError("peer closed mid-message")
-                    have += k
-                payload = bytes(view[HEADER.size : end])
-                if have > end:  # pipelined bytes of the next request
-                    buf[: have - end] = view[end:have]
-                have -= end
+                if end > len(buf):  # a large control message (a state upload)
+                    payload = self._receive_large(sock, bytes(view[HEADER.size : have]), n)
+                    have = 0
+                else:
+                    while have < end:
+                        k = sock.recv_into(view[have:])
+                        if k == 0:
+                            raise ConnectionError("peer closed mid-message")
+                        have += k
+                    payload = bytes(view[HEADER.size : end])
+                    if have > end:  # pipelined bytes of the next request
+                        buf[: have - end] = view[end:have]
+                    have -= end
                 status, reply = self._dispatch(conn, op, payload)
                 sock.sendall(HEADER.pack(status, 0, len(reply)) + reply)
                 if op == Op.CLOSE and status == Status.OK:
@@ -219,6 +228,19 @@ class ShmServer:
             sock.close()
             with self._lock:
                 self._conns.discard(conn)
+            self._slots.release()
+
+    @staticmethod
+    def _receive_large(sock: socket.socket, first: bytes, n: int) -> bytes:
+        """A message of ``n`` bytes, held only as far as it has arrived: a header that
+        announces a gigabyte and sends nothing costs nothing."""
+        payload = bytearray(first)
+        while len(payload) < n:
+            chunk = sock.recv(min(n - len(payload), 1 << 20))
+            if not chunk:
+                raise ConnectionError("peer closed mid-message")
+            payload += chunk
+        return bytes(payload)
 
     def _dispatch(self, conn: Connection, op: int, payload: bytes) -> tuple[int, bytes]:
         try:

@@ -292,3 +292,59 @@ def test_with_a_token_hello_must_carry_it() -> None:
             np.testing.assert_allclose(p, 0.9)
         runs = httpx.get(f"{s.url}/v1/runs", headers={"authorization": "Bearer s3cret"}).json()
         assert [r["name"] for r in runs] == ["t"]  # the refused ones made nothing
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.e2e
+def test_an_announced_but_unsent_state_costs_nothing(srv) -> None:
+    """Three 8-byte headers announcing 400 MiB state uploads took the server's RSS from 65 MB
+    to 1.27 GB with nothing sent; now only what arrives is held."""
+    import socket as socketlib
+
+    from stepd.wire import HEADER, Op
+
+    before = _rss_mb(srv.proc.pid)
+    socks = []
+    for _ in range(3):
+        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        sock.connect(str(srv.socket))
+        sock.sendall(HEADER.pack(Op.LOAD_STATE, 0, 400 << 20) + b"x" * 1000)
+        socks.append(sock)
+    time.sleep(0.5)
+    grown = _rss_mb(srv.proc.pid) - before
+    for sock in socks:
+        sock.close()
+    assert grown < 64, f"the server grew by {grown:.0f} MB"
+    assert httpx.get(f"{srv.url}/healthz").status_code == 200
+
+
+@pytest.mark.e2e
+def test_a_burst_of_connections_waits_its_turn() -> None:
+    """150 clients at once: the listen backlog held 64 and 74 failed with EAGAIN; now all
+    connect. Past the connection cap, a client waits until one leaves."""
+    import threading
+
+    with ShmServer(STEPD_SHM_MAX_CONNECTIONS="8") as s:
+        errors: list[BaseException] = []
+
+        def client() -> None:
+            try:
+                with connect(s.shm_url, "sgd", lr=0.1, timeout=30) as opt:
+                    p = np.ones(2, np.float32)
+                    opt.step("w", (2,), p, np.ones(2, np.float32))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(150)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert not any(t.is_alive() for t in threads)
