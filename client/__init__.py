@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .errors import (
     AuthError,
+    CapacityError,
     ConflictError,
     InvalidRequestError,
     NotFoundError,
@@ -28,6 +29,7 @@ from .transport import Transport
 
 __all__ = [
     "AuthError",
+    "CapacityError",
     "ConflictError",
     "InvalidRequestError",
     "NotFoundError",

@@ -9,7 +9,8 @@
         ├── NotFoundError          404: unknown run, parameter, slot, group or checkpoint
         ├── ConflictError          409: the name is registered with another shape or group
         ├── InvalidRequestError    400 / 413 / 422: the server refused the request's content
-        └── RoundTimeoutError      504: a sync round or barrier did not complete in time
+        ├── RoundTimeoutError      504: a sync round or barrier did not complete in time
+        └── CapacityError          507: over the server's memory budget or the run's quota
 
 Low-level errors (``httpx``) are mapped with ``raise ... from exc``, so the original stays
 on ``__cause__``. Bad arguments caught in the client before anything is sent raise the
@@ -64,6 +65,10 @@ class InvalidRequestError(ServerError):
     """400 / 413 / 422: the server refused the content (bad hyperparameters, body too big…)."""
 
 
+class CapacityError(ServerError):
+    """507: the server's memory budget or the run's quota cannot take what was asked."""
+
+
 class RoundTimeoutError(ServerError):
     """504: a sync round or barrier did not complete in time; nothing was applied."""
 
@@ -77,6 +82,7 @@ _BY_STATUS: dict[int, type[ServerError]] = {
     Status.TOO_LARGE: InvalidRequestError,
     Status.INVALID: InvalidRequestError,
     Status.TIMEOUT: RoundTimeoutError,
+    Status.INSUFFICIENT_STORAGE: CapacityError,
 }
 
 

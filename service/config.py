@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     # shard_count is shard_index, and refuses the others (and clients that disagree).
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1)
+    # Bytes of parameters and optimizer state (factors included) the server commits to, over
+    # all runs; a registration past it is refused (507). Default: half the host's memory on
+    # the CPU, 80% of the GPU's.
+    memory_budget: int | None = Field(None, ge=1)
     # Anonymous runs (a client's private run) whose client vanished are deleted after this
     # many idle seconds.
     anonymous_run_ttl: float = Field(3600.0, gt=0)

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import logging
 import math
+import os
 import secrets
 import shutil
 import threading
@@ -43,8 +44,8 @@ from stepd.wire import (
 from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
 from .config import Settings
 from .entries import Entry, StepOutcome
-from .errors import Conflict, Invalid, NotFound, Stale, Unauthorized
-from .groups import check_group
+from .errors import Conflict, Invalid, NotFound, OverBudget, Stale, Unauthorized
+from .groups import check_group, committed_bytes, resolve_group
 from .metrics import Metrics
 from .runs import Run
 from .rwlock import WouldBlock
@@ -69,6 +70,8 @@ class Engine:
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
         self.backend_name = ParamStore(device).backend.name
+        self.budget = settings.memory_budget or default_budget(device)
+        self._committed = 0  # over all runs; changed under _lock
         self.metrics = Metrics(self.device_bytes, lambda: len(self._runs))
         self._step_seconds: dict[str, Any] = {}
 
@@ -88,6 +91,7 @@ class Engine:
             "runs": len(self._runs),
             "device_bytes": self.device_bytes(),
             "limits": self.limits(),
+            "memory": {"budget_bytes": self.budget, "committed_bytes": self._committed},
         }
 
     def authorize(self, token: object) -> None:
@@ -121,13 +125,19 @@ class Engine:
         *,
         fresh: bool = False,
         group: Mapping[str, Any] | None = None,
+        quota: int | None = None,
     ) -> tuple[Run, bool]:
         """Join the named run, creating it if needed (``fresh``: delete it first), or create
         an anonymous one (``name`` None). Returns the run and whether it was created.
 
         ``group``: the joining client's optimizer configuration (``algorithm``,
         ``hyperparams``, ``workers``), checked now so that a wrong one fails at connect,
-        before any run is made."""
+        before any run is made. ``quota``: the bytes a new run may commit (joining a run
+        leaves its quota as it is)."""
+        if quota is not None and (
+            isinstance(quota, bool) or not isinstance(quota, int) or quota < 1
+        ):
+            raise Invalid(f"a run's quota is a number of bytes >= 1, got {quota!r}")
         if name is not None and (not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name)):
             raise Invalid(f"invalid run name {name!r}: {RUN_NAME_RULE}")
         if group is not None:
@@ -147,7 +157,7 @@ class Engine:
             store = ParamStore(
                 self.device, self.settings.nonfinite, self.settings.stats_every, self.shard
             )
-            run = Run(name, store, CheckpointDir(self.root / name), self.metrics, anonymous)
+            run = Run(name, store, CheckpointDir(self.root / name), self.metrics, anonymous, quota)
             self._runs[name] = run
         if existing is not None:  # fresh: the old run's memory goes now, as on a delete
             with existing.store.lock.exclusive():
@@ -180,7 +190,10 @@ class Engine:
         log.info("run %s deleted", name)
 
     def _forget(self, run: Run) -> None:
+        """Drop ``run`` from the runs (call holding ``_lock``); its bytes are no longer
+        committed."""
         del self._runs[run.name]
+        self._committed -= run.committed
         self.metrics.forget_run(run.name)
 
     def reap(self, now: float | None = None) -> list[str]:
@@ -211,16 +224,46 @@ class Engine:
         workers: Mapping[str, Any] | None = None,
         shard_view: tuple[int, int] | None = None,
     ) -> tuple[Entry, bool]:
-        """Create ``name`` in ``run`` (True) or confirm an identical registration (False)."""
+        """Create ``name`` in ``run`` (True) or confirm an identical registration (False).
+
+        The bytes it commits — the parameter and every state slot its algorithm allocates,
+        factors included — are counted against the server's budget and the run's quota
+        before anything is allocated (``OverBudget``, naming the numbers)."""
         limit = self.settings.max_body_bytes
         if all(isinstance(d, int) for d in shape) and math.prod(shape) * 4 > limit:
             raise Invalid(
                 f"{name!r}: shape {list(shape)} needs more than the body limit of {limit} "
                 "bytes per gradient"
             )
-        return self.run(run).store.register(
-            name, shape, value, algorithm, hyperparams, lr_scale, workers, shard_view
-        )
+        r = self.run(run)
+        dims = tuple(shape)
+        if not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise Invalid(f"{name!r}: invalid shape {list(dims)}")
+        _, reference = resolve_group(algorithm, hyperparams, workers)
+        need = committed_bytes(reference, dims)
+        with self._lock:  # registrations are rare: one at a time keeps the books exact
+            if name not in r.store:
+                self._check_budget(r, name, dims, algorithm, need)
+            entry, created = r.store.register(
+                name, shape, value, algorithm, hyperparams, lr_scale, workers, shard_view
+            )
+            if created:
+                r.committed += need
+                self._committed += need
+        return entry, created
+
+    def _check_budget(self, r: Run, name: str, shape: tuple, algorithm: str, need: int) -> None:
+        what = f"{name!r} ({algorithm}, shape {list(shape)}) commits {need:,} bytes"
+        if self._committed + need > self.budget:
+            raise OverBudget(
+                f"{what}: the server has {self._committed:,} of its {self.budget:,}-byte budget "
+                "committed (STEPD_MEMORY_BUDGET)"
+            )
+        if r.quota is not None and r.committed + need > r.quota:
+            raise OverBudget(
+                f"{what}: run {r.name!r} has {r.committed:,} of its {r.quota:,}-byte quota "
+                "committed"
+            )
 
     def entry(self, run: str, name: str) -> Entry:
         return self.run(run).store.entry(name)
@@ -497,6 +540,10 @@ class Engine:
         tensors, meta = r.checkpoints.load(name)
         r.store.restore(tensors, meta)
         r.reset_rounds()
+        with self._lock:  # the books follow what was brought back
+            now = r.store.committed_bytes()
+            self._committed += now - r.committed
+            r.committed = now
         self.metrics.checkpoint_seconds.labels(run, "restore").observe(time.perf_counter() - start)
         self.metrics.iterations.labels(run).set(r.store.global_step)
         return next(i for i in r.checkpoints.list() if i.name == name)
@@ -514,3 +561,12 @@ class Engine:
             for r in list(self._runs.values())
             if not r.anonymous and r.store.names()
         ]
+
+
+def default_budget(device: str) -> int:
+    """Half the host's memory for a CPU store, 80% of the GPU's for a CUDA one."""
+    if device == "cuda":
+        import cupy
+
+        return int(cupy.cuda.Device().mem_info[1] * 0.8)
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)

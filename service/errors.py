@@ -9,7 +9,8 @@
     ├── Invalid           422  refused content (and malformed tensors: ``wire.WireError``)
     ├── TooLarge          413  over a size limit
     ├── Unauthorized      401  a shm:// HELLO without the server's token
-    └── StragglerTimeout  504  a sync round or barrier did not complete in time
+    ├── StragglerTimeout  504  a sync round or barrier did not complete in time
+    └── OverBudget        507  memory the server's budget or the run's quota cannot take
 
 The statuses are :class:`stepd.wire.Status`, the numbers the client maps back to its own
 exception tree, so HTTP and shm:// fail the same way for the same cause.
@@ -65,3 +66,9 @@ def status_of(exc: BaseException) -> Status:
     if isinstance(exc, WireError):
         return Status.INVALID
     return Status.INTERNAL
+
+
+class OverBudget(StoreError):
+    """A registration would commit more memory than the server's budget or the run's quota."""
+
+    status = Status.INSUFFICIENT_STORAGE

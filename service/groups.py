@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,3 +80,10 @@ def check_group(spec: Mapping[str, Any]) -> Group:
         raise Invalid(f"the group's workers must be an object, got {workers!r}")
     group, _ = resolve_group(algorithm, hyperparams, workers)
     return group
+
+
+def committed_bytes(reference: Optimizer, shape: tuple[int, ...]) -> int:
+    """The bytes a parameter of ``shape`` commits: itself and every state slot its algorithm
+    will allocate (factors, eigenbases and preconditioners included), all float32."""
+    slots = reference.algorithm.slot_shapes(shape)
+    return 4 * (math.prod(shape) + sum(math.prod(s) for s in slots.values()))

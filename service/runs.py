@@ -30,6 +30,8 @@ class Run:
     checkpoints: CheckpointDir
     metrics: Metrics
     anonymous: bool = False
+    quota: int | None = None  # bytes its parameters and state may commit (None: the budget's)
+    committed: int = 0  # bytes its parameters and state commit (service/groups.py)
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     holders: int = 0  # shm:// connections bound to it: an anonymous run lives while they do
@@ -64,5 +66,7 @@ class Run:
             "global_step": store.global_step,
             "params": len(store.names()),
             "device_bytes": store.device_bytes(),
+            "committed_bytes": self.committed,
+            "quota_bytes": self.quota,
             "groups": store.groups(),
         }

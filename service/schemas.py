@@ -114,6 +114,11 @@ class Limits(BaseModel):
     max_control_bytes: int = Field(description="the largest shm:// control message")
 
 
+class Memory(BaseModel):
+    budget_bytes: int = Field(description="STEPD_MEMORY_BUDGET: what the server may commit")
+    committed_bytes: int = Field(description="parameters and optimizer state, all runs")
+
+
 class Status(BaseModel):
     """The server as a whole."""
 
@@ -124,6 +129,7 @@ class Status(BaseModel):
     runs: int
     device_bytes: int
     limits: Limits
+    memory: Memory
 
 
 class RunRequest(BaseModel):
@@ -137,6 +143,9 @@ class RunRequest(BaseModel):
     group: GroupSpec | None = Field(
         None, description="the joining client's optimizer configuration, checked right away"
     )
+    quota_bytes: int | None = Field(
+        None, ge=1, description="a new run's quota: the bytes its parameters and state may commit"
+    )
 
 
 class RunInfo(BaseModel):
@@ -147,6 +156,8 @@ class RunInfo(BaseModel):
     global_step: int
     params: int
     device_bytes: int
+    committed_bytes: int = Field(description="bytes its parameters and state commit")
+    quota_bytes: int | None
     groups: list[dict[str, Any]]
 
 

@@ -26,7 +26,7 @@ from stepd.wire import shard_of
 
 from .entries import Entry, StepOutcome
 from .errors import Conflict, Invalid, NotFound, Stale
-from .groups import Group, check_name, resolve_group
+from .groups import Group, check_name, committed_bytes, resolve_group
 from .requests import RequestLog
 from .rwlock import RWLock, WouldBlock
 from .snapshots import Snapshots
@@ -465,6 +465,13 @@ class ParamStore(Snapshots):
 
     def iter_entries(self) -> Iterator[Entry]:
         return iter(list(self._entries.values()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def committed_bytes(self) -> int:
+        """The bytes every parameter and the state its algorithm allocates commit."""
+        return sum(committed_bytes(self._groups[e.group.id], e.shape) for e in self.iter_entries())
 
     def group_state(self, group_id: str) -> tuple[dict[str, Any], dict[str, int]]:
         """A group's optimizer ``state_dict`` (host copies) and its parameters' versions."""

@@ -66,6 +66,7 @@ class Status(IntEnum):
     INVALID = 422  # the content is refused
     INTERNAL = 500
     TIMEOUT = 504  # a sync round or barrier did not complete in time
+    INSUFFICIENT_STORAGE = 507  # over the server's memory budget or the run's quota
 
 
 # -- the shard hash --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ async def open_run(
     body = body or RunRequest()
     group = body.group.model_dump(exclude_none=True) if body.group else None
     run, created = await run_in_threadpool(
-        engine.open_run, body.name, fresh=body.fresh, group=group
+        engine.open_run, body.name, fresh=body.fresh, group=group, quota=body.quota_bytes
     )
     if not created:
         response.status_code = 200

@@ -39,6 +39,8 @@ def test_exception_tree() -> None:
         (413, errors.InvalidRequestError),
         (422, errors.InvalidRequestError),
         (500, errors.ServerError),
+        (504, errors.RoundTimeoutError),
+        (507, errors.CapacityError),
     ):
         e = errors.error_for_status(status, "why", "GET", "/x")
         assert type(e) is cls

@@ -470,3 +470,18 @@ def test_checkpoint_files_are_standard_safetensors(client, tmp_path) -> None:
             ),
         )
     assert meta["params"]["w"]["version"] == 1
+
+
+def test_a_registration_past_the_memory_budget_is_507_and_makes_nothing(tmp_path) -> None:
+    with make_client(tmp_path, memory_budget=1 << 20) as c:
+        before = full_state(c)
+        r = register(c, name="big", shape=(100_000,))  # adamw: 1.2 MB with its two slots
+        assert r.status_code == 507, r.text
+        assert "commits 1,200,000 bytes" in r.json()["detail"]
+        assert_same_state(full_state(c), before)
+        status = c.get("/v1/status").json()["memory"]
+        assert status == {"budget_bytes": 1 << 20, "committed_bytes": 0}
+        assert register(c, name="small", shape=(1000,)).status_code == 201
+        assert c.get("/v1/runs/t").json()["committed_bytes"] == 12_000
+        r = c.post("/v1/runs", json={"name": "q", "quota_bytes": 5000})
+        assert r.json()["quota_bytes"] == 5000

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from stepd.service.config import Settings
 from stepd.service.engine import Engine
-from stepd.service.errors import Conflict, Invalid, NotFound
+from stepd.service.errors import Conflict, Invalid, NotFound, OverBudget
 from stepd.service.rwlock import WouldBlock
 
 
@@ -164,3 +164,27 @@ def test_only_cheap_steps_run_when_blocking_is_not_allowed(engine) -> None:
     assert {p["name"]: p["version"] for p in engine.params("r")} == {"soap": 0, "adam": 0, "big": 0}
     [o] = engine.step("r", {"adam": ones(8)}, blocking=False)
     assert o.version == 1
+
+
+def test_registrations_are_counted_against_the_budget_and_the_quota(tmp_path) -> None:
+    """Kron [1, 40000] with max_size_triangular=1e9 registered, and its first step allocated
+    a 40000x40000 factor (6 GiB) and the server was OOM-killed; now the registration counts
+    every slot, factors included, before allocating anything."""
+    engine = Engine(Settings(checkpoint_dir=tmp_path, device="cpu", memory_budget=1 << 30), "cpu")
+    engine.open_run("r")
+    with pytest.raises(OverBudget, match="commits 6,400,320,004 bytes") as err:
+        engine.register("r", "k", (1, 40000), None, "kron", {"max_size_triangular": 10**9})
+    assert "1,073,741,824-byte budget" in str(err.value)
+    assert engine.params("r") == []
+    engine.register("r", "w", (1000,), None, "adamw", {})
+    assert engine.status()["memory"]["committed_bytes"] == 12_000  # param + two slots
+    engine.register("r", "w", (1000,), None, "adamw", {})  # again: nothing more committed
+    assert engine.run("r").committed == 12_000
+    engine.open_run("small", quota=10_000)
+    engine.register("small", "a", (500,), None, "sgd", {"momentum": 0.9})  # 4,000 bytes
+    with pytest.raises(OverBudget, match="10,000-byte quota"):
+        engine.register("small", "b", (1000,), None, "sgd", {"momentum": 0.9})
+    engine.delete_run("r")
+    assert engine.status()["memory"]["committed_bytes"] == 4_000
+    with pytest.raises(Invalid, match="quota"):
+        engine.open_run("bad", quota=0)
