@@ -10,6 +10,7 @@ listing and deleted at start-up.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import numpy as np
 
 from stepd.wire import WireError, dump_parts, parse
 
-from .errors import Invalid, NotFound
+from .errors import Invalid, NotFound, StorageFull
 
 SUFFIX = ".safetensors"
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -107,6 +108,13 @@ class CheckpointDir:
         try:
             size = write_safetensors(tmp, tensors, {"stepd": json.dumps(meta)})
             os.replace(tmp, final)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(
+                    f"checkpoint {name!r} not written: {exc.strerror}; a previous checkpoint "
+                    "of that name is intact"
+                ) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.root)

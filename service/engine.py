@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from stepd.wire import (
 from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
 from .config import Settings
 from .entries import Entry, StepOutcome
-from .errors import Conflict, Invalid, NotFound, OverBudget, Stale, Unauthorized
+from .errors import Conflict, Invalid, NotFound, OverBudget, Stale, StoreError, Unauthorized
 from .groups import check_group, committed_bytes, resolve_group
 from .metrics import Metrics
 from .runs import Run
@@ -57,6 +58,15 @@ ANONYMOUS_PREFIX = "anon-"
 # A step tried with blocking=False (on the event loop) runs only when it is known to be cheap:
 # at most this many elements, of algorithms whose cost is linear in them, and its locks free.
 INLINE_MAX_ELEMENTS = 1 << 16
+
+
+@dataclass(frozen=True)
+class IterationEnd:
+    """What ending an iteration did: the new step, and the autosave if one was due."""
+
+    step: int
+    autosaved: str | None = None  # the checkpoint written
+    autosave_error: str | None = None  # why it was not (the iteration ended all the same)
 
 
 class Engine:
@@ -464,13 +474,16 @@ class Engine:
             child = self._step_seconds[transport] = self.metrics.step_seconds.labels(transport)
         return child
 
-    def end_iteration(self, run: str, worker: str | None = None) -> int:
+    def end_iteration(self, run: str, worker: str | None = None) -> IterationEnd:
         """Advance the run's global step; returns the new step.
 
         With sync groups, each worker passes its id and the call is a barrier: it returns
         once all of them have called it (the last one advances the step). Every
         ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
-        ``autosave_keep`` automatic checkpoints.
+        ``autosave_keep`` automatic checkpoints. The iteration ends whatever the autosave
+        does: a failed one (a full disk) is reported in the reply, logged and counted in
+        ``/metrics`` — never an error that a retrying client would answer by ending the
+        iteration twice.
         """
         r = self.run(run)
         store = r.store
@@ -481,15 +494,21 @@ class Engine:
             r.workers.touch(worker)
             step, advanced = r.sync.end_iteration(worker, count, store.sync_timeout())
             if not advanced:  # another worker's call advanced it (and autosaves)
-                return step
+                return IterationEnd(step)
         else:
             step = store.end_iteration()
         self.metrics.iterations.labels(run).set(step)
         every = self.settings.autosave_every
-        if every and step % every == 0:
-            self.save_checkpoint(run, f"{AUTO_PREFIX}{step:08d}")
+        if not (every and step % every == 0):
+            return IterationEnd(step)
+        try:
+            info = self.save_checkpoint(run, auto=True)
             r.checkpoints.prune_auto(self.settings.autosave_keep)
-        return step
+        except (StoreError, OSError) as exc:
+            log.error("run %s: autosave at step %d failed: %s", run, step, exc)
+            self.metrics.autosave_failures.labels(run).inc()
+            return IterationEnd(step, autosave_error=str(exc))
+        return IterationEnd(step, autosaved=info.name)
 
     def touch_worker(self, run: str, worker: str) -> None:
         if not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
@@ -524,12 +543,22 @@ class Engine:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def save_checkpoint(self, run: str, name: str | None = None) -> CheckpointInfo:
+    def save_checkpoint(
+        self, run: str, name: str | None = None, *, auto: bool = False
+    ) -> CheckpointInfo:
+        """Write the run's checkpoint ``name`` (default: ``step-<step>-<time>``); ``auto``:
+        ``auto-<step>``, the step read in the same lock hold as the state, so the name
+        always says what the file holds (another end_iteration may come in between)."""
         r = self.run(run)
         if name is not None:
             r.checkpoints.path(name)  # validate before the (possibly long) snapshot
+
+        def write(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> CheckpointInfo:
+            chosen = f"{AUTO_PREFIX}{meta['global_step']:08d}" if auto else name
+            return r.checkpoints.save(tensors, meta, chosen)
+
         start = time.perf_counter()
-        info = r.store.write_snapshot(lambda tensors, meta: r.checkpoints.save(tensors, meta, name))
+        info = r.store.write_snapshot(write)
         self.metrics.checkpoint_seconds.labels(run, "save").observe(time.perf_counter() - start)
         return info
 

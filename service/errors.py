@@ -10,7 +10,8 @@
     ├── TooLarge          413  over a size limit
     ├── Unauthorized      401  a shm:// HELLO without the server's token
     ├── StragglerTimeout  504  a sync round or barrier did not complete in time
-    └── OverBudget        507  memory the server's budget or the run's quota cannot take
+    ├── OverBudget        507  memory the server's budget or the run's quota cannot take
+    └── StorageFull       507  the disk is full (a checkpoint was not written)
 
 The statuses are :class:`stepd.wire.Status`, the numbers the client maps back to its own
 exception tree, so HTTP and shm:// fail the same way for the same cause.
@@ -70,5 +71,11 @@ def status_of(exc: BaseException) -> Status:
 
 class OverBudget(StoreError):
     """A registration would commit more memory than the server's budget or the run's quota."""
+
+    status = Status.INSUFFICIENT_STORAGE
+
+
+class StorageFull(StoreError):
+    """The disk took no more: a checkpoint was not written (the previous one is intact)."""
 
     status = Status.INSUFFICIENT_STORAGE

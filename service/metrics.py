@@ -49,6 +49,9 @@ class Metrics:
             registry=r,
         )
         self.iterations = Gauge("stepd_global_step", "Global step", ["run"], registry=r)
+        self.autosave_failures = Counter(
+            "stepd_autosave_failures", "Autosaves that could not be written", ["run"], registry=r
+        )
         device = Gauge("stepd_device_bytes", "Bytes of parameters and state held", registry=r)
         device.set_function(device_bytes)
         live = Gauge("stepd_runs", "Runs held by the server", registry=r)
@@ -63,6 +66,7 @@ class Metrics:
             self.staleness,
             self.stale_rejected,
             self.iterations,
+            self.autosave_failures,
         ):
             for labels in _label_sets(metric):
                 if labels and labels[0] == run:

@@ -94,6 +94,12 @@ class LrScale(BaseModel):
 
 class Iteration(BaseModel):
     global_step: int
+    autosaved: str | None = Field(
+        None, description="the automatic checkpoint written, if one was due"
+    )
+    autosave_error: str | None = Field(
+        None, description="why a due autosave was not written (the iteration ended all the same)"
+    )
 
 
 class CheckpointRequest(BaseModel):

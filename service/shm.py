@@ -305,7 +305,7 @@ class ShmServer:
         if op == Op.REGISTER:
             return json.dumps(self._register(conn, _json(payload))).encode()
         if op == Op.END_ITERATION:
-            return U64.pack(engine.end_iteration(run, conn.worker))
+            return U64.pack(engine.end_iteration(run, conn.worker).step)
         if op == Op.SET_LR:
             engine.set_lr(run, _f64(payload), payload[8:].decode() or None)
             return b""

@@ -13,7 +13,7 @@ from .deps import ERRORS, EngineDep, parse_tensors, read_body
 router = APIRouter(prefix="/v1/runs/{run}", tags=["training"], responses=ERRORS)
 
 
-@router.post("/iteration/end", response_model=Iteration)
+@router.post("/iteration/end", response_model=Iteration, response_model_exclude_none=True)
 async def end_iteration(run: str, engine: EngineDep, worker: str | None = None) -> Iteration:
     """Advance the run's global step (rlx-optim's ``end_iteration``); returns the new step.
 
@@ -22,8 +22,10 @@ async def end_iteration(run: str, engine: EngineDep, worker: str | None = None) 
     ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
     ``autosave_keep`` automatic checkpoints.
     """
-    step = await run_in_threadpool(engine.end_iteration, run, worker)
-    return Iteration(global_step=step)
+    end = await run_in_threadpool(engine.end_iteration, run, worker)
+    return Iteration(
+        global_step=end.step, autosaved=end.autosaved, autosave_error=end.autosave_error
+    )
 
 
 @router.put("/lr")

@@ -28,7 +28,7 @@ def test_named_runs_are_joined_and_fresh_starts_anew(engine) -> None:
     assert not created
     engine.register("exp", "w", (2,), ones(2), "sgd", {"lr": 0.5})
     engine.step("exp", {"w": ones(2)})
-    assert engine.end_iteration("exp") == 1
+    assert engine.end_iteration("exp").step == 1
     new, created = engine.open_run("exp", fresh=True)
     assert created
     assert new is not run
@@ -64,7 +64,7 @@ def test_the_same_names_in_two_runs_are_two_parameters(engine) -> None:
     engine.register("g", "w", (3,), ones(3), "sgd", {"lr": 0.5})
     engine.register("d", "w", (3,), ones(3), "adamw", {"lr": 0.1})  # no conflict
     engine.step("g", {"w": ones(3)})
-    assert engine.end_iteration("g") == 1
+    assert engine.end_iteration("g").step == 1
     assert engine.run("d").store.global_step == 0
     np.testing.assert_array_equal(engine.read("g", "w"), np.full(3, 0.5, np.float32))
     np.testing.assert_array_equal(engine.read("d", "w"), ones(3))
@@ -188,3 +188,55 @@ def test_registrations_are_counted_against_the_budget_and_the_quota(tmp_path) ->
     assert engine.status()["memory"]["committed_bytes"] == 4_000
     with pytest.raises(Invalid, match="quota"):
         engine.open_run("bad", quota=0)
+
+
+def test_a_failed_autosave_ends_the_iteration_and_says_so(tmp_path, monkeypatch) -> None:
+    """On a full disk the iteration ended with a 500, so a retrying client ended it twice;
+    now the iteration ends once and the reply reports the autosave that was not written."""
+    import errno
+
+    from stepd.service.checkpoints import CheckpointDir
+    from stepd.service.errors import StorageFull
+
+    engine = Engine(Settings(checkpoint_dir=tmp_path, device="cpu", autosave_every=1), "cpu")
+    engine.open_run("r")
+    engine.register("r", "w", (4,), ones(4), "sgd", {"lr": 0.1})
+    assert engine.end_iteration("r").autosaved == "auto-00000001"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("stepd.service.checkpoints.write_safetensors", full)
+    end = engine.end_iteration("r")
+    assert (end.step, end.autosaved) == (2, None)
+    assert "No space left on device" in end.autosave_error
+    assert engine.run("r").store.global_step == 2
+    with pytest.raises(StorageFull, match="intact"):  # a manual save: 507, nothing changed
+        engine.save_checkpoint("r", "manual")
+    assert [c.name for c in CheckpointDir(tmp_path / "r").list()] == ["auto-00000001"]
+
+
+def test_autosave_names_say_what_the_file_holds(tmp_path) -> None:
+    """Three clients ending iterations: 17 of 45 auto-N files held step N+1."""
+    import threading
+
+    engine = Engine(
+        Settings(checkpoint_dir=tmp_path, device="cpu", autosave_every=1, autosave_keep=100),
+        "cpu",
+    )
+    engine.open_run("r")
+    engine.register("r", "w", (1000,), ones(1000), "adamw", {})
+
+    def client() -> None:
+        for _ in range(15):
+            engine.end_iteration("r")
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    infos = engine.checkpoints("r")
+    assert infos
+    for info in infos:
+        assert info.name == f"auto-{info.global_step:08d}", info
