@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.applications import Starlette
 from stepd.kernels.backends import get_backend
@@ -155,7 +158,11 @@ def create_app(settings: Settings | None = None) -> StepdApp:
     for module in (runs, params, dataplane, training, checkpoints):
         app.include_router(module.router)
     app.include_router(health.metrics_router)
-    handlers: dict[Any, Any] = {StoreError: _handle, WireError: _handle}
+    handlers: dict[Any, Any] = {
+        StoreError: _handle,
+        WireError: _handle,
+        RequestValidationError: _invalid_request,
+    }
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
     handlers[HTTPException] = http_exception_handler
@@ -168,6 +175,23 @@ async def _reap(engine: Engine, ttl: float) -> None:
         await asyncio.sleep(min(max(ttl / 4, 0.05), 60.0))
         for name in await run_in_threadpool(engine.reap):
             log.info("anonymous run %s reaped after %.0f s idle", name, ttl)
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, whose ``input`` echoes may hold NaN or Infinity, which JSON cannot
+    carry (the default handler then failed with a 500): those go back as strings."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

@@ -135,8 +135,16 @@ class ShmServer:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.path.is_socket():  # a stale socket of a previous run
-            self.path.unlink()
+        if self.path.is_socket():  # a previous server's: stale, unless one still answers
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()
+            else:
+                raise RuntimeError(f"{self.path} is served by another process: not taking it over")
+            finally:
+                probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket file is born 0600: no window with wider access
         try:
@@ -247,6 +255,8 @@ class ShmServer:
             return Status.OK, self._handle(conn, op, payload)
         except ProtocolError as exc:
             return Status.BAD_REQUEST, str(exc).encode()
+        except UnicodeDecodeError as exc:  # a name or group id that is not UTF-8
+            return Status.BAD_REQUEST, f"not UTF-8: {exc}".encode()
         except Exception as exc:  # never let one bad call kill the connection thread
             status = status_of(exc)
             if status == Status.INTERNAL:
@@ -563,6 +573,8 @@ def _json(payload: bytes) -> dict[str, Any]:
         meta = json.loads(payload)
     except ValueError as exc:
         raise ProtocolError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
     if not isinstance(meta, dict):
         raise ProtocolError("expected a JSON object")
     return meta

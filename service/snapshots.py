@@ -242,6 +242,6 @@ def _decode_meta(meta: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in meta.items():
         try:
             out[key] = json.loads(raw)
-        except (TypeError, ValueError):
-            raise Invalid(f"state metadata {key!r} is not JSON: {raw!r}") from None
+        except (TypeError, ValueError, RecursionError):
+            raise Invalid(f"state metadata {key!r} is not JSON: {raw[:200]!r}") from None
     return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -86,11 +87,12 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
-    """Which workers the server has seen, and when."""
+    """Which workers the run has seen, and when: the newest ``capacity`` of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
         self._lock = threading.Lock()
-        self._seen: dict[str, WorkerInfo] = {}
+        self._seen: OrderedDict[str, WorkerInfo] = OrderedDict()
 
     def touch(self, worker: str, gradients: int = 0) -> None:
         now = time.time()
@@ -98,6 +100,10 @@ class WorkerRegistry:
             info = self._seen.get(worker)
             if info is None:
                 info = self._seen[worker] = WorkerInfo(worker, now, now)
+                while len(self._seen) > self.capacity:  # the longest unseen goes first
+                    self._seen.popitem(last=False)
+            else:
+                self._seen.move_to_end(worker)
             info.last_seen = now
             info.gradients += gradients
 

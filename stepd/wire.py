@@ -156,6 +156,8 @@ def parse(
         header = json.loads(bytes(view[8 : 8 + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"safetensors: header is not JSON: {exc}") from None
+    except RecursionError:
+        raise WireError("safetensors: header nested too deeply") from None
     if not isinstance(header, dict):
         raise WireError("safetensors: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

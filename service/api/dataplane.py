@@ -151,7 +151,7 @@ def _versions(metadata: dict[str, str]) -> dict[str, int]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions.values()):
             raise TypeError
         return versions
-    except (json.JSONDecodeError, TypeError, AttributeError):
+    except (json.JSONDecodeError, TypeError, AttributeError, RecursionError):
         raise Invalid("safetensors metadata 'versions' must be a JSON object of ints") from None
 
 

@@ -240,3 +240,13 @@ def test_autosave_names_say_what_the_file_holds(tmp_path) -> None:
     assert infos
     for info in infos:
         assert info.name == f"auto-{info.global_step:08d}", info
+
+
+def test_the_worker_registry_keeps_the_newest() -> None:
+    from stepd.service.workers import WorkerRegistry
+
+    reg = WorkerRegistry(capacity=3)
+    for w in ("a", "b", "c", "a", "d"):
+        reg.touch(w, 1)
+    assert [w["id"] for w in reg.list()] == ["c", "a", "d"]
+    assert {w["id"]: w["gradients"] for w in reg.list()}["a"] == 2

@@ -96,3 +96,22 @@ def test_an_anonymous_run_lives_as_long_as_its_connection(listener) -> None:
     while name in {r["name"] for r in engine.runs()} and time.monotonic() < deadline:
         time.sleep(0.02)
     assert name not in {r["name"] for r in engine.runs()}
+
+
+def test_odd_bytes_are_a_400_not_a_crash(listener) -> None:
+    _, path = listener
+    c = Conn(path)
+    status, detail = c.ask(Op.HELLO, b"[" * 100000 + b"]" * 100000)
+    assert (status, b"nested too deeply" in detail) == (Status.BAD_REQUEST, True)
+    assert c.ask(Op.HELLO, json.dumps({"run": "r"}).encode())[0] == Status.OK
+    status, detail = c.ask(Op.GET_LR_SCALE, b"\xff\xfe")  # a name that is not UTF-8
+    assert (status, b"not UTF-8" in detail) == (Status.BAD_REQUEST, True)
+    assert c.ask(Op.PING) == (Status.OK, b"")
+
+
+def test_a_second_server_does_not_take_over_a_live_socket(listener) -> None:
+    engine, path = listener
+    with pytest.raises(RuntimeError, match="served by another process"):
+        ShmServer(engine, path).start()
+    c = Conn(path)  # the first one still answers
+    assert c.ask(Op.PING) == (Status.OK, b"")
