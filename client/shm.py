@@ -15,9 +15,11 @@ step, and a ``buffers()`` param array *is* the server's value (writing to it cha
 parameter, as writing to a model's tensor does in process). When that client leaves, the
 server moves the value back into its own memory; nothing is lost if the client crashes.
 
-Segments are unlinked by :meth:`close`, at interpreter exit (``atexit``) and by the server
-when it sees the socket close (a crashed client included). ``multiprocessing.shared_memory``
-is not used: its resource tracker unlinks and warns at the wrong times.
+A segment is an anonymous memory file (``memfd_create``), sealed against shrinking and
+growing before its descriptor is passed to the server over the socket (``SCM_RIGHTS``): no
+process can pull memory from under the server's mapping (which would kill it with SIGBUS),
+no other connection can name it, and nothing lives in ``/dev/shm`` — the memory goes when
+the last mapping does, whoever crashed.
 
 The connection's first message, ``HELLO``, binds it to its run (a named one, or an anonymous
 one the server deletes when the connection closes). The policy — registration, the
@@ -30,8 +32,8 @@ gradient goes, and sends ``HESSIAN``. The wire format is :mod:`stepd.wire`'s.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import fcntl
 import itertools
 import json
 import math
@@ -42,8 +44,7 @@ import socket
 import struct
 import threading
 import time
-import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,18 +55,10 @@ from stepd.wire import F32, F64, HEADER, SLOT_VERSION, STEP_REPLY, U32, U64, Op
 from .errors import TransportError, error_for_status
 from .transport import Registered, ServerTransport, StepItem
 
-SHM_DIR = "/dev/shm"
-PREFIX = "stepd-"
+PREFIX = "stepd-"  # memfd names: labels only, seen in /proc/<pid>/maps
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # what the server insists on
 
-_live: weakref.WeakSet[ShmTransport] = weakref.WeakSet()
 _counter = itertools.count()
-
-
-@atexit.register
-def _unlink_all() -> None:  # interpreter exit: no segment outlives this process
-    for t in list(_live):
-        if t._pid == os.getpid():  # a forked child must not unlink its parent's segments
-            t._unlink_segments()
 
 
 @dataclass
@@ -109,17 +102,23 @@ class ShmTransport(ServerTransport):
         self._sock = sock
         self._rbuf = bytearray(1 << 16)
         self._rview = memoryview(self._rbuf)
-        _live.add(self)
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def request(self, op: int, payload: bytes = b"") -> bytes:
-        """One control message; error statuses raise ``ServerError`` subclasses."""
+    def request(self, op: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
+        """One control message (``fds``: file descriptors passed along, ``SCM_RIGHTS``);
+        error statuses raise ``ServerError`` subclasses."""
         if self._closed:
             raise TransportError(f"shm://{self.path}: the connection is closed")
         with self._lock:
             try:
-                self._sock.sendall(HEADER.pack(op, 0, len(payload)) + payload)
+                message = HEADER.pack(op, 0, len(payload)) + payload
+                if fds:
+                    sent = socket.send_fds(self._sock, [message], list(fds))
+                    if sent < len(message):
+                        self._sock.sendall(message[sent:])
+                else:
+                    self._sock.sendall(message)
                 buf, view = self._rbuf, self._rview
                 got = 0
                 while got < HEADER.size:  # header and a small reply usually come in one read
@@ -173,18 +172,11 @@ class ShmTransport(ServerTransport):
                 self.request(Op.CLOSE)
             self._closed = True
             self._sock.close()
-        self._unlink_segments()
-        _live.discard(self)
+        self._unmap_segments()
 
-    def _unlink_segments(self) -> None:
+    def _unmap_segments(self) -> None:
         segments, self._segments = self._segments, {}
         for seg in segments.values():
-            try:
-                os.unlink(os.path.join(SHM_DIR, seg.name))
-            except FileNotFoundError:  # the server unlinked it already
-                pass
-            except OSError:
-                pass
             seg.param = seg.grad = None  # type: ignore[assignment]
             with contextlib.suppress(BufferError):  # a buffers() view still in use
                 seg.mm.close()
@@ -216,20 +208,16 @@ class ShmTransport(ServerTransport):
         size = math.prod(shape)
         nbytes = max(8 * size, 8)  # mmap cannot map zero bytes
         seg_name = f"{PREFIX}{self._token}-{next(_counter)}"
-        fd = os.open(
-            os.path.join(SHM_DIR, seg_name),
-            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
+        # An anonymous memory file, sealed before the server sees it: nobody can shrink (or
+        # grow) memory the server has mapped, and nothing is left in /dev/shm by a crash.
+        fd = os.memfd_create(seg_name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.fchmod(fd, 0o600)  # whatever the umask
             os.ftruncate(fd, nbytes)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
             mm = mmap.mmap(fd, nbytes)
         except BaseException:
             os.close(fd)
-            os.unlink(os.path.join(SHM_DIR, seg_name))
             raise
-        os.close(fd)
         seg = _Segment(
             seg_name,
             mm,
@@ -240,7 +228,7 @@ class ShmTransport(ServerTransport):
         try:
             np.copyto(seg.param, param.reshape(-1))
             meta = {"segment": seg_name, "bytes": nbytes}
-            handle = U32.unpack(self.request(Op.ATTACH, json.dumps(meta).encode()))[0]
+            handle = U32.unpack(self.request(Op.ATTACH, json.dumps(meta).encode(), [fd]))[0]
             body = {
                 "name": name,
                 "shape": list(shape),
@@ -253,9 +241,9 @@ class ShmTransport(ServerTransport):
         except BaseException:
             seg.param = seg.grad = None  # type: ignore[assignment]
             mm.close()
-            with contextlib.suppress(FileNotFoundError):  # no waiting for the server's
-                os.unlink(os.path.join(SHM_DIR, seg_name))
             raise
+        finally:
+            os.close(fd)  # the mappings (ours, the server's) keep the memory
         seg.slot = int(reply["slot"])
         self._segments[name] = seg
         if not reply["created"] and not np.shares_memory(seg.param, param):

@@ -1,11 +1,13 @@
 """The shared-memory data plane: a Unix-domain-socket listener next to the HTTP API.
 
-Same host only. A client (:mod:`stepd.client.shm`) creates one POSIX shared-memory segment per
-parameter (``/dev/shm/stepd-…``, mode 0600, sized once: the parameter's float32 bytes, then
-the gradient's), and sends small binary control messages over the socket; the server maps
-the segment, reads the gradient where the client wrote it (a zero-copy numpy view) and
-writes the updated parameter back into the segment. No tensor bytes cross the socket on a
-step. On a CPU store, the segment of the connection that registers a name first
+Same host only. A client (:mod:`stepd.client.shm`) creates one segment per parameter — an
+anonymous memory file (``memfd_create``) sized once (the parameter's float32 bytes, then the
+gradient's) and sealed against shrinking and growing — and passes its descriptor over the
+socket with ATTACH (``SCM_RIGHTS``): nothing is named in ``/dev/shm``, no other connection
+can reach it, and no client can pull the memory from under the server's mapping (SIGBUS).
+Then only small binary control messages cross the socket: the server reads the gradient
+where the client wrote it (a zero-copy numpy view) and writes the updated parameter back
+into the segment. On a CPU store, the segment of the connection that registers a name first
 (outside sync groups) becomes the parameter's storage (:meth:`ParamStore.adopt`): the kernel
 updates it in place and no copy follows the step; other connections get copies. When that
 connection closes, the value moves back into the store's memory (``ParamStore.release``)
@@ -33,12 +35,15 @@ stepped with ``STEP_V``, which carries the parameter version each gradient was c
 like a gradient, in the segment's gradient half.
 
 When a connection closes (``CLOSE``, a clean exit or a client crash), the server drops its
-views, unmaps and unlinks every segment that connection attached, and only those.
+views and unmaps every segment that connection attached, and only those; the memory goes
+with the last mapping.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -79,7 +84,8 @@ from .errors import Conflict, Invalid, NotFound, status_of
 log = logging.getLogger("stepd.shm")
 
 SEGMENT_RE = re.compile(r"^stepd-[A-Za-z0-9_.\-]{1,200}$")
-SHM_DIR = Path("/dev/shm")
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+FDS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for a few descriptors per read
 _BEFORE_HELLO = {Op.HELLO, Op.PING, Op.CLOSE}
 
 
@@ -108,6 +114,7 @@ class Connection:
     sock: socket.socket
     segments: list[Segment | None] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)  # passed with the message being read
     run: str | None = None  # set by HELLO: the run every op of this connection acts on
     owns_run: bool = False  # an anonymous run made by HELLO: deleted when the connection ends
     worker: str | None = None  # set by HELLO: the distributed worker this connection is
@@ -201,7 +208,7 @@ class ShmServer:
         try:
             while True:
                 while have < HEADER.size:
-                    k = sock.recv_into(view[have:])
+                    k = self._recv(conn, view[have:])
                     if k == 0:
                         if have:
                             raise ConnectionError("peer closed mid-message")
@@ -216,7 +223,7 @@ class ShmServer:
                     have = 0
                 else:
                     while have < end:
-                        k = sock.recv_into(view[have:])
+                        k = self._recv(conn, view[have:])
                         if k == 0:
                             raise ConnectionError("peer closed mid-message")
                         have += k
@@ -225,6 +232,7 @@ class ShmServer:
                         buf[: have - end] = view[end:have]
                     have -= end
                 status, reply = self._dispatch(conn, op, payload)
+                _close_all(conn.fds)  # any the op did not take
                 sock.sendall(HEADER.pack(status, 0, len(reply)) + reply)
                 if op == Op.CLOSE and status == Status.OK:
                     return
@@ -232,11 +240,24 @@ class ShmServer:
             log.debug("shm connection ended: %r", exc)
         finally:
             view.release()
+            _close_all(conn.fds)
             self._detach_all(conn)
             sock.close()
             with self._lock:
                 self._conns.discard(conn)
             self._slots.release()
+
+    @staticmethod
+    def _recv(conn: Connection, into: memoryview) -> int:
+        """``recv_into`` that also takes the descriptors a client passes (``SCM_RIGHTS``,
+        with ATTACH); they wait in ``conn.fds`` for the message they came with."""
+        k, ancillary, flags, _ = conn.sock.recvmsg_into([into], FDS_SPACE)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                conn.fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        if flags & socket.MSG_CTRUNC:
+            raise ConnectionError("more descriptors than a message may carry")
+        return k
 
     @staticmethod
     def _receive_large(sock: socket.socket, first: bytes, n: int) -> bytes:
@@ -423,22 +444,31 @@ class ShmServer:
         return b"".join(STEP_REPLY.pack(o.version, o.applied) for o in outcomes)
 
     def _attach(self, conn: Connection, meta: dict[str, Any]) -> int:
+        """Map the memory file the client passed with this message; only one sealed against
+        shrinking and growing is taken (else a client could pull the memory from under the
+        mapping, and the server would die of SIGBUS on its next read)."""
         name, size = meta.get("segment"), meta.get("bytes")
         if not isinstance(name, str) or not SEGMENT_RE.fullmatch(name):
             raise Invalid(f"invalid segment name {name!r}: expected stepd-[A-Za-z0-9_.-]+")
         if not isinstance(size, int) or size <= 0:
             raise Invalid(f"invalid segment size {size!r}")
-        try:
-            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"shared-memory segment {name!r} does not exist") from None
-        except OSError as exc:
-            raise Invalid(f"cannot open segment {name!r}: {exc.strerror}") from None
+        if len(conn.fds) != 1:
+            raise Invalid(f"ATTACH passes one memory file descriptor, got {len(conn.fds)}")
+        fd = conn.fds.pop()
         try:
             st = os.fstat(fd)
-            if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-                raise Invalid(f"segment {name!r} must belong to this user and be mode 0600")
-            if st.st_size < size:
+            if not stat.S_ISREG(st.st_mode):
+                raise Invalid(f"segment {name!r} is not a memory file")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if seals & SEALS != SEALS:
+                raise Invalid(
+                    f"segment {name!r} must be sealed against shrinking and growing "
+                    "(F_SEAL_SHRINK | F_SEAL_GROW)"
+                )
+            if st.st_size != size:
                 raise Invalid(f"segment {name!r} has {st.st_size} bytes, expected {size}")
             mm = mmap.mmap(fd, size)
         finally:
@@ -521,7 +551,7 @@ class ShmServer:
         return U32.pack(len(raw)) + raw + b"".join(blobs)
 
     def _detach_all(self, conn: Connection) -> None:
-        """Drop the views, unpin, unmap and unlink every segment this connection attached."""
+        """Drop the views, unpin and unmap every segment this connection attached."""
         for slot in conn.slots:  # first, adopted parameters move back into the run's memory
             if slot.adopted and conn.run is not None:
                 try:
@@ -539,12 +569,6 @@ class ShmServer:
                 seg.mm.close()
             except BufferError:  # a view still alive somewhere: the mapping goes with it
                 log.warning("segment %s still has views; leaving it mapped", seg.name)
-            try:
-                os.unlink(SHM_DIR / seg.name)
-            except FileNotFoundError:  # the client unlinked it first (its close())
-                pass
-            except OSError as exc:
-                log.warning("cannot unlink segment %s: %s", seg.name, exc)
         conn.segments.clear()
 
 
@@ -592,3 +616,9 @@ def _unpin(addr: int) -> None:  # pragma: no cover - needs a GPU
     import cupy
 
     cupy.cuda.runtime.hostUnregister(addr)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())

@@ -33,8 +33,15 @@ def srv() -> Iterator[ShmServer]:
         yield s
 
 
-def segments(token: str) -> list[str]:
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"stepd-{token}-"))
+def mapped(pid: int, token: str) -> list[str]:
+    """The segments (memory files) of the client ``token`` that process ``pid`` has mapped."""
+    tag = f"/memfd:stepd-{token}-"
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({line.split(tag, 1)[1].split()[0] for line in lines if tag in line})
+
+
+def in_dev_shm() -> list[str]:
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("stepd-"))
 
 
 def wait_until(cond, timeout: float = 10.0) -> bool:
@@ -47,26 +54,27 @@ def wait_until(cond, timeout: float = 10.0) -> bool:
 
 
 def test_modes_http_view_and_cleanup_on_close(srv) -> None:
-    """Socket and segments are 0600; HTTP inspection sees shm steps; close() unlinks all."""
+    """The socket is 0600; segments are memory files both ends map and nothing names in
+    /dev/shm; HTTP inspection sees shm steps; close() unmaps all, on both sides."""
     assert stat.S_IMODE(os.stat(srv.socket).st_mode) == 0o600
     opt = connect_shared(srv.shm_url, "adamw", lr=1e-2)
     token = opt.transport._token
-    assert segments(token) == []
+    assert mapped(srv.proc.pid, token) == []
     p = np.ones((3, 4), np.float32)
     q = np.zeros(5, np.float32)
     opt.step_batch([("cl.p", p.shape, p, np.ones_like(p)), ("cl.q", (5,), q, np.ones_like(q))])
     opt.step("cl.p", p.shape, p, np.full_like(p, 0.5))
-    segs = segments(token)
-    assert len(segs) == 2
-    for s in segs:
-        assert stat.S_IMODE(os.stat(f"/dev/shm/{s}").st_mode) == 0o600
+    assert len(mapped(srv.proc.pid, token)) == 2
+    assert mapped(os.getpid(), token) == mapped(srv.proc.pid, token)
+    assert in_dev_shm() == []
     info = httpx.get(f"{srv.url}/v1/runs/t/params/cl.p").json()
     assert info["version"] == 2
     assert info["shape"] == [3, 4]
     value = httpx.get(f"{srv.url}/v1/runs/t/params/cl.p/value").content
     np.testing.assert_array_equal(np.frombuffer(value, np.float32).reshape(3, 4), p)
     opt.close()
-    assert segments(token) == []
+    assert wait_until(lambda: mapped(srv.proc.pid, token) == [])
+    assert mapped(os.getpid(), token) == []
 
 
 def test_server_copy_wins_buffers_and_errors(srv) -> None:
@@ -112,7 +120,7 @@ def test_bad_input_raises_client_side_and_sends_nothing(srv) -> None:
     with pytest.raises(ValueError, match="C-contiguous"):
         opt.step("bad.p", (4,), p, np.zeros(8, np.float32)[::2])
     assert spy.ops == []
-    assert segments(token) == []
+    assert mapped(os.getpid(), token) == []
     assert httpx.get(f"{srv.url}/v1/runs/t/params/bad.p").status_code == 404
     opt.close()
 
@@ -131,11 +139,11 @@ while True:
 """
 
 
-def sigkill_client(script: str, url: str, segments_before_kill: int) -> str:
+def sigkill_client(script: str, srv: ShmServer, segments_before_kill: int) -> str:
     """Run ``script`` (prints its transport's token once its segments exist), SIGKILL it
     mid-run (no close(), no atexit) and return the token."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script), url],
+        [sys.executable, "-c", textwrap.dedent(script), srv.shm_url],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -143,7 +151,7 @@ def sigkill_client(script: str, url: str, segments_before_kill: int) -> str:
     try:
         token = proc.stdout.readline().decode().strip()
         assert token, "the client did not start"
-        assert len(segments(token)) == segments_before_kill
+        assert len(mapped(srv.proc.pid, token)) == segments_before_kill
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -153,8 +161,9 @@ def sigkill_client(script: str, url: str, segments_before_kill: int) -> str:
 
 
 def test_sigkilled_client_frees_its_segments(srv) -> None:
-    token = sigkill_client(CRASHER, srv.shm_url, 3)
-    assert wait_until(lambda: segments(token) == []), segments(token)
+    token = sigkill_client(CRASHER, srv, 3)
+    assert wait_until(lambda: mapped(srv.proc.pid, token) == [])  # the server let go of them
+    assert in_dev_shm() == []  # and nothing was ever left in /dev/shm
     assert httpx.get(f"{srv.url}/healthz").status_code == 200
     with connect_shared(srv.shm_url, "adamw", lr=1e-2) as opt:  # still serving
         p = np.ones(1000, np.float32)
@@ -175,37 +184,42 @@ def test_server_gone_mid_run_leaves_param_untouched() -> None:
             opt.step("gone.p", (8,), p, np.full(8, 5.0, np.float32))
         np.testing.assert_array_equal(p, before)
         opt.close()
-        assert segments(token) == []
+        assert mapped(os.getpid(), token) == []
 
 
-def test_segments_unlinked_at_interpreter_exit(srv) -> None:
-    """No close(): client.shm's atexit hook unlinks the segments while the socket is still
-    open (a hook registered before importing client runs after it, and looks)."""
+def test_a_client_that_just_exits_leaves_nothing_behind(srv) -> None:
+    """No close(): the process ends, its connection with it, and the server unmaps its
+    segments; no file was ever made for them, so there is nothing to unlink."""
     script = textwrap.dedent(
         """
-        import atexit, os, sys
-        def look():
-            left = [f for f in os.listdir("/dev/shm") if f.startswith(f"stepd-{token}-")]
-            print("left", len(left), "open", not opt.transport._closed)
-        atexit.register(look)
+        import sys
         import numpy as np
         from stepd.client import connect
         opt = connect(sys.argv[1], "sgd", lr=0.1, run="t")
         opt.step("exit.p", (4,), np.ones(4, np.float32), np.ones(4, np.float32))
-        token = opt.transport._token
-        print("before", len([f for f in os.listdir("/dev/shm") if token in f]))
+        print(opt.transport._token, flush=True)
+        sys.stdin.readline()
         """
     )
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", script, srv.shm_url],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        check=True,
-        timeout=30,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    assert out.stdout.decode().split() == ["before", "1", "left", "0", "open", "True"]
-    assert b"Warning" not in out.stderr
+    try:
+        token = proc.stdout.readline().decode().strip()
+        assert len(mapped(srv.proc.pid, token)) == 1
+        assert in_dev_shm() == []
+        _, err = proc.communicate(b"\n", timeout=30)
+        assert proc.returncode == 0, err
+        assert b"Warning" not in err
+        assert wait_until(lambda: mapped(srv.proc.pid, token) == [])
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _value(srv, name: str) -> np.ndarray:
@@ -265,8 +279,8 @@ time.sleep(60)
 
 
 def test_a_sigkilled_lender_loses_nothing(srv) -> None:
-    token = sigkill_client(LENDER, srv.shm_url, 1)
-    assert wait_until(lambda: segments(token) == []), segments(token)
+    token = sigkill_client(LENDER, srv, 1)
+    assert wait_until(lambda: mapped(srv.proc.pid, token) == [])
     oracle = np.ones(1000, np.float32)
     for _ in range(3):
         _sgd(oracle, np.full(1000, 0.5, np.float32))

@@ -9,12 +9,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from stepd.service.config import Settings
 from stepd.service.engine import Engine
 from stepd.service.shm import ShmServer
 
-from stepd.wire import F64, HEADER, PROTOCOL, U64, Op, Status
+from stepd.wire import F64, HEADER, PROTOCOL, U32, U64, Op, Status
 
 
 @pytest.fixture
@@ -115,3 +116,53 @@ def test_a_second_server_does_not_take_over_a_live_socket(listener) -> None:
         ShmServer(engine, path).start()
     c = Conn(path)  # the first one still answers
     assert c.ask(Op.PING) == (Status.OK, b"")
+
+
+def _memfd(size: int, seals: int) -> int:
+    import fcntl
+    import os
+
+    fd = os.memfd_create("stepd-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def _attach(c: Conn, fds: list[int], size: int = 64) -> tuple[int, bytes]:
+    payload = json.dumps({"segment": "stepd-test", "bytes": size}).encode()
+    socket.send_fds(c.sock, [HEADER.pack(Op.ATTACH, 0, len(payload)) + payload], fds)
+    status, _, n = HEADER.unpack(c._read(HEADER.size))
+    return status, c._read(n)
+
+
+def test_only_sealed_memory_files_are_mapped(listener) -> None:
+    """A client registered a parameter, then shrank the segment under the server's mapping:
+    the server's next read died of SIGBUS and everything since the last checkpoint was lost.
+    Now the server maps only memory files sealed against shrinking and growing."""
+    import fcntl
+    import os
+
+    engine, path = listener
+    c = Conn(path)
+    assert c.ask(Op.HELLO, json.dumps({"run": "r"}).encode())[0] == Status.OK
+    plain = _memfd(64, 0)
+    status, detail = _attach(c, [plain])
+    assert (status, b"must be sealed" in detail) == (Status.INVALID, True)
+    status, detail = c.ask(Op.ATTACH, json.dumps({"segment": "stepd-x", "bytes": 64}).encode())
+    assert (status, b"one memory file descriptor" in detail) == (Status.INVALID, True)
+    sealed = _memfd(64, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    status, handle = _attach(c, [sealed])
+    assert status == Status.OK
+    body = {
+        "name": "w",
+        "shape": [8],
+        "group": {"algorithm": "sgd"},
+        "segment": U32.unpack(handle)[0],
+    }
+    assert c.ask(Op.REGISTER, json.dumps(body).encode())[0] == Status.OK
+    with pytest.raises(PermissionError):  # the attack of the issue: refused by the kernel
+        os.ftruncate(sealed, 0)
+    np.testing.assert_array_equal(engine.read("r", "w"), np.zeros(8, np.float32))
+    for fd in (plain, sealed):
+        os.close(fd)
