@@ -166,3 +166,30 @@ def test_only_sealed_memory_files_are_mapped(listener) -> None:
     np.testing.assert_array_equal(engine.read("r", "w"), np.zeros(8, np.float32))
     for fd in (plain, sealed):
         os.close(fd)
+
+
+def test_shm_registrations_keep_the_same_limits_as_http(tmp_path) -> None:
+    """With STEPD_MAX_BODY_BYTES=64MiB HTTP refused a 128 MiB parameter but shm:// took it."""
+    import fcntl
+    import os
+
+    folder = Path(tempfile.mkdtemp(prefix="stepd-shm-"))
+    engine = Engine(
+        Settings(checkpoint_dir=folder / "ckpt", device="cpu", max_body_bytes=1024), "cpu"
+    )
+    server = ShmServer(engine, folder / "s.sock")
+    server.start()
+    try:
+        c = Conn(folder / "s.sock")
+        assert c.ask(Op.HELLO, json.dumps({"run": "r"}).encode())[0] == Status.OK
+        fd = _memfd(8 * 512, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        status, handle = _attach(c, [fd], 8 * 512)
+        os.close(fd)
+        assert status == Status.OK
+        body = {"name": "w", "shape": [512], "group": {"algorithm": "sgd"}}
+        body["segment"] = U32.unpack(handle)[0]
+        status, detail = c.ask(Op.REGISTER, json.dumps(body).encode())
+        assert (status, b"body limit of 1024" in detail) == (Status.INVALID, True)
+        assert engine.params("r") == []
+    finally:
+        server.stop()
