@@ -136,6 +136,7 @@ class Engine:
         fresh: bool = False,
         group: Mapping[str, Any] | None = None,
         quota: int | None = None,
+        worker: str | None = None,
     ) -> tuple[Run, bool]:
         """Join the named run, creating it if needed (``fresh``: delete it first), or create
         an anonymous one (``name`` None). Returns the run and whether it was created.
@@ -143,7 +144,10 @@ class Engine:
         ``group``: the joining client's optimizer configuration (``algorithm``,
         ``hyperparams``, ``workers``), checked now so that a wrong one fails at connect,
         before any run is made. ``quota``: the bytes a new run may commit (joining a run
-        leaves its quota as it is)."""
+        leaves its quota as it is). ``worker``: the joining distributed worker, seen by the
+        run (a connection that names it once: shm://)."""
+        if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
+            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
         if quota is not None and (
             isinstance(quota, bool) or not isinstance(quota, int) or quota < 1
         ):
@@ -161,6 +165,8 @@ class Engine:
                 raise Conflict(f"run {name!r} is anonymous: it belongs to the client that made it")
             if existing is not None and not fresh:
                 existing.touch()
+                if worker is not None:
+                    existing.workers.touch(worker)
                 return existing, False
             if existing is not None:
                 self._forget(existing)
@@ -172,6 +178,8 @@ class Engine:
         if existing is not None:  # fresh: the old run's memory goes now, as on a delete
             with existing.store.lock.exclusive():
                 existing.store.clear()
+        if worker is not None:
+            run.workers.touch(worker)
         log.info("run %s %s", name, "created (anonymous)" if anonymous else "created")
         return run, True
 
@@ -509,11 +517,6 @@ class Engine:
             self.metrics.autosave_failures.labels(run).inc()
             return IterationEnd(step, autosave_error=str(exc))
         return IterationEnd(step, autosaved=info.name)
-
-    def touch_worker(self, run: str, worker: str) -> None:
-        if not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
-            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
-        self.run(run).workers.touch(worker)
 
     def workers(self, run: str) -> list[dict[str, Any]]:
         return self.run(run).workers.list()

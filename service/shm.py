@@ -71,8 +71,6 @@ from stepd.wire import (
     STEP_REPLY,
     U32,
     U64,
-    WORKER_RE,
-    WORKER_RULE,
     Op,
     Status,
     parse,
@@ -385,15 +383,10 @@ class ShmServer:
             raise ProtocolError("HELLO: run must be a string or null")
         if not isinstance(fresh, bool):
             raise ProtocolError("HELLO: fresh must be true or false")
-        if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
-            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
         engine = self.engine
-        run, _ = engine.open_run(name, fresh=fresh, group=group)
-        conn.run, conn.owns_run = run.name, name is None
+        run, _ = engine.open_run(name, fresh=fresh, group=group, worker=worker)
+        conn.run, conn.owns_run, conn.worker = run.name, name is None, worker
         run.holders += 1
-        if worker is not None:
-            engine.touch_worker(run.name, worker)
-            conn.worker = worker
         status = engine.status()
         return {
             "run": run.name,

@@ -11,6 +11,7 @@ The rules of a step (worker modes, replays, staleness, metrics) are the engine's
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated
 
 import numpy as np
@@ -47,31 +48,20 @@ async def apply(
     worker = request.query_params.get("worker")
     iteration = _int(request, "iteration")
     request_id = request.headers.get(REQUEST_ID_HEADER)
-    run = request.path_params["run"]
-    try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
-        return engine.step(
-            run,
-            grads,
-            worker=worker,
-            iteration=iteration,
-            versions=versions,
-            read_back=read_back,
-            request_id=request_id,
-            blocking=False,
-        )
-    except WouldBlock:
-        pass
-    return await run_in_threadpool(
-        lambda: engine.step(
-            run,
-            grads,
-            worker=worker,
-            iteration=iteration,
-            versions=versions,
-            read_back=read_back,
-            request_id=request_id,
-        )
+    step = partial(
+        engine.step,
+        request.path_params["run"],
+        grads,
+        worker=worker,
+        iteration=iteration,
+        versions=versions,
+        read_back=read_back,
+        request_id=request_id,
     )
+    try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
+        return step(blocking=False)
+    except WouldBlock:
+        return await run_in_threadpool(step)
 
 
 def _int(request: Request, name: str) -> int | None:
