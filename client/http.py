@@ -184,7 +184,6 @@ class HttpTransport(ServerTransport):
         rid = {wire.REQUEST_ID_HEADER: request_id}
         if len(items) == 1:
             [(name, _, param, grad)] = items
-            assert grad is not None
             query: dict[str, Any] = dict(self._worker_query)
             if versions is not None:
                 query["version"] = versions[name]
@@ -201,7 +200,7 @@ class HttpTransport(ServerTransport):
             np.copyto(param.reshape(-1), np.frombuffer(r.content, dtype=wire.F32))
             return {name: int(r.headers[wire.VERSION_HEADER])}
         meta = None if versions is None else {"versions": json.dumps(dict(versions))}
-        grads = {name: grad.reshape(shape) for name, shape, _, grad in items if grad is not None}
+        grads = {name: grad.reshape(shape) for name, shape, _, grad in items}
         r = self.request(
             "POST",
             self._p("/step"),

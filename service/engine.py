@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stepd.kernels import get_backend
 
 import stepd
 from stepd.wire import (
@@ -79,7 +80,7 @@ class Engine:
         self.root = Path(settings.checkpoint_dir)
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
-        self.backend_name = ParamStore(device).backend.name
+        self.backend_name = get_backend(device).name
         self.budget = settings.memory_budget or default_budget(device)
         self._committed = 0  # over all runs; changed under _lock
         self.metrics = Metrics(self.device_bytes, lambda: len(self._runs))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from stepd.client import connect
 
-from tests.support.server import ShmServer
+from tests.support.server import ShmServer, wait_until
 
 pytestmark = pytest.mark.e2e  # starts real server processes
 
@@ -36,15 +36,6 @@ def train(opt, p: dict[str, np.ndarray], seed: int, iterations: int) -> None:
 
 def runs(url: str) -> dict[str, dict]:
     return {r["name"]: r for r in httpx.get(f"{url}/v1/runs").json()}
-
-
-def wait_until(cond, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 @pytest.mark.parametrize("kind", ["http", "shm"])
@@ -190,7 +181,7 @@ def test_a_killed_clients_anonymous_run_goes_away(kind) -> None:
             assert name in runs(srv.url)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            assert wait_until(lambda: name not in runs(srv.url)), runs(srv.url)
+            assert wait_until(lambda: name not in runs(srv.url), timeout=15), runs(srv.url)
             metrics = httpx.get(f"{srv.url}/metrics").text
             assert f'run="{name}"' not in metrics  # its series went with it
         finally:

@@ -20,7 +20,7 @@ from stepd.client.session import Session
 from stepd.client.shm import ShmTransport
 
 from tests.support.clients import connect_shared
-from tests.support.server import ShmServer
+from tests.support.server import ShmServer, wait_until
 from tests.support.state import Spy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,15 +42,6 @@ def mapped(pid: int, token: str) -> list[str]:
 
 def in_dev_shm() -> list[str]:
     return sorted(f for f in os.listdir("/dev/shm") if f.startswith("stepd-"))
-
-
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def test_modes_http_view_and_cleanup_on_close(srv) -> None:

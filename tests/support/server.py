@@ -21,6 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond()`` until it holds (True) or ``timeout`` seconds pass (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
 class Server:
     def __init__(self, checkpoint_dir: Path, run: str | None = "t", **env: str) -> None:
         self.port = free_port()
