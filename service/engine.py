@@ -52,6 +52,7 @@ from .metrics import Metrics
 from .runs import Run
 from .rwlock import WouldBlock
 from .store import ParamStore
+from .workers import Waiting
 
 log = logging.getLogger("stepd")
 
@@ -372,12 +373,42 @@ class Engine:
         blocking: bool = True,
         transport: str = "http",
     ) -> list[StepOutcome]:
+        """Apply one gradient per name, each routed by its group's workers mode; returns
+        once done (sync names: once their rounds are complete). The arguments are those of
+        :meth:`start_step`."""
+        return self.start_step(
+            run,
+            grads,
+            worker=worker,
+            iteration=iteration,
+            versions=versions,
+            read_back=read_back,
+            request_id=request_id,
+            blocking=blocking,
+            transport=transport,
+        ).wait()
+
+    def start_step(
+        self,
+        run: str,
+        grads: Mapping[str, np.ndarray],
+        *,
+        worker: str | None = None,
+        iteration: int | None = None,
+        versions: Mapping[str, int] | None = None,
+        read_back: bool = False,
+        request_id: str | None = None,
+        blocking: bool = True,
+        transport: str = "http",
+    ) -> Waiting[list[StepOutcome]]:
         """Apply one gradient per name, each routed by its group's workers mode.
 
         Plain and async groups step at once (one fused launch per group; async gradients are
         checked against ``max_staleness`` from ``versions``, the parameter versions they were
         computed from); sync groups join the round of ``iteration`` (default: the current
-        one) and wait for every worker's gradient. ``request_id``: a repeat of an applied
+        one); the result waits for every worker's gradient (``wait()`` on a thread,
+        ``await wait_async()`` on an event loop: no thread is held while others are
+        awaited). ``request_id``: a repeat of an applied
         request is answered with its recorded outcome and applies nothing. Outcomes come in
         the order of ``grads``. ``blocking=False``: ``WouldBlock`` (before anything is done)
         unless the step is cheap and its locks are free — the HTTP adapter then runs it on a
@@ -428,27 +459,48 @@ class Engine:
         elif not sync:  # and async ones: staleness checked and counted
             ordered = self._apply(r, grads, read_back, blocking, versions, request_id)
         else:
+            assert worker is not None  # a sync step without a worker id was refused above
             rest = {n: g for n, g in grads.items() if n not in sync}
-            outcomes = {
-                o.name: o for o in self._apply(r, rest, read_back, blocking, versions, request_id)
-            }
-            for n in sync:  # every worker sends the same names: the rounds complete in order
-                assert worker is not None  # a sync step without a worker id was refused above
-                cfg = entries[n].group.workers
-                outcomes[n] = r.sync.contribute(n, grads[n], worker, iteration, cfg, request_id)
-            ordered = [outcomes[n] for n in grads]
+            applied = self._apply(r, rest, read_back, blocking, versions, request_id)
+            # Join every round first (each completes as soon as its last gradient is in),
+            # then wait for them all.
+            join = r.sync.contribute
+            rounds = [
+                join(n, grads[n], worker, iteration, entries[n].group.workers, request_id)
+                for n in sync
+            ]
+
+            def finish(done: list[StepOutcome]) -> list[StepOutcome]:
+                outcomes = {o.name: o for o in (*applied, *done)}
+                ordered = [outcomes[n] for n in grads]
+                self._count_step(r, entries, ordered, worker, start, transport)
+                return ordered
+
+            return Waiting.gather(r.sync, rounds, finish)
+        self._count_step(r, entries, ordered, worker, start, transport)
+        return Waiting.done(ordered)
+
+    def _count_step(
+        self,
+        r: Run,
+        entries: Mapping[str, Entry],
+        ordered: list[StepOutcome],
+        worker: str | None,
+        start: float,
+        transport: str,
+    ) -> None:
+        """A step's metrics and its worker's record."""
         if worker is not None:
-            r.workers.touch(worker, len(grads))
+            r.workers.touch(worker, len(ordered))
         for o in ordered:
             if o.replayed:  # a retried request id: counted when it was applied
                 continue
             if o.applied:
                 r.counter(entries[o.name].group.id).inc()
             else:
-                self.metrics.skipped.labels(run).inc()
+                self.metrics.skipped.labels(r.name).inc()
         seconds = self._step_seconds.get(transport) or self._seconds(transport)
         seconds.observe(time.perf_counter() - start)
-        return ordered
 
     def _apply(
         self,
@@ -484,10 +536,16 @@ class Engine:
         return child
 
     def end_iteration(self, run: str, worker: str | None = None) -> IterationEnd:
-        """Advance the run's global step; returns the new step.
+        """Advance the run's global step; returns the new step once it has advanced (see
+        :meth:`start_end_iteration`)."""
+        return self.start_end_iteration(run, worker).wait()
 
-        With sync groups, each worker passes its id and the call is a barrier: it returns
-        once all of them have called it (the last one advances the step). Every
+    def start_end_iteration(self, run: str, worker: str | None = None) -> Waiting[IterationEnd]:
+        """Advance the run's global step; gives the new step.
+
+        With sync groups, each worker passes its id and the call is a barrier: the result
+        waits until all of them have called it (the last one advances the step in its call;
+        the others wait without holding a thread with ``wait_async``). Every
         ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
         ``autosave_keep`` automatic checkpoints. The iteration ends whatever the autosave
         does: a failed one (a full disk) is reported in the reply, logged and counted in
@@ -501,23 +559,24 @@ class Engine:
         count = store.sync_count()
         if worker is not None and count is not None:
             r.workers.touch(worker)
-            step, advanced = r.sync.end_iteration(worker, count, store.sync_timeout())
-            if not advanced:  # another worker's call advanced it (and autosaves)
-                return IterationEnd(step)
+            advanced = r.sync.end_iteration(worker, count, store.sync_timeout())
+            if isinstance(advanced, Waiting):  # another worker's call advances it (and autosaves)
+                return advanced.then(IterationEnd)
+            step = advanced
         else:
             step = store.end_iteration()
         self.metrics.iterations.labels(run).set(step)
         every = self.settings.autosave_every
         if not (every and step % every == 0):
-            return IterationEnd(step)
+            return Waiting.done(IterationEnd(step))
         try:
             info = self.save_checkpoint(run, auto=True)
             r.checkpoints.prune_auto(self.settings.autosave_keep)
         except (StoreError, OSError) as exc:
             log.error("run %s: autosave at step %d failed: %s", run, step, exc)
             self.metrics.autosave_failures.labels(run).inc()
-            return IterationEnd(step, autosave_error=str(exc))
-        return IterationEnd(step, autosaved=info.name)
+            return Waiting.done(IterationEnd(step, autosave_error=str(exc)))
+        return Waiting.done(IterationEnd(step, autosaved=info.name))
 
     def workers(self, run: str) -> list[dict[str, Any]]:
         return self.run(run).workers.list()

@@ -25,13 +25,15 @@ advances when all N have (a barrier that does not block: the N-th call advances 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import numpy as np
 
@@ -43,6 +45,12 @@ if TYPE_CHECKING:
     from .store import ParamStore
 
 MODES = ("plain", "sync", "async")
+T = TypeVar("T")
+U = TypeVar("U")
+V = TypeVar("V")
+# How often a waiter looks at its deadline when nothing wakes it (a straggler timeout is
+# noticed within this much of its due time).
+_POLL_S = 0.25
 
 
 def parse_workers(spec: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -121,18 +129,116 @@ class _Round:
     ids: list[tuple[str, str]] = field(default_factory=list)  # (request id, name) keys
 
 
+class Waiting(Generic[T]):
+    """A result that may still wait for other workers (a sync round or the iteration
+    barrier): :meth:`wait` blocks the calling thread, :meth:`wait_async` waits on the event
+    loop without holding a thread — so an HTTP server can keep hundreds of workers waiting
+    on one round. Both give the same result or raise the same error."""
+
+    __slots__ = ("_check", "_rounds")
+
+    def __init__(self, rounds: SyncRounds | None, check: Callable[[], T | None]) -> None:
+        # ``check`` runs holding the rounds' lock: the result once there, None meanwhile;
+        # at its deadline it settles the wait (a straggler timeout) itself.
+        self._rounds, self._check = rounds, check
+
+    @classmethod
+    def done(cls, value: T) -> Waiting[T]:
+        return cls(None, lambda: value)
+
+    def then(self, fn: Callable[[T], V]) -> Waiting[V]:
+        """``fn`` of the result, once there."""
+        check = self._check
+
+        def mapped() -> V | None:
+            result = check()
+            return None if result is None else fn(result)
+
+        return Waiting(self._rounds, mapped)
+
+    @classmethod
+    def gather(
+        cls, rounds: SyncRounds, waits: Sequence[Waiting[U]], finish: Callable[[list[U]], T]
+    ) -> Waiting[T]:
+        """``finish`` of every result, once all are in (the first error, as soon as seen)."""
+        results: list[U] = []
+
+        def check() -> T | None:
+            while len(results) < len(waits):
+                result = waits[len(results)]._check()
+                if result is None:
+                    return None
+                results.append(result)
+            return finish(results)
+
+        return cls(rounds, check)
+
+    def wait(self) -> T:
+        if self._rounds is None:
+            return cast(T, self._check())
+        return self._rounds.block(self._check)
+
+    async def wait_async(self) -> T:
+        if self._rounds is None:
+            return cast(T, self._check())
+        return await self._rounds.block_async(self._check)
+
+
 class SyncRounds:
-    """Per-parameter rounds of a sync group: collect N gradients, average, step once."""
+    """Per-parameter rounds of a sync group: collect N gradients, average, step once; and the
+    iteration barrier of the run's sync workers.
+
+    Joining a round or the barrier never waits (beyond a short lock): it returns a
+    :class:`Waiting` that the caller waits on as it can — a thread (shm://) or the event
+    loop (HTTP). Whoever completes a round or the barrier applies it in its own call.
+    """
 
     def __init__(self, store: ParamStore) -> None:
         self.store = store
         self._cond = threading.Condition()
+        self._listeners: set[Callable[[], None]] = set()  # event-loop waiters to wake
         self._rounds: dict[str, _Round] = {}
         self._done: dict[str, int] = {}  # name -> last completed iteration
         self._ended: dict[int, set[str]] = {}  # iteration -> workers that called end_iteration
         # (request id, name) -> the round that delivery joined while it runs, then its
         # outcome without the value (a StepOutcome) or its error: settled rounds keep no arrays
         self._requests = RequestLog()
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Something settled (holding ``_cond``): wake every waiter, threads and loops."""
+        self._cond.notify_all()
+        for wake in list(self._listeners):
+            wake()
+
+    def block(self, check: Callable[[], T | None]) -> T:
+        with self._cond:
+            while (result := check()) is None:
+                self._cond.wait(_POLL_S)
+            return result
+
+    async def block_async(self, check: Callable[[], T | None]) -> T:
+        loop = asyncio.get_running_loop()
+        while True:
+            woken = asyncio.Event()
+
+            def wake(woken: asyncio.Event = woken) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(woken.set)
+
+            with self._cond:  # held briefly by everyone: never across a step or a wait
+                if (result := check()) is not None:
+                    return result
+                self._listeners.add(wake)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), _POLL_S)
+            finally:
+                with self._cond:
+                    self._listeners.discard(wake)
+
+    # -- rounds --------------------------------------------------------------------------
 
     def contribute(
         self,
@@ -142,9 +248,11 @@ class SyncRounds:
         iteration: int | None,
         cfg: Mapping,
         request_id: str | None = None,
-    ) -> StepOutcome:
-        """``request_id``: a repeat of a delivery already counted adds nothing; it waits for
-        the round the first one joined and answers like it (the value is the current one)."""
+    ) -> Waiting[StepOutcome]:
+        """Join the round of ``name`` (completing it when this is the last gradient: the
+        step runs here); the outcome comes once every worker has sent its gradient.
+        ``request_id``: a repeat of a delivery already counted adds nothing; it waits for the
+        round the first one joined and answers like it (the value is the current one)."""
         with self._cond:
             key = (request_id or "", name)
             seen = self._requests.get(key) if request_id is not None else None
@@ -155,13 +263,13 @@ class SyncRounds:
                     self._requests.put(key, rnd)
                 if len(rnd.grads) == cfg["count"]:
                     self._complete(name, rnd, cfg["count"])
-                return self._wait(name, rnd, cfg)
+                return self._waiting(name, rnd, cfg, replayed=False)
             if isinstance(seen, _Round):  # the first delivery's round is still running
-                return replace(self._wait(name, seen, cfg), replayed=True)
+                return self._waiting(name, seen, cfg, replayed=True)
             if isinstance(seen, Exception):
                 raise seen
         # settled: read the value outside _cond (store.read takes the parameter's lock)
-        return replace(seen, param=self.store.read(name), replayed=True)
+        return Waiting.done(replace(seen, param=self.store.read(name), replayed=True))
 
     def _settle(self, rnd: _Round) -> None:
         """A round is over: its deliveries' ids now map to the outcome, minus the arrays."""
@@ -194,29 +302,30 @@ class SyncRounds:
         rnd.grads[worker] = np.array(grad, dtype=np.float32, copy=True).reshape(-1)
         return rnd
 
-    def _wait(self, name: str, rnd: _Round, cfg: Mapping) -> StepOutcome:
-        """The outcome of ``rnd`` once complete, or its error (holding ``_cond``)."""
-        it = rnd.iteration
+    def _waiting(
+        self, name: str, rnd: _Round, cfg: Mapping, replayed: bool
+    ) -> Waiting[StepOutcome]:
+        """What a contribution to ``rnd`` waits on: its outcome, or its error."""
         deadline = time.monotonic() + cfg["timeout_s"]
-        while rnd.outcome is None and rnd.error is None:
-            left = deadline - time.monotonic()
-            if left <= 0 and self._rounds.get(name) is not rnd:
-                left = 0.05  # being applied right now: its outcome is moments away
-            elif left <= 0:
+
+        def check() -> StepOutcome | None:  # holding _cond
+            if rnd.outcome is None and rnd.error is None:
+                if time.monotonic() < deadline or self._rounds.get(name) is not rnd:
+                    return None  # still open, or being applied: its outcome is moments away
                 rnd.error = StragglerTimeout(
                     f"{name!r}: straggler timeout after {cfg['timeout_s']} s at iteration "
-                    f"{it}: {len(rnd.grads)} of {cfg['count']} workers sent a gradient "
-                    f"({', '.join(sorted(rnd.grads))}); nothing was applied"
+                    f"{rnd.iteration}: {len(rnd.grads)} of {cfg['count']} workers sent a "
+                    f"gradient ({', '.join(sorted(rnd.grads))}); nothing was applied"
                 )
                 del self._rounds[name]
                 self._settle(rnd)
-                self._cond.notify_all()
-                break
-            self._cond.wait(left)
-        if rnd.error is not None:
-            raise rnd.error
-        assert rnd.outcome is not None  # the loop above ends with one of the two
-        return rnd.outcome
+                self._notify()
+            if rnd.error is not None:
+                raise rnd.error
+            assert rnd.outcome is not None
+            return replace(rnd.outcome, replayed=True) if replayed else rnd.outcome
+
+        return Waiting(self, check)
 
     def _complete(self, name: str, rnd: _Round, count: int) -> None:
         """Average and step; called holding ``_cond``, which it releases around the step so
@@ -241,11 +350,13 @@ class SyncRounds:
             self._done[name] = previous
         rnd.outcome, rnd.error = outcome, error
         self._settle(rnd)
-        self._cond.notify_all()
+        self._notify()
 
-    def end_iteration(self, worker: str, count: int, timeout_s: float) -> tuple[int, bool]:
-        """A barrier: returns the new global step once all ``count`` workers have called it,
-        and whether this call was the one that advanced it."""
+    # -- the iteration barrier -----------------------------------------------------------
+
+    def end_iteration(self, worker: str, count: int, timeout_s: float) -> int | Waiting[int]:
+        """A barrier: the last of ``count`` workers to call it advances the global step here
+        and gets the new step at once; the others get a :class:`Waiting` for it."""
         with self._cond:
             current = self.store.global_step + 1
             ended = self._ended.setdefault(current, set())
@@ -255,16 +366,19 @@ class SyncRounds:
             if len(ended) == count:
                 del self._ended[current]
                 step = self.store.end_iteration()
-                self._cond.notify_all()
-                return step, True
-            deadline = time.monotonic() + timeout_s
-            while self.store.global_step < current:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    ended.discard(worker)
-                    raise StragglerTimeout(
-                        f"straggler timeout after {timeout_s} s ending iteration {current}: "
-                        f"{len(ended) + 1} of {count} workers arrived; the step did not advance"
-                    )
-                self._cond.wait(left)
-            return self.store.global_step, False
+                self._notify()
+                return step
+        deadline = time.monotonic() + timeout_s
+
+        def check() -> int | None:  # holding _cond
+            if self.store.global_step >= current:
+                return self.store.global_step
+            if time.monotonic() < deadline:
+                return None
+            ended.discard(worker)
+            raise StragglerTimeout(
+                f"straggler timeout after {timeout_s} s ending iteration {current}: "
+                f"{len(ended) + 1} of {count} workers arrived; the step did not advance"
+            )
+
+        return Waiting(self, check)

@@ -49,7 +49,7 @@ async def apply(
     iteration = _int(request, "iteration")
     request_id = request.headers.get(REQUEST_ID_HEADER)
     step = partial(
-        engine.step,
+        engine.start_step,
         request.path_params["run"],
         grads,
         worker=worker,
@@ -59,9 +59,11 @@ async def apply(
         request_id=request_id,
     )
     try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
-        return step(blocking=False)
+        waiting = step(blocking=False)
     except WouldBlock:
-        return await run_in_threadpool(step)
+        waiting = await run_in_threadpool(step)
+    # A sync round: wait for the other workers here, not on a thread (hundreds may wait).
+    return await waiting.wait_async()
 
 
 def _int(request: Request, name: str) -> int | None:

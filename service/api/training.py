@@ -22,7 +22,8 @@ async def end_iteration(run: str, engine: EngineDep, worker: str | None = None) 
     ``autosave_every`` iterations this also writes ``auto-<step>`` and keeps the newest
     ``autosave_keep`` automatic checkpoints.
     """
-    end = await run_in_threadpool(engine.end_iteration, run, worker)
+    waiting = await run_in_threadpool(engine.start_end_iteration, run, worker)
+    end = await waiting.wait_async()  # a barrier: the other workers are awaited, not a thread
     return Iteration(
         global_step=end.step, autosaved=end.autosaved, autosave_error=end.autosave_error
     )

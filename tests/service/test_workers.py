@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -177,3 +179,66 @@ def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> N
             assert r.status_code == 422
             assert "async group" in r.json()["detail"]
             assert c.get("/v1/runs/t/params/w").json()["version"] == info["version"]
+
+
+def test_a_sync_round_of_256_http_workers_holds_no_threads(tmp_path) -> None:
+    """Waiting for a round holds no server thread (the pool has 40): 256 workers complete
+    two rounds and their barriers, and the server answers other requests meanwhile."""
+    n = 256
+    rng = np.random.default_rng(0)
+    grads = rng.standard_normal((n, 8)).astype(np.float32)
+
+    async def run(c: httpx.AsyncClient, workers: list[str]) -> list[httpx.Response]:
+        async def one(i: int, w: str) -> httpx.Response:
+            r = await c.post(f"/v1/runs/t/params/w/step?worker={w}", content=grads[i].tobytes())
+            assert r.status_code == 200, r.text
+            return await c.post(f"/v1/runs/t/iteration/end?worker={w}")
+
+        return await asyncio.gather(*(one(i, w) for i, w in enumerate(workers)))
+
+    async def main(url: str) -> tuple[float, np.ndarray]:
+        limits = httpx.Limits(max_connections=n + 8)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            workers = [f"w{i:03d}" for i in range(n)]
+            # A round short of one worker: all 255 wait, and the server still answers.
+            waiting = asyncio.gather(
+                *(
+                    c.post(f"/v1/runs/t/params/w/step?worker={w}", content=grads[i].tobytes())
+                    for i, w in enumerate(workers[:-1])
+                )
+            )
+            await asyncio.sleep(1.0)
+            assert (await c.get("/v1/runs/t/checkpoints")).status_code == 200
+            assert (await c.post("/v1/runs/t/checkpoints", json={"name": "mid"})).status_code == 201
+            last = await c.post(
+                f"/v1/runs/t/params/w/step?worker={workers[-1]}", content=grads[-1].tobytes()
+            )
+            assert last.status_code == 200, last.text
+            replies = await waiting
+            assert {r.content for r in replies} == {last.content}  # one step, one value
+            ends = await asyncio.gather(
+                *(c.post(f"/v1/runs/t/iteration/end?worker={w}") for w in workers)
+            )
+            assert {r.json()["global_step"] for r in ends} == {1}
+            start = time.perf_counter()
+            ends = await run(c, workers)  # a second round and barrier, timed
+            seconds = time.perf_counter() - start
+            assert {r.json()["global_step"] for r in ends} == {2}
+            start = time.perf_counter()  # the anchor: as many requests that wait for nothing
+            await asyncio.gather(*(c.get("/healthz") for _ in range(2 * n)))
+            anchor = time.perf_counter() - start
+            value = (await c.get("/v1/runs/t/params/w/value")).content
+            return seconds, anchor, np.frombuffer(value, np.float32)
+
+    with Server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        _register(c, "w", (8,), "sgd", {"lr": 0.5}, {"mode": "sync", "count": n, "timeout_s": 60})
+        seconds, anchor, value = asyncio.run(main(server.url))
+    mean = np.zeros(8, np.float32)
+    for g in grads:  # the server sums in worker-id order, which is this order
+        mean += g
+    mean /= np.float32(n)
+    np.testing.assert_array_equal(value, -np.float32(0.5) * mean * 2)
+    print(
+        f"256-worker sync round (step + barrier): {seconds * 1e3:.0f} ms, "
+        f"{seconds / anchor:.2f}x as many /healthz requests at once"
+    )
