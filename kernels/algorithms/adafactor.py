@@ -66,6 +66,12 @@ parameter first stepped at a later ``t`` still starts its moments at its first `
 zero moments averaged with ``beta2_t`` near 1 would make ``V̂`` far too small for hundreds
 of steps, as there is no bias correction.
 
+**Underflow.** With ``eps1 = 1e-30`` an all-zero gradient row and column (a dead input and
+a dead unit) give ``R_i = C_j = 1e-30``: ``V̂_ij ~ 1e-60`` is 0 in float32 and ``U_ij = 0/0``.
+So ``sqrt(V̂)`` is computed as ``sqrt(R_i / mean R) sqrt(C_j)`` (~1e-30, HF transformers'
+reciprocal roots taken separately), and torch's floor ``max(V̂, eps1^2)`` as
+``max(sqrt(V̂), eps1)``, the same number without squaring eps1.
+
 **Cost.** Per parameter, one param-sized float32 scratch buffer (``Q``, reused for ``V̂`` and
 ``U``) and the row/column reductions in float32 through ``backend.xp``; the tail (decay,
 scaling, momentum, apply) is one fused op (``csrc/adafactor.cuh``) with ``U`` in the grad
@@ -120,7 +126,9 @@ class AdafactorHyperparams(Hyperparams):
     lr: float | None = PAPER_LR  # type: ignore[assignment]
     beta2_decay: float = -0.8
     eps: tuple[float | None, float] = (1e-30, 1e-3)  # (eps1, eps2); eps1 None: float32 eps
-    d: float = 1.0  # update clipping threshold (inf: no clipping)
+    # Update clipping threshold; inf: no clipping. None is accepted for inf and to_dict gives
+    # None back: JSON has no Infinity, so what a server echoes can be registered again.
+    d: float = 1.0
     weight_decay: float = 0.0
     beta1: float | None = None  # None: no first moment
     relative_step: bool = True
@@ -131,9 +139,17 @@ class AdafactorHyperparams(Hyperparams):
         eps = self.eps
         if isinstance(eps, (tuple, list)) and len(eps) == 2 and eps[0] is None:
             object.__setattr__(self, "eps", (FLOAT32_EPS, eps[1]))
+        if self.d is None:
+            object.__setattr__(self, "d", math.inf)
         super().__post_init__()
         if self.lr is None:
             object.__setattr__(self, "lr", PAPER_LR)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out["d"] == math.inf:
+            out["d"] = None
+        return out
 
     def validate(self) -> None:
         if self.lr is None:
@@ -229,11 +245,13 @@ class Adafactor(Algorithm):
         col *= beta2t
         col += one_minus_beta2t * q.mean(axis=-2)
         # V̂ = R C / mean(R), the mean over the rows of each slice (NOT the sum: see above).
+        # sqrt(V̂) is formed as sqrt(R / mean R) sqrt(C), as HF transformers does, never V̂:
+        # with eps1 = 1e-30 a dead row's R times a dead column's C is ~1e-60, 0 in float32.
         row_mean = row.mean(axis=-1, keepdims=True)
         if floor:
             row_mean = xp.maximum(row_mean, eps1)
-        xp.multiply((row / row_mean)[..., :, None], col[..., None, :], out=q)
+        xp.multiply(xp.sqrt(row / row_mean)[..., :, None], xp.sqrt(col)[..., None, :], out=q)
         if floor:
-            xp.maximum(q, eps1 * eps1, out=q)
-        xp.sqrt(q, out=q)
+            # torch's max(V̂, eps1^2) before the root, without squaring eps1 (underflow again)
+            xp.maximum(q, eps1, out=q)
         return xp.divide(g, q, out=q)

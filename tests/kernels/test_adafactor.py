@@ -15,6 +15,7 @@ import copy
 import ctypes
 import math
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,6 +176,36 @@ def test_zero_gradient_is_finite_and_still(hparams: dict) -> None:
         opt.end_iteration()
     for k, p in params.items():
         np.testing.assert_array_equal(p, np.ones(shapes[k], np.float32), err_msg=k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda"])
+@pytest.mark.parametrize(
+    "hparams",
+    [{}, {"beta1": 0.9}, TORCH, {"eps": (1e-30, 1e-3), "eps1_floor": True}],
+    ids=["paper", "momentum", "torch", "torch-floor-1e-30"],
+)
+def test_dead_row_and_column_stay_finite(hparams: dict, backend: str) -> None:
+    # A dead input feature and a dead unit: R_i = C_j = eps1 = 1e-30 and V_ij = R_i C_j /
+    # mean R ~ 1e-60 is 0 in float32; forming sqrt(V) from V gave U_ij = 0/0 on the first
+    # step. Torch's floor max(V, eps1^2) squares eps1 into the same 0 when eps1 = 1e-30.
+    xp: Any = cuda_or_skip() if backend == "cuda" else np
+    rng = np.random.default_rng(9)
+    shape = (2, 6, 5)
+    p0 = np.asarray(rng.standard_normal(shape), np.float32)
+    p = xp.array(p0)  # a copy: p0 is the reference
+    opt = create_optimizer("adafactor", backend=backend, **hparams)
+    for step in range(5):
+        g = np.asarray(rng.standard_normal(shape), np.float32)
+        g[:, 2, :] = 0.0
+        g[:, :, 3] = 0.0
+        opt.step("w", shape, p, xp.asarray(g))
+        opt.end_iteration()
+        host = p if xp is np else xp.asnumpy(p)
+        assert np.isfinite(host).all(), f"NaN or inf after step {step + 1}"
+    # The dead lines never move; the rest does.
+    np.testing.assert_array_equal(host[:, 2, :], p0[:, 2, :])
+    np.testing.assert_array_equal(host[:, :, 3], p0[:, :, 3])
+    assert (host[:, :2, :3] != p0[:, :2, :3]).all()
 
 
 def test_lr_scale_is_a_per_tensor_lr() -> None:
@@ -393,7 +424,8 @@ def test_defaults_are_the_papers() -> None:
             {"clip_threshold": 1.0},
             TypeError,
             "adafactor got unknown hyperparameter(s) 'clip_threshold'; valid: lr, beta2_decay, "
-            "eps, d, weight_decay, beta1, relative_step, scale_parameter, eps1_floor",
+            "eps, d, weight_decay, beta1, relative_step, scale_parameter, eps1_floor, maximize, "
+            "step_count",
         ),
     ],
 )

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 SHAPES: tuple[tuple[int, ...], ...] = ((), (1,), (37,), (16, 9), (3, 5, 7))
 
 
@@ -27,6 +29,8 @@ class ParityCase:
     # Per-step hooks: lr schedule (step index -> lr or None) and lr_scale per shape index.
     lr_at: Callable[[int], float | None] | None = None
     lr_scales: dict[int, float] = field(default_factory=dict)
+    # Edits each drawn gradient in place before both sides see it (e.g. zeroes dead lines).
+    grad_hook: Callable[[np.ndarray], None] | None = None
 
 
 def all_cases() -> list[ParityCase]:

@@ -18,6 +18,7 @@ test_adafactor.py (the table draws unit-variance gradients).
 
 from __future__ import annotations
 
+import numpy as np
 import pytorch_optimizer as po
 import torch
 
@@ -27,6 +28,16 @@ from . import ParityCase
 # leading dims), and the degenerate factorings n x 1 and 1 x m.
 SHAPES = ((), (1,), (37,), (16, 9), (3, 5, 7), (2, 3, 4, 5), (9, 1), (1, 9))
 TORCH = {"eps": (None, 1e-3), "eps1_floor": True}
+
+
+def _dead_row_and_column(g: np.ndarray) -> None:
+    """A dead input feature and a dead unit: one all-zero row and one all-zero column of each
+    matrix slice (an n x 1 or 1 x m one goes all zero), one zero entry of a vector."""
+    if g.ndim >= 2:
+        g[..., g.shape[-2] // 2, :] = 0.0
+        g[..., g.shape[-1] // 2] = 0.0
+    elif g.ndim == 1:
+        g[g.shape[0] // 2] = 0.0
 
 
 def _po(params, **kw):
@@ -81,6 +92,24 @@ CASES = [
         lambda p: _po(p, lr=None, betas=(None, 0.999)),
         shapes=SHAPES,
         steps=60,
+    ),
+    ParityCase(
+        # The defaults' eps1 = 1e-30: a dead row's R times a dead column's C (~1e-60) is 0 in
+        # float32, so sqrt(V) must never be formed from V itself (it gave 0/0 on step 1).
+        "adafactor-paper-dead-row-and-column",
+        "adafactor",
+        {},
+        lambda p: _po(p, lr=None, betas=(None, 0.999)),
+        shapes=SHAPES,
+        grad_hook=_dead_row_and_column,
+    ),
+    ParityCase(
+        "adafactor-torch-dead-row-and-column",
+        "adafactor",
+        {"lr": 1e-2, **TORCH},
+        lambda p: torch.optim.Adafactor(p, lr=1e-2),
+        shapes=SHAPES,
+        grad_hook=_dead_row_and_column,
     ),
     ParityCase(
         "adafactor-paper-momentum",
