@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 # The largest finite float32: the kernels compute in float32, so a finite hyperparameter
 # beyond it would turn a parameter into Inf or NaN on its first step.
 FLOAT32_MAX = 3.4028234663852886e38
+STEP_COUNTS = ("global", "per_param")
+SHARED = ("maximize", "step_count")  # every algorithm's options beyond its own (see below)
 
 
 def _number(name: str, value: Any) -> float:
@@ -63,11 +65,23 @@ class Hyperparams:
     # Every algorithm has a base learning rate (the optimizer's ``lr``, which ``set_lr``
     # changes). Each subclass declares it again, as its first field, with its own default.
     lr: float
+    # torch.optim's ``maximize``: ascend the objective (each gradient is negated first, which
+    # is exactly what torch does, weight decay included).
+    maximize: bool = False
+    # Which step t a parameter's bias corrections and schedules see: "global" (the run's
+    # iteration count, advanced by end_iteration: rlx-optim's contract) or "per_param" (the
+    # steps this parameter has taken, as torch.optim counts: a parameter without a gradient
+    # in an iteration does not advance, one added later starts at 1).
+    step_count: str = "global"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        if self.step_count not in STEP_COUNTS:
+            raise ValueError(
+                f"Invalid step_count value: {self.step_count!r} (one of {', '.join(STEP_COUNTS)})"
+            )
         self.validate()
 
     def validate(self) -> None:
@@ -75,7 +89,9 @@ class Hyperparams:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """The algorithm's own fields, then the options every algorithm shares."""
+        own = tuple(f.name for f in dataclasses.fields(cls) if f.name not in SHARED)
+        return own + SHARED
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> typing.Self:
@@ -89,9 +105,11 @@ class Hyperparams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        out = {}
+        for k in self.names():
+            v = getattr(self, k)
+            out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
     def replace(self, **changes: Any) -> typing.Self:
         return dataclasses.replace(self, **changes)

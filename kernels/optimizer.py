@@ -60,6 +60,14 @@ class _Plan:
         return all(s == self.scales[0] for s in self.scales)
 
 
+def _negated(xp: Any, grad: Any) -> Any:
+    """``-grad`` as a new array of its shape (maximize; the caller's gradient is not ours to
+    change). A 0-d array stays an array: ``-a`` would give a scalar."""
+    out = xp.empty_like(grad)
+    xp.negative(grad, out=out)
+    return out
+
+
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
     if type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape):
         return shape  # already canonical (the per-step common case)
@@ -110,6 +118,9 @@ class Optimizer:
             raise ValueError(f"{dup!r} appears more than once in one step_batch")
         if not checked:
             return
+        hp = self.algorithm.hp
+        per_param = hp.step_count == "per_param"
+        negate = _negated if hp.maximize else None
         step_items = []
         for name, shape, param, grad in checked:
             state = self._state.get(name)
@@ -117,12 +128,28 @@ class Optimizer:
                 state = self._state[name] = self._new_state(shape)
             lr = self._lr * self._lr_scales.get(name, 1.0)
             fresh = state.count == 0
-            step_items.append(StepItem(name, shape, param, grad, state.slots, lr, fresh))
-        self.algorithm.step(self.backend, step_items, self._global_step + 1)
+            g = grad if negate is None else negate(self.backend.xp, grad)
+            t = state.count + 1 if per_param else None
+            step_items.append(StepItem(name, shape, param, g, state.slots, lr, fresh, t))
+        self._step_items(step_items)
         for name in names:
             self._state[name].count += 1
         if not any(it.fresh for it in step_items):
             self._prepare(step_items)
+
+    def _step_items(self, items: list[StepItem]) -> None:
+        """One algorithm step of ``items``: at the global step, or each at its own (an
+        elementwise launch takes a step per tensor; others step each distinct t apart)."""
+        t = self._global_step + 1
+        if items[0].t is None or isinstance(self.algorithm, ElementwiseAlgorithm):
+            self.algorithm.step(self.backend, items, t)
+            return
+        by_t: dict[int, list[StepItem]] = {}
+        for it in items:
+            assert it.t is not None  # set on every item of a per_param optimizer
+            by_t.setdefault(it.t, []).append(it)
+        for own_t, same in by_t.items():
+            self.algorithm.step(self.backend, same, own_t)
 
     def update_hessian(self, name: str, shape: Sequence[int], hessian: Any) -> None:
         """Pass a Hessian-diagonal estimate for ``name`` (curvature-aware algorithms only).
@@ -138,7 +165,9 @@ class Optimizer:
             state = self._state[name] = self._new_state(dims)
         lr = self._lr * self._lr_scales.get(name, 1.0)
         item = StepItem(name, dims, None, hess, state.slots, lr, state.count == 0)
-        self.algorithm.update_hessian(self.backend, item, hess, self._global_step + 1)
+        per_param = self.algorithm.hp.step_count == "per_param"
+        t = state.count + 1 if per_param else self._global_step + 1
+        self.algorithm.update_hessian(self.backend, item, hess, t)
 
     def end_iteration(self) -> int:
         """Advance the global step counter; returns the new value."""
@@ -322,15 +351,23 @@ class Optimizer:
     def _run_plan(self, plan: _Plan, items: Sequence[Any]) -> None:
         for (name, shape, _, grad), size in zip(items, plan.sizes, strict=True):
             self._check_array(name, "grad", grad, shape, size)
-        t = self._global_step + 1
+        hp = self.algorithm.hp
         row = plan.args_row
         lr = self._lr
         scales = plan.scales
-        if plan.uniform:
-            args, stride = row(t, lr * scales[0], False), 0
+        if hp.step_count == "per_param":
+            ts = [st.count + 1 for st in plan.states]
         else:
-            args, stride = np.stack([row(t, lr * s, False) for s in scales]), MAX_ARGS
-        plan.launch.run([item[3] for item in items], args, stride)
+            ts = [self._global_step + 1] * len(scales)
+        if plan.uniform and all(t == ts[0] for t in ts):
+            args, stride = row(ts[0], lr * scales[0], False), 0
+        else:
+            rows = [row(t, lr * s, False) for t, s in zip(ts, scales, strict=True)]
+            args, stride = np.stack(rows), MAX_ARGS
+        grads = [item[3] for item in items]
+        if hp.maximize:
+            grads = [_negated(np, g) for g in grads]
+        plan.launch.run(grads, args, stride)
         for st in plan.states:
             st.count += 1
 

@@ -7,7 +7,9 @@ r"""Adam with L2 weight decay (Kingma & Ba 2015), in ``torch.optim.Adam``'s form
     \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}
         \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
 
-Slots ``exp_avg`` (m) and ``exp_avg_sq`` (v). The fused op ``adam`` also serves AdamW, which
+Slots ``exp_avg`` (m) and ``exp_avg_sq`` (v); with ``amsgrad=True`` also
+``max_exp_avg_sq``, the running maximum of v, which replaces v in the denominator (the op
+``adam_amsgrad``). The fused op ``adam`` also serves AdamW, which
 decays θ by ``1 - ηλ`` first instead of adding λθ to the gradient.
 """
 
@@ -34,20 +36,31 @@ def _reference(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> 
     p -= a.step_size * m / denom
 
 
-ADAM = Op(
-    "adam",
-    ("exp_avg", "exp_avg_sq"),
-    (
-        "decay",
-        "l2",
-        "one_minus_beta1",
-        "beta2",
-        "one_minus_beta2",
-        "step_size",
-        "bias_correction2_sqrt",
-        "eps",
-    ),
-    _reference,
+def _reference_amsgrad(p: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray], a) -> None:
+    m, v, v_max = slots
+    p *= a.decay
+    g = g + a.l2 * p
+    m += a.one_minus_beta1 * (g - m)
+    v[...] = v * a.beta2 + a.one_minus_beta2 * g * g
+    np.maximum(v_max, v, out=v_max)
+    denom = np.sqrt(v_max) / a.bias_correction2_sqrt + a.eps
+    p -= a.step_size * m / denom
+
+
+_ADAM_ARGS = (
+    "decay",
+    "l2",
+    "one_minus_beta1",
+    "beta2",
+    "one_minus_beta2",
+    "step_size",
+    "bias_correction2_sqrt",
+    "eps",
+)
+ADAM = Op("adam", ("exp_avg", "exp_avg_sq"), _ADAM_ARGS, _reference)
+# amsgrad=True: the denominator takes the running maximum of v (torch's max_exp_avg_sq).
+ADAM_AMSGRAD = Op(
+    "adam_amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), _ADAM_ARGS, _reference_amsgrad
 )
 
 
@@ -68,8 +81,9 @@ def adam_scalars(
 
 
 @dataclass(frozen=True)
-class AdamHyperparams(Hyperparams):
-    algorithm = "adam"
+class AdamCoreHyperparams(Hyperparams):
+    """What Adam's whole family takes (LAMB too), with torch.optim's defaults and checks."""
+
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -82,13 +96,19 @@ class AdamHyperparams(Hyperparams):
         check_weight_decay(self.weight_decay)
 
 
+@dataclass(frozen=True)
+class AdamHyperparams(AdamCoreHyperparams):
+    algorithm = "adam"
+    amsgrad: bool = False  # the running max of v in the denominator (a third slot)
+
+
 class Adam(ElementwiseAlgorithm):
     name = "adam"
     hyperparams = AdamHyperparams
     hp: AdamHyperparams
 
     def op(self) -> Op:
-        return ADAM
+        return ADAM_AMSGRAD if self.hp.amsgrad else ADAM
 
     def scalars(self, t: int, lr: float, fresh: bool) -> dict[str, float]:
         hp = self.hp

@@ -7,6 +7,7 @@ r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019), as ``tor
     \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}
         \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
 
+``amsgrad=True`` keeps the running maximum of v and divides by it (``adam_amsgrad``).
 Runs the fused ``adam`` op (see :mod:`stepd.kernels.algorithms.adam`) with ``l2 = 0``.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ops import Op
-from .adam import ADAM, AdamHyperparams, adam_scalars
+from .adam import ADAM, ADAM_AMSGRAD, AdamHyperparams, adam_scalars
 from .base import ElementwiseAlgorithm
 
 
@@ -31,7 +32,7 @@ class AdamW(ElementwiseAlgorithm):
     hp: AdamWHyperparams
 
     def op(self) -> Op:
-        return ADAM
+        return ADAM_AMSGRAD if self.hp.amsgrad else ADAM
 
     def scalars(self, t: int, lr: float, fresh: bool) -> dict[str, float]:
         hp = self.hp

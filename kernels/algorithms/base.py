@@ -18,6 +18,8 @@ import numpy as np
 from ..hyperparams import Hyperparams
 from ..ops import Launch, Op
 
+_ROW_STEPS = 8  # how many steps' packed scalars an elementwise algorithm keeps
+
 
 @dataclass
 class StepItem:
@@ -30,6 +32,8 @@ class StepItem:
     slots: Mapping[str, Any]
     lr: float  # effective: optimizer lr x lr_scale(name)
     fresh: bool  # first step of this name (its slots are still zero)
+    # Its own step (``step_count="per_param"``, elementwise algorithms); None: the call's t.
+    t: int | None = None
 
 
 class Algorithm(ABC):
@@ -61,8 +65,9 @@ class Algorithm(ABC):
 class ElementwiseAlgorithm(Algorithm):
     """An algorithm whose update is one fused per-element op plus host scalars."""
 
-    # args_row's cache: (t, {(lr, fresh): packed row}); set on first use.
-    _rows: tuple[int, dict[tuple[float, bool], np.ndarray]]
+    # args_row's cache: {t: {(lr, fresh): packed row}} for the few current steps (one, unless
+    # parameters count their own steps); set on first use.
+    _rows: dict[int, dict[tuple[float, bool], np.ndarray]]
 
     @abstractmethod
     def op(self) -> Op:
@@ -79,11 +84,16 @@ class ElementwiseAlgorithm(Algorithm):
         """The op's packed scalars for (t, lr, fresh), kept for the current ``t``: packing
         costs about as much as a small tensor's whole launch. Never written after packing."""
         rows = self.__dict__.get("_rows")
-        if rows is None or rows[0] != t:
-            rows = self._rows = (t, {})
-        row = rows[1].get((lr, fresh))
+        if rows is None:
+            rows = self._rows = {}
+        at_t = rows.get(t)
+        if at_t is None:
+            if len(rows) >= _ROW_STEPS:  # a new step: the oldest ones are done with
+                rows.clear()
+            at_t = rows[t] = {}
+        row = at_t.get((lr, fresh))
         if row is None:
-            row = rows[1][lr, fresh] = self.op().pack(self.scalars(t, lr, fresh))
+            row = at_t[lr, fresh] = self.op().pack(self.scalars(t, lr, fresh))
         return row
 
     def step(self, backend: Any, items: Sequence[StepItem], t: int) -> None:
@@ -91,7 +101,10 @@ class ElementwiseAlgorithm(Algorithm):
         names = op.slots
         launches = [
             Launch(
-                it.param, it.grad, [it.slots[s] for s in names], self.args_row(t, it.lr, it.fresh)
+                it.param,
+                it.grad,
+                [it.slots[s] for s in names],
+                self.args_row(t if it.t is None else it.t, it.lr, it.fresh),
             )
             for it in items
         ]

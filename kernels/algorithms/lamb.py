@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..ops import Launch, Op
-from .adam import AdamHyperparams
+from .adam import AdamCoreHyperparams
 from .base import Algorithm, StepItem
 
 _CHUNK = 1 << 20  # elements per chunk of the norm computation (bounds its temporaries)
@@ -90,7 +90,7 @@ LAMB_APPLY = Op(
 
 
 @dataclass(frozen=True)
-class LambHyperparams(AdamHyperparams):
+class LambHyperparams(AdamCoreHyperparams):
     """Adam's hyperparameters and checks; optax.lamb's eps default."""
 
     algorithm = "lamb"

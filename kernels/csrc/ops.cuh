@@ -17,6 +17,7 @@
 STEPD_OP(sgd, stepd::Sgd)
 STEPD_OP(sgd_momentum, stepd::SgdMomentum)
 STEPD_OP(adam, stepd::Adam)
+STEPD_OP(adam_amsgrad, stepd::AdamAmsgrad)
 STEPD_OP(nadamw, stepd::NAdamW)
 STEPD_OP(radam, stepd::RAdam)
 STEPD_OP(qhadamw, stepd::QHAdamW)

@@ -19,6 +19,8 @@ CONFIGS = [
     ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
     ("adam", {"lr": 1e-2, "weight_decay": 0.1}),
     ("adamw", {"lr": 1e-2, "weight_decay": 0.1}),
+    ("adam", {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
+    ("adamw", {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
     ("nadamw", {"lr": 1e-2, "weight_decay": 0.1}),
     ("nadamw", {"lr": 1e-2, "momentum_decay": 4e-3}),
     ("radam", {"lr": 1e-2, "weight_decay": 0.1}),

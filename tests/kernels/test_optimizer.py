@@ -318,7 +318,15 @@ def test_hyperparameters_are_frozen_and_coerced() -> None:
     assert hp.betas == (0.8, 0.9)
     with pytest.raises(AttributeError):
         hp.lr = 2.0  # type: ignore[misc]
-    assert hp.to_dict() == {"lr": 1.0, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.01}
+    assert hp.to_dict() == {
+        "lr": 1.0,
+        "betas": [0.8, 0.9],
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "amsgrad": False,
+        "maximize": False,
+        "step_count": "global",
+    }
 
 
 def test_unknown_backend_is_refused() -> None:

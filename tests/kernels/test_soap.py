@@ -398,6 +398,8 @@ def test_defaults_are_the_authors() -> None:
         "normalize_grads": False,
         "data_format": "channels_first",
         "correct_bias": True,
+        "maximize": False,
+        "step_count": "global",
     }
     with pytest.raises(TypeError, match=r"soap got unknown hyperparameter\(s\) 'precond_freq'"):
         create_optimizer("soap", precond_freq=5)

@@ -111,4 +111,56 @@ CASES = [
         {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1},
         lambda p: po.Lion(p, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1),
     ),
+    # amsgrad: the running max of v in the denominator (a third slot).
+    ParityCase(
+        "adam-amsgrad",
+        "adam",
+        {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.01, "amsgrad": True},
+        lambda p: torch.optim.Adam(p, lr=3e-3, betas=(0.8, 0.99), weight_decay=0.01, amsgrad=True),
+    ),
+    ParityCase(
+        "adamw-amsgrad",
+        "adamw",
+        {"lr": 1e-3, "weight_decay": 0.05, "amsgrad": True},
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05, amsgrad=True),
+    ),
+    # maximize: every algorithm ascends by negating the gradient first, weight decay included.
+    ParityCase(
+        "sgd-momentum-maximize",
+        "sgd",
+        {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "maximize": True},
+        lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, weight_decay=0.01, maximize=True),
+    ),
+    ParityCase(
+        "adam-l2-maximize",
+        "adam",
+        {"lr": 3e-3, "weight_decay": 0.1, "maximize": True},
+        lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=0.1, maximize=True),
+    ),
+    ParityCase(
+        "adamw-amsgrad-maximize",
+        "adamw",
+        {"lr": 1e-3, "weight_decay": 0.05, "amsgrad": True, "maximize": True},
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05, amsgrad=True, maximize=True),
+    ),
+    ParityCase(
+        "nadamw-maximize",
+        "nadamw",
+        {"lr": 2e-3, "weight_decay": 0.02, "momentum_decay": 4e-3, "maximize": True},
+        lambda p: torch.optim.NAdam(
+            p,
+            lr=2e-3,
+            weight_decay=0.02,
+            decoupled_weight_decay=True,
+            momentum_decay=4e-3,
+            maximize=True,
+        ),
+    ),
+    ParityCase(
+        "radam-maximize",
+        "radam",
+        {"lr": 1e-3, "weight_decay": 0.01, "maximize": True},
+        lambda p: torch.optim.RAdam(p, lr=1e-3, weight_decay=0.01, maximize=True),
+        steps=60,
+    ),
 ]
