@@ -78,10 +78,19 @@ class StepdApp:
             await _reply(send, 413, f"body of {int(declared)} bytes exceeds the limit of {limit}")
             return
         receive = _capped(receive, limit)
-        if scope["method"] == "POST" and FAST_PATH.fullmatch(scope["path"]):
-            await self.fast(scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
+        app = (
+            self.fast
+            if scope["method"] == "POST" and FAST_PATH.fullmatch(scope["path"])
+            else self.api
+        )
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            # Starlette answered it already (a JSON 500: _internal) and re-raises so that the
+            # server logs it; uvicorn would then close the keep-alive connection, and a pooled
+            # client's next request on it would meet a reset. Logged here instead; a reply
+            # left unstarted or unfinished is still uvicorn's to answer or cut.
+            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
 
 
 WWW_AUTHENTICATE = [(b"www-authenticate", b"Bearer")]
@@ -162,6 +171,7 @@ def create_app(settings: Settings | None = None) -> StepdApp:
         StoreError: _handle,
         WireError: _handle,
         RequestValidationError: _invalid_request,
+        Exception: _internal,  # anything else: a JSON 500 (StepdApp logs it)
     }
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
@@ -192,6 +202,15 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    """An error no rule maps to a status: the server's fault. Its type only (the message
+    may hold paths of the server's disk); the traceback is in the server's log."""
+    return JSONResponse(
+        {"detail": f"internal error ({type(exc).__name__}); see the server's log"},
+        status_code=500,
+    )
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,11 @@ lr, lr_scales, versions). A save writes ``.<name>.tmp-<random>`` in the same dir
 fsyncs it, renames it over ``<name>.safetensors`` and fsyncs the directory, so a crash leaves
 either the old file or the new one — never half of one. Leftover temporaries are ignored when
 listing and deleted at start-up.
+
+Anything else in the folder named ``*.safetensors`` that is not a checkpoint we could restore
+(a symlink, FIFO or folder, an empty or torn file, a header or metadata that is not ours, a
+name no route can address) is never opened for its data and never listed: :meth:`scan`
+reports it, with the reason, next to the valid ones. Listing reads each file's header only.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from stepd.wire import WireError, dump_parts, parse
+from stepd.wire import MAX_HEADER_BYTES, WireError, dump_parts, parse
 
-from .errors import Invalid, NotFound, StorageFull
+from .errors import Conflict, Invalid, NotFound, StorageFull
 
 SUFFIX = ".safetensors"
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -49,8 +54,27 @@ class CheckpointInfo:
         }
 
 
+@dataclass(frozen=True)
+class InvalidCheckpoint:
+    """A ``*.safetensors`` entry of the folder that is not a checkpoint, and why."""
+
+    name: str  # the entry's file name, as found (it may not be a valid checkpoint name)
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "reason": self.reason}
+
+
+class _NotOurs(Exception):
+    """Why a folder entry is not a valid checkpoint (listing only)."""
+
+
+def _valid_name(name: str) -> bool:
+    return bool(CHECKPOINT_NAME.fullmatch(name)) and not name.endswith(SUFFIX)
+
+
 def check_checkpoint_name(name: str) -> str:
-    if not CHECKPOINT_NAME.fullmatch(name) or name.endswith(SUFFIX):
+    if not _valid_name(name):
         raise Invalid(
             f"invalid checkpoint name {name!r}: 1-128 letters, digits, _ . - (not starting "
             "with . or -)"
@@ -109,6 +133,10 @@ class CheckpointDir:
             size = write_safetensors(tmp, tensors, {"stepd": json.dumps(meta)})
             os.replace(tmp, final)
         except OSError as exc:
+            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
+                raise Conflict(
+                    f"checkpoint {name!r} not written: a folder has its file's name"
+                ) from None
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(
                     f"checkpoint {name!r} not written: {exc.strerror}; a previous checkpoint "
@@ -121,6 +149,13 @@ class CheckpointDir:
         return CheckpointInfo(name, int(meta["global_step"]), size, final.stat().st_mtime)
 
     def load(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors, meta, _ = self.load_info(name)
+        return tensors, meta
+
+    def load_info(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any], CheckpointInfo]:
+        """The whole file, read into memory and parsed, and its info, from one open file:
+        once it is open, a delete or a replacing save of ``name`` cannot change what this
+        returns, so a restore built on it is all or nothing."""
         path = self.path(name)
         try:  # no symlink is followed, and a FIFO cannot make the open wait
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -142,34 +177,53 @@ class CheckpointDir:
             raise Invalid(f"checkpoint {name!r} is malformed: {exc}") from None
         try:
             meta = json.loads(metadata["stepd"])
-        except (KeyError, json.JSONDecodeError, RecursionError) as exc:
+        except (KeyError, ValueError, RecursionError) as exc:  # ValueError: int digit limit
             raise Invalid(f"checkpoint {name!r} has no stepd metadata: {exc!r}") from None
         if not isinstance(meta, dict):
             raise Invalid(f"checkpoint {name!r}: its stepd metadata is not an object")
-        return tensors, meta
+        try:
+            step = _global_step(meta)
+        except _NotOurs as exc:
+            raise Invalid(f"checkpoint {name!r}: {exc}") from None
+        return tensors, meta, CheckpointInfo(name, step, st.st_size, st.st_mtime)
 
     def list(self) -> list[CheckpointInfo]:
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[CheckpointInfo], list[InvalidCheckpoint]]:
+        """The valid checkpoints (oldest first) and every other ``*.safetensors`` entry with
+        the reason it is not one (by name). Hidden entries (``.*``: a save's temporaries)
+        and files of other suffixes are not ours to judge and appear in neither."""
         infos: list[CheckpointInfo] = []
-        if not self.root.is_dir():
-            return infos
-        for p in sorted(self.root.glob(f"*{SUFFIX}")):
-            name = p.name[: -len(SUFFIX)]
-            if not CHECKPOINT_NAME.fullmatch(name):
+        invalid: list[InvalidCheckpoint] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return infos, invalid
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(SUFFIX):
                 continue
+            name = entry.name[: -len(SUFFIX)]
             try:
-                st = p.lstat()
-                if not stat.S_ISREG(st.st_mode):  # symlinks, FIFOs, folders: never opened
-                    continue
-                infos.append(CheckpointInfo(name, _peek_step(p), st.st_size, st.st_mtime))
-            except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
-                continue  # unreadable or not ours: not listed, never loaded
-        return sorted(infos, key=lambda i: (i.created, i.name))
+                if not _valid_name(name):
+                    raise _NotOurs("not a valid checkpoint name (it cannot be restored)")
+                infos.append(_peek(entry, name))
+            except _NotOurs as exc:
+                invalid.append(InvalidCheckpoint(entry.name, str(exc)))
+        infos.sort(key=lambda i: (i.created, i.name))
+        invalid.sort(key=lambda i: i.name)
+        return infos, invalid
 
     def delete(self, name: str) -> None:
+        """Remove ``name``'s entry, whatever it is but a folder (a symlink goes, not what it
+        points to): what a listing reports as invalid can be removed by name too."""
         path = self.path(name)
-        if not path.exists():
-            raise NotFound(f"checkpoint {name!r} does not exist")
-        path.unlink()
+        try:
+            if stat.S_ISDIR(path.lstat().st_mode):
+                raise Conflict(f"checkpoint {name!r} is a folder: not removed")
+            path.unlink()
+        except FileNotFoundError:  # also when a concurrent delete took it first
+            raise NotFound(f"checkpoint {name!r} does not exist") from None
         _fsync_dir(self.root)
 
     def prune_auto(self, keep: int) -> None:
@@ -178,14 +232,75 @@ class CheckpointDir:
             self.path(info.name).unlink(missing_ok=True)
 
 
-def _peek_step(path: Path) -> int:
-    """The global step from a checkpoint's header, without reading its tensors."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * 1024 * 1024:
-            raise ValueError("header too large")
-        header = json.loads(f.read(n))
-    step = json.loads(header["__metadata__"]["stepd"])["global_step"]
+def _peek(entry: os.DirEntry[str], name: str) -> CheckpointInfo:
+    """A checkpoint's info from its header alone, or ``_NotOurs`` with the reason. The data
+    is never read: the header's offsets are checked against the file's size instead."""
+    if entry.is_symlink():  # from the directory entry itself: not followed
+        raise _NotOurs("a symbolic link (never followed)")
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # swapped for a symlink since, or not readable
+        raise _NotOurs(f"cannot be opened: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise _NotOurs(kind + (" (a FIFO)" if stat.S_ISFIFO(st.st_mode) else ""))
+        if st.st_size == 0:
+            raise _NotOurs("empty (0 bytes)")
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise _NotOurs(f"{st.st_size} bytes: shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, st.st_size - 8):
+            raise _NotOurs(f"header length {n} beyond the file or the limit")
+        raw = os.pread(fd, n, 8)
+    except OSError as exc:
+        raise _NotOurs(f"cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) != n:
+        raise _NotOurs("changed while being read")
+    try:
+        header = json.loads(raw)
+    except ValueError:  # not UTF-8, not JSON, or an integer beyond Python's digit limit
+        raise _NotOurs("the header is not JSON") from None
+    except RecursionError:
+        raise _NotOurs("the header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise _NotOurs("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    stepd_meta = metadata.get("stepd") if isinstance(metadata, dict) else None
+    if not isinstance(stepd_meta, str):
+        raise _NotOurs("no stepd metadata in the header")
+    try:
+        meta = json.loads(stepd_meta)
+    except ValueError:
+        raise _NotOurs("the stepd metadata is not JSON") from None
+    except RecursionError:
+        raise _NotOurs("the stepd metadata is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise _NotOurs("the stepd metadata is not an object")
+    step = _global_step(meta)
+    end = 0
+    for key, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise _NotOurs(f"the header's entry {key[:100]!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if end != st.st_size - 8 - n:  # a torn (or appended-to) file
+        raise _NotOurs(
+            f"the header describes {end} bytes of data, the file holds {st.st_size - 8 - n}"
+        )
+    return CheckpointInfo(name, step, st.st_size, st.st_mtime)
+
+
+def _global_step(meta: dict[str, Any]) -> int:
+    step = meta.get("global_step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"global step {step!r}")
+        raise _NotOurs(f"invalid global step {str(step)[:100]!r} in the stepd metadata")
     return step

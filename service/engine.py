@@ -43,7 +43,7 @@ from stepd.wire import (
     WORKER_RULE,
 )
 
-from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo
+from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo, InvalidCheckpoint
 from .config import Settings
 from .entries import Entry, StepOutcome
 from .errors import Conflict, Invalid, NotFound, OverBudget, Stale, StoreError, Unauthorized
@@ -629,7 +629,10 @@ class Engine:
         """Bring back exactly the saved state (params, slots, step, lr, lr_scales)."""
         r = self.run(run)
         start = time.perf_counter()
-        tensors, meta = r.checkpoints.load(name)
+        # The whole file is read and parsed before anything changes, and the reply is what
+        # was read: a delete racing this restore gives a 404 with nothing changed, or a
+        # full restore (never a restore answered with an error).
+        tensors, meta, info = r.checkpoints.load_info(name)
         r.store.restore(tensors, meta)
         r.reset_rounds()
         with self._lock:  # the books follow what was brought back
@@ -638,10 +641,17 @@ class Engine:
             r.committed = now
         self.metrics.checkpoint_seconds.labels(run, "restore").observe(time.perf_counter() - start)
         self.metrics.iterations.labels(run).set(r.store.global_step)
-        return next(i for i in r.checkpoints.list() if i.name == name)
+        return info
 
     def checkpoints(self, run: str) -> list[CheckpointInfo]:
+        """The run's valid checkpoints, oldest first (headers read, never the data)."""
         return self.run(run).checkpoints.list()
+
+    def invalid_checkpoints(self, run: str) -> list[InvalidCheckpoint]:
+        """What the run's folder holds under ``*.safetensors`` that :meth:`checkpoints`
+        leaves out — symlinks, FIFOs, folders, empty or torn files, foreign or bad headers,
+        names no route can address — each with the reason."""
+        return self.run(run).checkpoints.scan()[1]
 
     def delete_checkpoint(self, run: str, name: str) -> None:
         self.run(run).checkpoints.delete(name)

@@ -114,6 +114,13 @@ class Checkpoint(BaseModel):
     created: float
 
 
+class InvalidCheckpoint(BaseModel):
+    """A ``*.safetensors`` entry of the run's folder that is not a checkpoint."""
+
+    name: str = Field(description="the entry's file name, as found in the folder")
+    reason: str = Field(description="why it is not listed (nor restored)")
+
+
 class Limits(BaseModel):
     max_body_bytes: int = Field(description="the largest request body (and tensor) accepted")
     max_state_bytes: int = Field(description="the largest optimizer-state upload")

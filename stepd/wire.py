@@ -154,7 +154,7 @@ def parse(
         raise WireError(f"safetensors: header of {header_len} bytes, more than {max_header}")
     try:
         header = json.loads(bytes(view[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an int past Python's digit limit
         raise WireError(f"safetensors: header is not JSON: {exc}") from None
     except RecursionError:
         raise WireError("safetensors: header nested too deeply") from None

@@ -16,6 +16,7 @@ The products of μ depend on the global step only, so they are host scalars, not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,8 +68,9 @@ class NAdamWHyperparams(Hyperparams):
         check_betas(self.betas)
         check_eps(self.eps)
         check_weight_decay(self.weight_decay)
-        if self.momentum_decay is not None and not self.momentum_decay >= 0.0:
-            raise ValueError(f"Invalid momentum_decay value: {self.momentum_decay}")
+        psi = self.momentum_decay
+        if psi is not None and not (math.isfinite(psi) and psi >= 0.0):  # null: no schedule
+            raise ValueError(f"Invalid momentum_decay value: {psi} (finite, >= 0, or null)")
 
 
 class NAdamW(ElementwiseAlgorithm):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from ..schemas import Checkpoint, CheckpointRequest
+from ..schemas import Checkpoint, CheckpointRequest, InvalidCheckpoint
 from .deps import ERRORS, EngineDep
 
 router = APIRouter(prefix="/v1/runs/{run}/checkpoints", tags=["checkpoints"], responses=ERRORS)
@@ -20,18 +20,34 @@ async def create(run: str, engine: EngineDep, body: CheckpointRequest | None = N
 
 
 @router.get("", response_model=list[Checkpoint])
-def list_checkpoints(run: str, engine: EngineDep) -> list[Checkpoint]:
-    return [Checkpoint(**i.to_dict()) for i in engine.checkpoints(run)]
+async def list_checkpoints(run: str, engine: EngineDep) -> list[Checkpoint]:
+    """The valid checkpoints, oldest first. Files of the folder that are not (symlinks,
+    FIFOs, folders, empty or torn files, bad headers) are left out: see ``/invalid``."""
+    infos = await run_in_threadpool(engine.checkpoints, run)
+    return [Checkpoint(**i.to_dict()) for i in infos]
+
+
+@router.get("/invalid", response_model=list[InvalidCheckpoint])
+async def list_invalid(run: str, engine: EngineDep) -> list[InvalidCheckpoint]:
+    """Every ``<name>.safetensors`` entry of the run's folder that the listing leaves out,
+    with the reason: ``[{"name": "x.safetensors", "reason": "empty (0 bytes)"}]``. None of
+    them is ever opened for its data; one with a valid name can be removed with ``DELETE
+    /checkpoints/{name}`` (a symlink itself, not its target; a folder never). Hidden files
+    (a save's temporaries) and other suffixes are not reported."""
+    invalid = await run_in_threadpool(engine.invalid_checkpoints, run)
+    return [InvalidCheckpoint(**i.to_dict()) for i in invalid]
 
 
 @router.post("/{name}/restore", response_model=Checkpoint)
 async def restore(run: str, name: str, engine: EngineDep) -> Checkpoint:
-    """Bring back exactly the saved state (params, slots, step, lr, lr_scales)."""
+    """Bring back exactly the saved state (params, slots, step, lr, lr_scales): all or
+    nothing. The reply describes the file that was read; a checkpoint deleted meanwhile is
+    either restored in full or answered 404 with nothing changed."""
     info = await run_in_threadpool(engine.restore_checkpoint, run, name)
     return Checkpoint(**info.to_dict())
 
 
 @router.delete("/{name}", status_code=204, response_class=Response)
-def delete(run: str, name: str, engine: EngineDep) -> Response:
-    engine.delete_checkpoint(run, name)
+async def delete(run: str, name: str, engine: EngineDep) -> Response:
+    await run_in_threadpool(engine.delete_checkpoint, run, name)
     return Response(status_code=204)

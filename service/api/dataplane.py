@@ -143,7 +143,7 @@ def _versions(metadata: dict[str, str]) -> dict[str, int]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions.values()):
             raise TypeError
         return versions
-    except (json.JSONDecodeError, TypeError, AttributeError, RecursionError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # ValueError: a huge int
         raise Invalid("safetensors metadata 'versions' must be a JSON object of ints") from None
 
 

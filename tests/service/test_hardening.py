@@ -311,6 +311,8 @@ CASES = [
     # -- checkpoints
     ("GET /v1/runs/t/checkpoints", "wrong method", "put", "/v1/runs/t/checkpoints", {}, 405,
      "Method Not Allowed"),
+    ("GET /v1/runs/t/checkpoints/invalid", "unknown run", "get",
+     "/v1/runs/nope/checkpoints/invalid", {}, 404, "run 'nope' does not exist"),
     ("POST /v1/runs/t/checkpoints", "dot-dot", "post", "/v1/runs/t/checkpoints", {"json": {"name": ".."}},
      422, "invalid checkpoint name"),
     ("POST /v1/runs/t/checkpoints", "absolute path", "post", "/v1/runs/t/checkpoints",
