@@ -50,6 +50,14 @@ class Launch:
     """One tensor's share of a fused launch: everything the kernel reads and writes."""
 
     param: Array
-    grad: Array
+    grad: Array  # float32, or bfloat16/float16 bits (see precision.py): widened per element
     slots: Sequence[Array]
     args: np.ndarray  # float32[MAX_ARGS], from Op.pack (host memory on every backend)
+
+
+def by_grad_dtype(items: Sequence[Launch]) -> list[list[Launch]]:
+    """``items`` split by gradient dtype, in order of first appearance (one kernel each)."""
+    groups: dict[Any, list[Launch]] = {}
+    for it in items:
+        groups.setdefault(it.grad.dtype, []).append(it)
+    return list(groups.values())

@@ -22,6 +22,7 @@ from .algorithms import ALGORITHMS, Algorithm, ElementwiseAlgorithm, StepItem
 from .backends import get_backend
 from .hyperparams import check_effective_lr, check_lr, check_lr_scale
 from .ops import MAX_ARGS, Launch
+from .precision import GRAD_DTYPES, negated, widen
 
 StepArgs = tuple[str, Sequence[int], Any, Any]  # (name, shape, param, grad)
 _F32 = np.dtype(np.float32)
@@ -60,14 +61,6 @@ class _Plan:
         return all(s == self.scales[0] for s in self.scales)
 
 
-def _negated(xp: Any, grad: Any) -> Any:
-    """``-grad`` as a new array of its shape (maximize; the caller's gradient is not ours to
-    change). A 0-d array stays an array: ``-a`` would give a scalar."""
-    out = xp.empty_like(grad)
-    xp.negative(grad, out=out)
-    return out
-
-
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
     if type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape):
         return shape  # already canonical (the per-step common case)
@@ -100,7 +93,8 @@ class Optimizer:
     # -- the rlx-optim Optimizer trait ---------------------------------------------------
 
     def step(self, name: str, shape: Sequence[int], param: Any, grad: Any) -> None:
-        """Update ``param`` (contiguous float32, written in place) with ``grad``."""
+        """Update ``param`` (contiguous float32, written in place) with ``grad`` (contiguous,
+        float32 or the model's precision: bfloat16 as uint16 bits, or float16)."""
         self.step_batch([(name, shape, param, grad)])
 
     def step_batch(self, items: Iterable[StepArgs]) -> None:
@@ -120,7 +114,7 @@ class Optimizer:
             return
         hp = self.algorithm.hp
         per_param = hp.step_count == "per_param"
-        negate = _negated if hp.maximize else None
+        negate = negated if hp.maximize else None
         step_items = []
         for name, shape, param, grad in checked:
             state = self._state.get(name)
@@ -141,7 +135,12 @@ class Optimizer:
         """One algorithm step of ``items``: at the global step, or each at its own (an
         elementwise launch takes a step per tensor; others step each distinct t apart)."""
         t = self._global_step + 1
-        if items[0].t is None or isinstance(self.algorithm, ElementwiseAlgorithm):
+        if isinstance(self.algorithm, ElementwiseAlgorithm):  # reads any gradient dtype
+            self.algorithm.step(self.backend, items, t)
+            return
+        for it in items:  # the others compute in float32 throughout: widened once (exact)
+            it.grad = widen(self.backend.xp, it.grad)
+        if items[0].t is None:
             self.algorithm.step(self.backend, items, t)
             return
         by_t: dict[int, list[StepItem]] = {}
@@ -344,6 +343,8 @@ class Optimizer:
             param = ref()  # None once the prepared array is gone
             if param is None or len(item) != 4 or item[2] is not param or item[1] != shape:
                 return None
+            if getattr(item[3], "dtype", None) != _F32:  # prepared for float32 gradients
+                return None
             if not param.flags.writeable:
                 return None
         return plan
@@ -366,7 +367,7 @@ class Optimizer:
             args, stride = np.stack(rows), MAX_ARGS
         grads = [item[3] for item in items]
         if hp.maximize:
-            grads = [_negated(np, g) for g in grads]
+            grads = [negated(np, g) for g in grads]
         plan.launch.run(grads, args, stride)
         for st in plan.states:
             st.count += 1
@@ -411,11 +412,19 @@ class Optimizer:
                 f"{name!r}: {role} must be a {array_type.__module__}.ndarray, got "
                 f"{type(arr).__name__}"
             )
-        if arr.dtype != _F32:
+        if role == "grad" and arr.dtype in GRAD_DTYPES:
+            pass  # a gradient in the model's precision (uint16: bfloat16 bits)
+        elif role == "grad":
+            raise TypeError(
+                f"{name!r}: grad must be float32, bfloat16 (as uint16 bits) or float16, got "
+                f"{arr.dtype}"
+            )
+        elif arr.dtype != _F32:
             raise TypeError(f"{name!r}: {role} must be float32, got {arr.dtype}")
         if not arr.flags.c_contiguous:
             raise ValueError(f"{name!r}: {role} must be C-contiguous (no silent copies)")
-        raise ValueError(f"{name!r}: {role} has {arr.size} elements, shape {dims} needs {size}")
+        if arr.size != size:
+            raise ValueError(f"{name!r}: {role} has {arr.size} elements, shape {dims} needs {size}")
 
 
 def create_optimizer(algorithm: str, *, backend: str = "auto", **hparams: Any) -> Optimizer:

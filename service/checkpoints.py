@@ -15,6 +15,7 @@ reports it, with the reason, next to the valid ones. Listing reads each file's h
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import os
@@ -190,7 +191,7 @@ class CheckpointDir:
     def list(self) -> list[CheckpointInfo]:
         return self.scan()[0]
 
-    def scan(self) -> tuple[list[CheckpointInfo], list[InvalidCheckpoint]]:
+    def scan(self) -> tuple[builtins.list[CheckpointInfo], builtins.list[InvalidCheckpoint]]:
         """The valid checkpoints (oldest first) and every other ``*.safetensors`` entry with
         the reason it is not one (by name). Hidden entries (``.*``: a save's temporaries)
         and files of other suffixes are not ours to judge and appear in neither."""

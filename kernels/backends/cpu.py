@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..ops import MAX_ARGS, MAX_SLOTS, Launch, Op
+from ..ops import MAX_ARGS, MAX_SLOTS, Launch, Op, by_grad_dtype
+from ..precision import EXPONENT_MASK, F32, SUFFIX
 from .build import build_cpu_library
 
 
@@ -37,13 +38,19 @@ class CpuBackend:
         self._fns: dict[str, CFuncPtr] = {}
         self._all_finite = self._lib.stepd_all_finite
         self._all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        self._all_finite_16 = self._lib.stepd_all_finite_16
+        self._all_finite_16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint16]
 
     def all_finite(self, x: np.ndarray) -> bool:
-        """True when no element of the contiguous float32 array ``x`` is NaN or ±Inf."""
-        return bool(self._all_finite(_addr(x), x.size))
+        """True when no element of the contiguous array ``x`` (float32, or bfloat16/float16
+        bits, see :mod:`stepd.kernels.precision`) is NaN or ±Inf."""
+        if x.dtype == F32:
+            return bool(self._all_finite(_addr(x), x.size))
+        return bool(self._all_finite_16(_addr(x), x.size, EXPONENT_MASK[x.dtype]))
 
-    def _fn(self, op: Op) -> CFuncPtr:
-        fn = self._fns.get(op.name)
+    def _fn(self, op: Op, grad_dtype: np.dtype = F32) -> CFuncPtr:
+        key = op.name + SUFFIX[grad_dtype]
+        fn = self._fns.get(key)
         if fn is None:
             nargs = getattr(self._lib, f"stepd_{op.name}_nargs")()
             nslots = getattr(self._lib, f"stepd_{op.name}_nslots")()
@@ -52,12 +59,12 @@ class CpuBackend:
                     f"op {op.name}: the C++ struct has {nargs} args / {nslots} slots, Python "
                     f"declares {len(op.args)} / {len(op.slots)}"
                 )
-            fn = getattr(self._lib, f"stepd_{op.name}")
+            fn = getattr(self._lib, f"stepd_{key}")
             # Plain addresses (ints), not `data_as` pointers: converting those costs ~2 us a call,
             # which is most of a small step.
             fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             fn.restype = None
-            self._fns[op.name] = fn
+            self._fns[key] = fn
         return fn
 
     def prepare(self, op: Op, items: Sequence[Launch]) -> PreparedLaunch:
@@ -65,7 +72,12 @@ class CpuBackend:
         return PreparedLaunch(self._fn(op), op, items)
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
-        fn = self._fn(op)
+        dtype = items[0].grad.dtype
+        if any(it.grad.dtype != dtype for it in items):  # one call per gradient dtype
+            for group in by_grad_dtype(items):
+                self.launch(op, group)
+            return
+        fn = self._fn(op, dtype)
         # One flat int64 table, one row per tensor: p, g, slots (zero-padded), element count.
         pad = (0,) * (MAX_SLOTS - len(op.slots))
         table: list[int] = []

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..ops import MAX_SLOTS, Launch, Op
+from .. import precision
+from ..ops import MAX_SLOTS, Launch, Op, by_grad_dtype
+from ..precision import F32, SUFFIX
 from .cuda_source import NVRTC_OPTIONS, cuda_source
 
 _THREADS = 256
@@ -44,10 +46,17 @@ class CudaBackend:
         self._module = _module()
 
     def all_finite(self, x: Any) -> bool:  # x: a cupy.ndarray
-        return bool(self._cupy.isfinite(x).all())
+        if x.dtype == F32:
+            return bool(self._cupy.isfinite(x).all())
+        return precision.all_finite(self._cupy, x)
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
-        if len(items) == 1:
+        dtype = items[0].grad.dtype
+        if any(it.grad.dtype != dtype for it in items):  # one kernel per gradient dtype
+            for group in by_grad_dtype(items):
+                self.launch(op, group)
+            return
+        if len(items) == 1 and dtype == F32:
             it = items[0]
             slots = [*it.slots, *[None] * (MAX_SLOTS - len(it.slots))]
             ptrs = [s.data.ptr if s is not None else 0 for s in slots]
@@ -80,5 +89,5 @@ class CudaBackend:
         args = np.stack([it.args for it in items])
         max_n = max(it.param.size for it in items)
         blocks_x = _blocks(max_n, max(1, self._max_blocks * 4 // len(items)))
-        kernel = self._module.get_function(f"stepd_{op.name}_multi")
+        kernel = self._module.get_function(f"stepd_{op.name}_multi{SUFFIX[items[0].grad.dtype]}")
         kernel((blocks_x, len(items)), (_THREADS,), (cp.asarray(table), cp.asarray(args)))

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import precision
 from ..ops import Launch, Op
+from ..precision import F32
 
 
 class ReferenceBackend:
@@ -18,9 +20,12 @@ class ReferenceBackend:
     xp = np
 
     def all_finite(self, x: np.ndarray) -> bool:
-        return bool(np.isfinite(x).all())
+        if x.dtype == F32:
+            return bool(np.isfinite(x).all())
+        return precision.all_finite(np, x)
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
         for it in items:  # flat views: params may arrive flat while the slots are shaped
             slots = [s.reshape(-1) for s in it.slots]
-            op.reference(it.param.reshape(-1), it.grad.reshape(-1), slots, op.unpack(it.args))
+            grad = precision.widen(np, it.grad.reshape(-1))  # exact: the same bits as fused
+            op.reference(it.param.reshape(-1), grad, slots, op.unpack(it.args))

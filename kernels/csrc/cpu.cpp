@@ -14,8 +14,8 @@ constexpr int64_t kParallelMin = 1 << 15;
 // Thread ranges start on cache-line boundaries so no two threads write one line.
 constexpr int64_t kAlign = 16;
 
-template <class Op>
-static void run_segment(float* __restrict p, const float* __restrict g, float* const* slots,
+template <class Op, class G>
+static void run_segment(float* __restrict p, const G* __restrict g, float* const* slots,
                         int64_t lo, int64_t hi, const typename Op::Args& args) {
   float* __restrict s0 = Op::kSlots > 0 ? slots[0] : nullptr;
   float* __restrict s1 = Op::kSlots > 1 ? slots[1] : nullptr;
@@ -30,7 +30,7 @@ static void run_segment(float* __restrict p, const float* __restrict g, float* c
     if constexpr (Op::kSlots > 1) s[1] = s1[i];
     if constexpr (Op::kSlots > 2) s[2] = s2[i];
     float pi = p[i];
-    Op::apply(pi, g[i], s, a);
+    Op::apply(pi, widen(g[i]), s, a);
     p[i] = pi;
     if constexpr (Op::kSlots > 0) s0[i] = s[0];
     if constexpr (Op::kSlots > 1) s1[i] = s[1];
@@ -41,8 +41,9 @@ static void run_segment(float* __restrict p, const float* __restrict g, float* c
 // One row per tensor, as the CUDA table: {p, g, s0, s1, s2, n} (addresses as int64).
 constexpr int kRow = 3 + kMaxSlots;
 
-// Tensor k's scalars are args + k * args_stride (stride 0: one set shared by all).
-template <class Op>
+// Tensor k's scalars are args + k * args_stride (stride 0: one set shared by all); every
+// gradient of one call has the element type G.
+template <class Op, class G>
 static void run_multi(int64_t n_tensors, const int64_t* table, const float* args,
                       int64_t args_stride) {
   static_assert(sizeof(typename Op::Args) <= kMaxArgs * sizeof(float), "too many args");
@@ -67,8 +68,8 @@ static void run_multi(int64_t n_tensors, const int64_t* table, const float* args
         std::memcpy(&a, args + k * args_stride, sizeof(a));
         float* slots[kMaxSlots];
         for (int j = 0; j < kMaxSlots; ++j) slots[j] = reinterpret_cast<float*>(row[2 + j]);
-        run_segment<Op>(reinterpret_cast<float*>(row[0]), reinterpret_cast<const float*>(row[1]),
-                        slots, lo - base, seg_hi - base, a);
+        run_segment<Op, G>(reinterpret_cast<float*>(row[0]), reinterpret_cast<const G*>(row[1]),
+                           slots, lo - base, seg_hi - base, a);
         lo = seg_hi;
       }
       base = end;
@@ -102,6 +103,15 @@ int stepd_all_finite(const float* x, int64_t n) {
   return acc == 0.0f;
 }
 
+// 1 when no element of a 16-bit float array (bfloat16 or float16 bits) is Inf or NaN: its
+// exponent bits (`mask`) are never all ones.
+int stepd_all_finite_16(const uint16_t* x, int64_t n, uint16_t mask) {
+  int bad = 0;
+#pragma omp parallel for simd reduction(| : bad) if (n >= stepd::kParallelMin)
+  for (int64_t i = 0; i < n; ++i) bad |= (x[i] & mask) == mask;
+  return !bad;
+}
+
 int stepd_max_slots() { return stepd::kMaxSlots; }
 int stepd_max_args() { return stepd::kMaxArgs; }
 
@@ -110,7 +120,15 @@ int stepd_max_args() { return stepd::kMaxArgs; }
   int stepd_##name##_nslots() { return Op::kSlots; }                                        \
   void stepd_##name(int64_t n_tensors, const int64_t* table, const float* args,             \
                     int64_t args_stride) {                                                  \
-    stepd::run_multi<Op>(n_tensors, table, args, args_stride);                              \
+    stepd::run_multi<Op, float>(n_tensors, table, args, args_stride);                       \
+  }                                                                                         \
+  void stepd_##name##_bf16(int64_t n_tensors, const int64_t* table, const float* args,      \
+                           int64_t args_stride) {                                           \
+    stepd::run_multi<Op, stepd::Bf16>(n_tensors, table, args, args_stride);                 \
+  }                                                                                         \
+  void stepd_##name##_f16(int64_t n_tensors, const int64_t* table, const float* args,       \
+                          int64_t args_stride) {                                            \
+    stepd::run_multi<Op, stepd::F16>(n_tensors, table, args, args_stride);                  \
   }
 #include "ops.cuh"
 #undef STEPD_OP

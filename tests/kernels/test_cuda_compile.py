@@ -27,7 +27,8 @@ def _unavailable(why: str) -> None:
 
 
 def _expected_entries() -> set[str]:
-    return {f"stepd_{op}" for op in OPS} | {f"stepd_{op}_multi" for op in OPS}
+    tables = {f"stepd_{op}_multi{suffix}" for op in OPS for suffix in ("", "_bf16", "_f16")}
+    return {f"stepd_{op}" for op in OPS} | tables
 
 
 def _entries(ptx: str) -> set[str]:
