@@ -44,6 +44,15 @@ class ShardedOptimizer:
         for index, group in sorted(by_shard.items()):
             self.shards[index].step_batch(group)
 
+    def register(self, name: str, shape: Sequence[int], param: np.ndarray) -> None:
+        """Register ``name`` on its server now (the server's copy wins, in place)."""
+        self._owner(name).register(name, shape, param)
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate now in force (every shard is set alike)."""
+        return self.shards[0].lr
+
     def end_iteration(self) -> int:
         steps = {opt.end_iteration() for opt in self.shards}
         if len(steps) != 1:

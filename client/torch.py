@@ -2,69 +2,429 @@
 
 ::
 
-    opt = RemoteOptimizer(model.named_parameters(), "http://127.0.0.1:8000", algorithm="adamw",
+    opt = RemoteOptimizer(model.parameters(), "http://127.0.0.1:8000", algorithm="adamw",
                           lr=1e-3, weight_decay=0.01)     # was: torch.optim.AdamW(...)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
 
-One param group (the server's group: one algorithm, one set of hyperparameters). Every
-parameter is registered at construction, so where the server already holds a name its value
-is copied into the model (the server's copy wins). ``step()`` sends every ``.grad`` in one
-``step_batch`` round trip, writes the results into ``p.data`` and ends the iteration; when a
-scheduler (or the user) changed ``param_groups[0]['lr']``, ``set_lr`` is sent first.
-Parameters without a gradient are skipped, as in torch. float32 parameters only.
+It takes what ``torch.optim`` takes: ``model.parameters()``, ``model.named_parameters()``
+or a list of param-group dicts with per-group options (``[{"params": decay}, {"params":
+no_decay, "weight_decay": 0.0}]``), and ``add_param_group``. Each torch param group is one
+server group (one algorithm, one set of hyperparameters, its own lr), over its own
+connection: an anonymous run per group, or the named ``run=`` they all join. Parameters are
+named as ``named_parameters()`` names them, else ``g{group}.p{position}`` (``g0.p3``: stable
+as long as the parameter order is, like torch's integer ids). Trainable parameters are
+registered at construction, so where the server already holds a name its value is copied
+into the model (the server's copy wins); frozen ones (``requires_grad=False``) are not
+registered nor sent, until they are stepped.
+
+``step()`` sends every ``.grad`` of a group in one ``step_batch`` round trip, writes the
+results into ``p.data`` and ends the iteration; a parameter whose ``.grad`` is ``None`` is
+not stepped. An lr set in ``param_groups`` (by a scheduler or by hand) is sent at once, so
+the server's lr is the group's lr whenever a step or a checkpoint reads it. float32 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 
-from .optimizer import StepdOptimizer, connect
+from stepd.wire import PARAM_NAME_RE, PARAM_NAME_RULE
+
+from .optimizer import connect
+
+ParamsT: TypeAlias = (
+    Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict[str, Any]]
+)
+
+#: torch.optim arguments accepted and ignored: they choose how torch computes the same step
+#: (multi-tensor loops, fused kernels, CUDA graphs, autograd through the step), none of which
+#: applies to a step that runs on the server.
+IGNORED = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+#: torch.optim arguments that are server hyperparameters where the algorithm has them, and
+#: otherwise refused when True (``False`` is accepted).
+REFUSED = ("amsgrad", "maximize")
+#: Where torch.optim's defaults differ from stepd's for the same update: the adapter takes
+#: torch's, so ``RemoteOptimizer(params, url, "nadamw")`` is ``torch.optim.NAdam(params)``.
+TORCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "nadamw": {"lr": 2e-3, "weight_decay": 0.0, "momentum_decay": 4e-3},
+}
+#: torch's ``decoupled_weight_decay`` per algorithm: its default, and the values taken.
+_DECOUPLED: dict[str, tuple[bool, tuple[bool, ...]]] = {
+    "adam": (False, (False,)),
+    "adamw": (True, (True,)),
+    "nadamw": (False, (False, True)),
+}
+#: state entries torch keeps that stepd derives from the step count
+_DERIVED = ("step", "mu_product")
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as JSON would carry it (0-dim tensors become numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _canon(value: Any) -> Any:
+    """For comparing hyperparameters: numbers as floats, sequences as tuples."""
+    value = _plain(value)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, list):
+        return tuple(_canon(v) for v in value)
+    return value
+
+
+def _torch_value(value: Any) -> Any:
+    """A resolved hyperparameter as torch.optim shows it (betas as a tuple)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+class _ParamGroup(dict[str, Any]):
+    """A torch param group that tells its optimizer when an option changes, so the server
+    hears of an lr change at once and a change it cannot apply fails where it is made."""
+
+    _owner: RemoteOptimizer | None = None
+    _link: _Link | None = None
+    _names: list[str]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if self._owner is not None and self._link is not None:
+            self._owner._on_set(self, key, value)
+        super().__setitem__(key, value)
+
+    @property
+    def link(self) -> _Link:
+        assert self._link is not None, "a group of a RemoteOptimizer has its server group"
+        return self._link
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(dict(self), memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+@dataclass(eq=False)
+class _Link:
+    """One server group and the torch param groups stepped in it."""
+
+    remote: Any  # StepdOptimizer, or ShardedOptimizer over several servers
+    hyperparams: dict[str, Any]  # as the server group was created (resolved)
+    lr: float  # the lr in force on the server
+    l2: bool  # weight decay added to the gradient here (torch's NAdam without decoupling)
+    decoupled: bool | None  # torch's decoupled_weight_decay (None: not a torch option)
+    groups: list[_ParamGroup] = field(default_factory=list)
+    registered: set[str] = field(default_factory=set)  # names the server group has
+
+    def register(self, name: str, p: torch.Tensor) -> None:
+        if name not in self.registered:
+            RemoteOptimizer._sync(p, partial(self.remote.register, name, tuple(p.shape)))
+            self.registered.add(name)
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
-    """``torch.optim.Optimizer`` over a :class:`stepd.client.StepdOptimizer` (any transport)."""
+    """A ``torch.optim.Optimizer`` whose steps run on stepd (any transport, or sharded).
+
+    ``RemoteOptimizer(params, url, algorithm="adamw", **hyperparameters)`` with ``params`` as
+    torch.optim takes them and ``url`` as :func:`stepd.client.connect` takes it (``local://``,
+    ``http://``, ``shm://``, or a list of servers to shard over). Everything can also be a
+    keyword (``RemoteOptimizer(params, **kwargs)``: how ``transformers.Trainer``'s
+    ``optimizer_cls_and_kwargs`` calls it).
+
+    Supported:
+
+    - every hyperparameter of the algorithm, under torch.optim's names, as keyword arguments
+      and per param group; ``param_groups`` show them all. For ``nadamw`` the defaults are
+      ``torch.optim.NAdam``'s (``lr=2e-3, weight_decay=0, momentum_decay=4e-3,
+      decoupled_weight_decay=False``: L2 decay, added to the gradient here exactly as torch
+      does; ``decoupled_weight_decay=True`` decays on the server). ``adamw`` takes
+      ``decoupled_weight_decay=True`` only, ``adam`` ``False`` only (as torch's AdamW / Adam);
+      ``radam`` takes both (a server hyperparameter).
+    - lr schedulers: a changed ``lr`` (a number or a 0-dim tensor) reaches the server when it
+      is set (and is checked again before each step).
+    - ``state_dict()`` in torch.optim's layout, tensors and plain values only (``torch.load``
+      with ``weights_only=True`` reads it); ``load_state_dict`` takes it back, or a state dict
+      of the torch.optim optimizer of the same update (``SGD``, ``Adam``, ``AdamW``,
+      ``NAdam``, ``RAdam``...): slots keep torch's names (``exp_avg``, ``exp_avg_sq``,
+      ``momentum_buffer``), ``step`` is the count of steps a parameter had.
+    - Sophia: :meth:`update_hessian` and :meth:`hutchinson`.
+
+    Accepted and ignored: ``foreach``, ``fused``, ``capturable``, ``differentiable`` (how torch
+    would compute the step), ``amsgrad=False``, ``maximize=False``.
+
+    Not supported: ``amsgrad=True`` and ``maximize=True`` where the algorithm's kernels lack
+    them (``NotImplementedError`` naming the argument); changing
+    a hyperparameter other than ``lr`` after the group exists (``NotImplementedError``: a
+    server group keeps the hyperparameters it was created with, only its lr can be set — so
+    ``OneCycleLR`` / ``CyclicLR`` need ``cycle_momentum=False``); sparse gradients
+    (``TypeError``); other dtypes than float32 (``TypeError``).
+
+    Steps are counted per parameter, as torch does (``step_count="per_param"``, the default
+    here where the algorithm's hyperparameters have it; ``step_count="global"`` is
+    rlx-optim's count per run). Where they do not, the count is the run's: it differs from
+    torch's only for a parameter skipped (``.grad is None``) in some iteration, and only in
+    updates that depend on the step (bias corrections: Adam and kin; not SGD).
+    ``amsgrad`` and ``maximize`` likewise go to the server where the algorithm has them.
+
+    ``run``, ``fresh``, ``token``, ``timeout``, ``worker``, ``workers``, ``retries``: as for
+    :func:`stepd.client.connect`. With ``run=`` all groups join that run; groups with the same
+    hyperparameters are one server group there (their lr must stay equal).
+    """
 
     def __init__(
         self,
-        named_parameters: Iterable[tuple[str, torch.Tensor]],
-        url: str,
+        params: ParamsT,
+        url: str | Sequence[str] | None = None,
         algorithm: str = "adamw",
         *,
         run: str | None = None,
         fresh: bool = False,
         token: str | None = None,
         timeout: float = 30.0,
+        worker: str | None = None,
+        workers: Mapping[str, Any] | None = None,
+        retries: int = 2,
         **hyperparams: Any,
     ) -> None:
-        """``run``: a named run to join (see :func:`stepd.client.connect`); without it, an
-        anonymous run private to this optimizer."""
-        named = list(named_parameters)
-        if not named:
-            raise ValueError("RemoteOptimizer got an empty parameter list")
-        names = [n for n, _ in named]
-        if len(set(names)) != len(names):
-            raise ValueError("parameter names must be unique")
-        for n, p in named:
-            if not isinstance(p, torch.Tensor) or p.dtype != torch.float32:
-                raise TypeError(f"{n!r}: RemoteOptimizer takes float32 tensors only")
-        self.remote: StepdOptimizer = connect(
-            url, algorithm, run=run, fresh=fresh, token=token, timeout=timeout, **hyperparams
-        )
+        if url is None:
+            raise TypeError("RemoteOptimizer needs url= (local://, http://, shm:// or a list)")
+        if not isinstance(algorithm, str):
+            raise TypeError(f"algorithm must be a str, got {algorithm!r}")
+        # The hyperparameter dataclasses give each algorithm's names and defaults (to fill
+        # torch's param_groups and check a group before anything is sent; the server checks
+        # again).
+        from stepd.kernels.algorithms import ALGORITHMS
+
+        if algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"unknown algorithm {algorithm!r}; expected one of {', '.join(sorted(ALGORITHMS))}"
+            )
+        self.algorithm = algorithm
+        self._hp_class = ALGORITHMS[algorithm].hyperparams
+        names = self._hp_class.names()
+        self._refused = tuple(k for k in REFUSED if k not in names)
+        self._url = url
+        self._connect: dict[str, Any] = {
+            "run": run,
+            "fresh": fresh,
+            "token": token,
+            "timeout": timeout,
+            "worker": worker,
+            "workers": workers,
+            "retries": retries,
+        }
+        self._links: list[_Link] = []
+        self._shared: dict[str, _Link] = {}  # named runs: server config -> its link
+        self._where: dict[torch.Tensor, tuple[_Link, str]] = {}  # param -> (link, name)
+        self._closed = False
+        defaults = self._defaults(hyperparams)
         try:
-            for n, p in named:
-                self._sync(p, partial(self.remote.register, n, tuple(p.shape)))
-            lr = self.remote.lr
+            super().__init__(params, defaults)
         except BaseException:
-            self.remote.close()
+            self.close()
             raise
-        self._names = {p: n for n, p in named}
-        self._sent_lr = lr
-        super().__init__([p for _, p in named], {"lr": lr})
+
+    # -- param groups -----------------------------------------------------------------------
+
+    def _defaults(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        names = self._hp_class.names()
+        for key in self._refused:
+            self._refuse(key, given.get(key, False))
+        torch_only = set(IGNORED) | set(self._refused)
+        if self.algorithm in _DECOUPLED:
+            torch_only.add("decoupled_weight_decay")
+        unknown = sorted(set(given) - set(names) - torch_only)
+        if unknown:
+            raise TypeError(
+                f"{self.algorithm} got unknown argument(s) {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(names)} (and torch's {', '.join(sorted(torch_only))})"
+            )
+        server = {**TORCH_DEFAULTS.get(self.algorithm, {})}
+        if "step_count" in names:  # count steps per parameter, as torch.optim does
+            server["step_count"] = "per_param"
+        server.update({k: _plain(v) for k, v in given.items() if k in names})
+        resolved = self._hp_class.from_kwargs(**server).to_dict()  # TypeError / ValueError
+        defaults = {k: _torch_value(v) for k, v in resolved.items()}
+        if self.algorithm in _DECOUPLED:
+            default, _ = _DECOUPLED[self.algorithm]
+            defaults["decoupled_weight_decay"] = given.get("decoupled_weight_decay", default)
+        if self.algorithm in ("adam", "adamw"):
+            defaults.setdefault("amsgrad", False)
+        defaults.setdefault("maximize", False)
+        for key, ignored in IGNORED.items():
+            defaults[key] = given.get(key, ignored)
+        return defaults
+
+    @staticmethod
+    def _refuse(key: str, value: Any) -> None:
+        if value:
+            raise NotImplementedError(
+                f"{key}=True is not implemented by stepd's kernels ({key}=False is accepted)"
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``: the group's trainable parameters are registered with
+        a server group of its hyperparameters right away."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        for key in self._refused:
+            self._refuse(key, param_group.get(key, False))
+        group = _ParamGroup(param_group)
+        super().add_param_group(group)
+        try:
+            self._attach(group, len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _groups(self) -> list[_ParamGroup]:
+        return self.param_groups  # type: ignore[return-value]  # add_param_group makes them
+
+    def _attach(self, group: _ParamGroup, index: int) -> None:
+        params: list[torch.Tensor] = group["params"]
+        if "param_names" in group:
+            names = [str(n) for n in group["param_names"]]
+        else:
+            names = [f"g{index}.p{i}" for i in range(len(params))]
+        taken = {n for g in self._groups()[:index] for n in g._names}
+        for name in names:
+            if not PARAM_NAME_RE.fullmatch(name):
+                raise ValueError(f"invalid parameter name {name!r}: {PARAM_NAME_RULE}")
+            if name in taken:
+                raise ValueError(f"parameter name {name!r} appears more than once")
+            taken.add(name)
+        trainable = [(n, p) for n, p in zip(names, params, strict=True) if p.requires_grad]
+        for name, p in trainable:
+            self._check_dtype(name, p)
+        hp, l2, decoupled = self._server_hyperparams(group)
+        key = json.dumps([hp, l2, decoupled], sort_keys=True)
+        link = self._shared.get(key) if self._connect["run"] is not None else None
+        new = link is None
+        if link is None:
+            options = dict(self._connect)
+            if self._links:  # fresh=True deletes the named run once, before the first group
+                options["fresh"] = False
+            remote = connect(self._url, self.algorithm, **options, **hp)
+            link = _Link(remote, hp, float(hp["lr"]), l2, decoupled)
+        try:
+            for name, p in trainable:
+                link.register(name, p)
+        except BaseException:
+            if new:
+                link.remote.close()
+            raise
+        if new:
+            self._links.append(link)
+            if self._connect["run"] is not None:
+                self._shared[key] = link
+        link.groups.append(group)
+        for name, p in zip(names, params, strict=True):
+            self._where[p] = (link, name)
+        group._names = names
+        group._link = link
+        group._owner = self
+
+    def _server_hyperparams(self, group: Mapping[str, Any]) -> tuple[dict[str, Any], bool, Any]:
+        """The group's server hyperparameters (resolved), whether its weight decay is L2 added
+        here, and its ``decoupled_weight_decay`` (None where torch has no such option)."""
+        hp = {k: _plain(group[k]) for k in self._hp_class.names() if k in group}
+        decoupled = None
+        l2 = False
+        if self.algorithm in _DECOUPLED:
+            decoupled = group.get("decoupled_weight_decay", _DECOUPLED[self.algorithm][0])
+            allowed = _DECOUPLED[self.algorithm][1]
+            if decoupled not in allowed:
+                other = "adamw" if self.algorithm == "adam" else "adam"
+                raise ValueError(
+                    f"{self.algorithm} takes decoupled_weight_decay={allowed[0]} only (as "
+                    f"torch.optim's); for decoupled_weight_decay={decoupled} use {other!r}"
+                )
+            if self.algorithm == "nadamw" and not decoupled:
+                hp["weight_decay"] = 0.0  # torch's NAdam default: L2, added to the gradient
+                l2 = True
+        resolved = self._hp_class.from_kwargs(**hp).to_dict()
+        return resolved, l2, decoupled
+
+    def _fixed(self, link: _Link) -> list[str]:
+        """The options a group cannot change once its server group exists."""
+        keys = [
+            k for k in self._hp_class.names() if k != "lr" and not (link.l2 and k == "weight_decay")
+        ]
+        if link.decoupled is not None:
+            keys.append("decoupled_weight_decay")
+        return keys
+
+    def _fixed_value(self, link: _Link, key: str) -> Any:
+        if key == "decoupled_weight_decay" and link.decoupled is not None:
+            return link.decoupled
+        return link.hyperparams[key]
+
+    def _cannot_change(self, key: str, was: Any, now: Any) -> NotImplementedError:
+        hint = ""
+        if key in ("betas", "momentum"):
+            hint = " (OneCycleLR and CyclicLR cycle it by default: pass cycle_momentum=False)"
+        return NotImplementedError(
+            f"stepd cannot change {key!r} of a param group once it exists ({_plain(was)!r} -> "
+            f"{_plain(now)!r}): a server group keeps the hyperparameters it was created with, "
+            f"only its lr can be set{hint}"
+        )
+
+    def _on_set(self, group: _ParamGroup, key: str, value: Any) -> None:
+        """``group[key] = value`` is about to happen: send an lr now, refuse what the server
+        cannot apply (nothing is stored then)."""
+        link = group.link
+        if key in self._refused:
+            self._refuse(key, value)
+        elif key == "lr":
+            lr = float(_plain(value))
+            others = {float(_plain(g["lr"])) for g in link.groups if g is not group}
+            if lr != link.lr and others <= {lr}:
+                link.remote.set_lr(lr)
+                link.lr = lr
+        elif key in self._fixed(link):
+            was = self._fixed_value(link, key)
+            if _canon(value) != _canon(was):
+                raise self._cannot_change(key, was, value)
+
+    def _push(self) -> None:
+        """Before a step: each server group's lr is its torch groups' (sent if it changed),
+        and nothing the server cannot change has changed."""
+        for link in self._links:
+            lrs = {float(_plain(g["lr"])) for g in link.groups}
+            if len(lrs) > 1:
+                raise ValueError(
+                    f"param groups with the same hyperparameters share one server group in run "
+                    f"{self._connect['run']!r}, so their lr must be equal; got {sorted(lrs)}"
+                )
+            for group in link.groups:
+                for key in self._refused:
+                    self._refuse(key, group.get(key, False))
+                for key in self._fixed(link):
+                    was = self._fixed_value(link, key)
+                    if _canon(group.get(key)) != _canon(was):
+                        raise self._cannot_change(key, was, group.get(key))
+            if lrs and (lr := lrs.pop()) != link.lr:
+                link.remote.set_lr(lr)
+                link.lr = lr
+
+    # -- steps ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_dtype(name: str, p: torch.Tensor) -> None:
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.float32:
+            raise TypeError(f"{name!r}: RemoteOptimizer takes float32 tensors only, got {p.dtype}")
 
     @staticmethod
     def _sync(p: torch.Tensor, call: Callable[[np.ndarray], None]) -> None:
@@ -79,51 +439,287 @@ class RemoteOptimizer(torch.optim.Optimizer):
         data.copy_(torch.from_numpy(buf))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One iteration: every parameter with a ``.grad`` is stepped, then the run's step
+        counter advances. Everything is checked before anything is sent."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if len(self.param_groups) != 1:
-            raise ValueError("RemoteOptimizer supports exactly one param group")
-        group = self.param_groups[0]
-        lr = float(group["lr"])
-        if lr != self._sent_lr:
-            self.remote.set_lr(lr)
-            self._sent_lr = lr
-        items, writebacks = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad.detach().to("cpu", torch.float32).contiguous().numpy()
-            data = p.data
-            if data.device.type == "cpu" and data.is_contiguous():
-                buf = data.numpy()
-            else:
-                buf = data.detach().to("cpu", copy=True).contiguous().numpy()
-                writebacks.append((data, buf))
-            items.append((self._names[p], tuple(p.shape), buf, grad))
-        if items:
-            self.remote.step_batch(items)
+        batches: dict[_Link, list[tuple[str, tuple[int, ...], np.ndarray, np.ndarray]]] = {}
+        writebacks = []
+        for group in self._groups():
+            link, names, params = group.link, group._names, group["params"]
+            if len(names) != len(params):
+                raise RuntimeError("a param group's 'params' changed: use add_param_group")
+            l2 = float(_plain(group["weight_decay"])) if link.l2 else 0.0
+            if l2 and group.get("maximize") and "maximize" not in self._refused:
+                l2 = -l2  # the server negates what it gets: torch's -g + wd * p
+            items = batches.setdefault(link, [])
+            for name, p in zip(names, params, strict=True):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise TypeError(
+                        f"{name!r}: sparse gradients are not supported (layout {grad.layout}); "
+                        "use a dense embedding (sparse=False)"
+                    )
+                self._check_dtype(name, p)
+                if l2:
+                    grad = grad.add(p.detach(), alpha=l2)  # torch's NAdam: g + wd * p
+                g = grad.detach().to("cpu", torch.float32).contiguous().numpy()
+                data = p.data
+                if data.device.type == "cpu" and data.is_contiguous():
+                    buf = data.numpy()
+                else:
+                    buf = data.detach().to("cpu", copy=True).contiguous().numpy()
+                    writebacks.append((data, buf))
+                items.append((name, tuple(p.shape), buf, g))
+        self._push()
+        for link, items in batches.items():
+            if items:
+                link.remote.step_batch(items)
+                link.registered.update(item[0] for item in items)
         for data, buf in writebacks:
             data.copy_(torch.from_numpy(buf))
-        self.remote.end_iteration()
+        self._end_iteration()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's structure plus ``"stepd"``: the remote optimizer's own state_dict."""
-        sd = super().state_dict()
-        sd["stepd"] = self.remote.state_dict()
-        return sd
+    def _end_iteration(self) -> int:
+        # anonymous: a run per server group, each advanced; named: one run, advanced once
+        links = self._links if self._connect["run"] is None else self._links[:1]
+        steps = [link.remote.end_iteration() for link in links]
+        return steps[0] if steps else 0
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the param groups and, when present, the remote state (any transport)."""
-        state_dict = dict(state_dict)
-        remote = state_dict.pop("stepd", None)
-        if remote is not None:
-            self.remote.load_state_dict(remote)
-        super().load_state_dict(state_dict)
-        self._sent_lr = None  # resend the group's lr on the next step
+    # -- Sophia -----------------------------------------------------------------------------
+
+    def update_hessian(
+        self, hessians: Mapping[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, Any]]
+    ) -> None:
+        """Pass Hessian-diagonal estimates (``{param: estimate}``, e.g. from
+        :meth:`hutchinson`) for the next step (algorithm ``sophia``; others refuse it)."""
+        pairs = hessians.items() if isinstance(hessians, Mapping) else hessians
+        checked = []
+        for p, h in pairs:
+            where = self._where.get(p)
+            if where is None:
+                raise ValueError("update_hessian got a tensor that is not a parameter here")
+            link, name = where
+            est = torch.as_tensor(h).detach().to("cpu", torch.float32).contiguous()
+            if est.shape != p.shape:
+                raise ValueError(f"{name!r}: estimate shape {tuple(est.shape)} != {tuple(p.shape)}")
+            checked.append((link, name, p, est.numpy()))
+        for link, name, p, arr in checked:
+            link.register(name, p)
+            link.remote.update_hessian(name, tuple(p.shape), arr)
+
+    def hutchinson(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[torch.Tensor] | None = None,
+        *,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """Hutchinson's Hessian-diagonal estimate of ``loss``: the mean over ``samples`` of
+        ``z * (H z)``, ``z`` Rademacher (±1), by two backward passes (see :func:`hutchinson`).
+        ``params``: default, every trainable parameter of this optimizer."""
+        if params is None:
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return hutchinson(loss, params, samples=samples, generator=generator)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout: ``{"state": {id: {...}}, "param_groups": [{..., "params":
+        [ids]}]}``, ids numbering the parameters of all groups in order, slots under torch's
+        names plus ``step``; and ``"stepd"``: the run's global step, algorithm and lr scales.
+        Tensors and plain values only."""
+        remote = {link: link.remote.state_dict() for link in self._links}
+        global_step = int(remote[self._links[0]]["global_step"]) if self._links else 0
+        state: dict[int, dict[str, Any]] = {}
+        groups = []
+        scales: dict[str, float] = {}
+        index = 0
+        for group in self._groups():
+            sd = remote[group.link]
+            ids = []
+            for name in group._names:
+                entry = sd["state"].get(name)
+                if entry is not None:
+                    state[index] = self._to_torch(group.link, entry)
+                if name in sd.get("lr_scales", {}):
+                    scales[name] = float(sd["lr_scales"][name])
+                ids.append(index)
+                index += 1
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = ids
+            groups.append(packed)
+        meta = {"algorithm": self.algorithm, "global_step": global_step, "lr_scales": scales}
+        return {"state": state, "param_groups": groups, "stepd": meta}
+
+    def _to_torch(self, link: _Link, entry: Mapping[str, Any]) -> dict[str, Any]:
+        count = int(entry["count"])
+        out: dict[str, Any] = {}
+        if self.algorithm != "sgd":
+            out["step"] = torch.tensor(float(count), dtype=torch.float32)
+        if self.algorithm == "nadamw":
+            out["mu_product"] = torch.tensor(
+                _mu_product(link.hyperparams, count), dtype=torch.float32
+            )
+        for slot, arr in entry["slots"].items():
+            out[slot] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`, or from the state dict of the torch.optim
+        optimizer of the same update. Groups must match in number and size (torch's rule);
+        the groups' options are the saved ones, and those other than ``lr`` must equal this
+        optimizer's (a server group cannot change them). Checked before anything is sent."""
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        meta = state_dict.get("stepd") or {}
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for group, saved in zip(self._groups(), saved_groups, strict=True):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
+                )
+        if meta.get("algorithm", self.algorithm) != self.algorithm:
+            raise ValueError(
+                f"state dict is for algorithm {meta['algorithm']!r}, this optimizer runs "
+                f"{self.algorithm!r}"
+            )
+        entries = {int(k): v for k, v in saved_state.items()}
+        steps = [int(_plain(e["step"])) for e in entries.values() if "step" in e]
+        global_step = int(meta.get("global_step", max(steps, default=0)))
+        scales = dict(meta.get("lr_scales", {}))
+        uploads: dict[_Link, dict[str, Any]] = {}
+        frozen: list[tuple[_Link, str, torch.Tensor]] = []  # state for names not registered
+        for group, saved in zip(self._groups(), saved_groups, strict=True):
+            link = group.link
+            for key in self._refused:
+                self._refuse(key, saved.get(key, False))
+            for key in self._fixed(link):
+                was = self._fixed_value(link, key)
+                if key in saved and _canon(saved[key]) != _canon(was):
+                    raise self._cannot_change(key, was, saved[key])
+            lr = float(_plain(saved.get("lr", group["lr"])))
+            up = uploads.setdefault(
+                link,
+                {
+                    "algorithm": self.algorithm,
+                    "hyperparams": link.hyperparams,
+                    "global_step": global_step,
+                    "lr": lr,
+                    "lr_scales": {},
+                    "state": {},
+                },
+            )
+            if up["lr"] != lr:
+                raise ValueError("param groups sharing one server group must load one lr")
+            for name, p, pid in zip(group._names, group["params"], saved["params"], strict=True):
+                if name in scales:
+                    up["lr_scales"][name] = float(scales[name])
+                entry = entries.get(int(pid))
+                if entry is None:
+                    continue
+                slots = {}
+                for slot, value in entry.items():
+                    if slot in _DERIVED or value is None:
+                        continue
+                    if not isinstance(value, torch.Tensor):
+                        raise TypeError(f"{name!r}: state {slot!r} must be a tensor")
+                    if slot == "max_exp_avg_sq" and "amsgrad" in self._refused:
+                        self._refuse("amsgrad", True)
+                    slots[slot] = value.detach().to("cpu", torch.float32).contiguous().numpy()
+                count = int(_plain(entry["step"])) if "step" in entry else max(global_step, 1)
+                up["state"][name] = {"shape": list(p.shape), "count": count, "slots": slots}
+                frozen.append((link, name, p))
+        for link, name, p in frozen:
+            link.register(name, p)
+        for link, up in uploads.items():
+            link.remote.load_state_dict(up)
+            link.lr = up["lr"]
+        for group, saved in zip(self._groups(), saved_groups, strict=True):
+            # the saved options over this group's (a torch.optim state dict lacks stepd's)
+            keep = {"params", "param_names"}
+            dict.update(group, {k: v for k, v in saved.items() if k not in keep})
+
+    # -- the rest ---------------------------------------------------------------------------
+
+    @property
+    def remote(self) -> Any:
+        """The first param group's stepd optimizer (:class:`stepd.client.StepdOptimizer`)."""
+        return self._links[0].remote
+
+    @property
+    def remotes(self) -> list[Any]:
+        """One stepd optimizer per server group, in the order of the param groups."""
+        return [link.remote for link in self._links]
 
     def close(self) -> None:
-        self.remote.close()
+        """Close every connection (an anonymous run is deleted with it)."""
+        if self._closed:
+            return
+        self._closed = True
+        for link in getattr(self, "_links", []):
+            link.remote.close()
+
+    def __enter__(self) -> RemoteOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _mu_product(hyperparams: Mapping[str, Any], t: int) -> float:
+    """NAdam's ``prod_{i <= t} mu_i`` (torch keeps it in each parameter's state)."""
+    beta1, psi = hyperparams["betas"][0], hyperparams["momentum_decay"]
+    product = 1.0
+    for i in range(1, t + 1):
+        product *= beta1 if psi is None else beta1 * (1.0 - 0.5 * 0.96 ** (i * psi))
+    return product
+
+
+def hutchinson(
+    loss: torch.Tensor,
+    params: Iterable[torch.Tensor],
+    *,
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Hutchinson's estimate of the Hessian diagonal of ``loss`` for each of ``params``:
+    the mean over ``samples`` of ``z * (H z)`` with ``z`` Rademacher (±1 entries), whose
+    expectation is ``diag(H)``. ``H z`` comes from differentiating ``grad(loss) . z``; the
+    graph of ``loss`` is kept, so ``loss.backward()`` may follow. ``generator``: a CPU
+    ``torch.Generator`` for reproducible ``z``."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for _ in range(samples):
+        zs = [
+            (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype)
+            for p in params
+        ]
+        if live:
+            hvs = torch.autograd.grad(
+                [grads[i] for i in live],
+                [params[i] for i in live],
+                grad_outputs=[zs[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for i, hv in zip(live, hvs, strict=True):
+                if hv is not None:
+                    sums[i] += (zs[i] * hv).detach()
+    return {p: s / samples for p, s in zip(params, sums, strict=True)}
+
+
+__all__ = ["RemoteOptimizer", "hutchinson"]
