@@ -227,6 +227,10 @@ class HttpTransport(ServerTransport):
     def set_lr(self, group: str, lr: float) -> None:
         self.request("PUT", self._p("/lr"), json={"lr": lr, "group": group})
 
+    def set_hyperparams(self, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        path = self._p(f"/groups/{_path(group)}/hyperparams")
+        return self._json("PATCH", path, json=dict(changes))
+
     def group(self, group: str) -> dict[str, Any]:
         for g in self._json("GET", self._p("/groups")):
             if g["id"] == group:
@@ -274,7 +278,7 @@ class HttpTransport(ServerTransport):
             state[name] = {"shape": list(p["shape"]), "count": stats["count"], "slots": slots}
         return {
             "algorithm": info["algorithm"],
-            "hyperparams": info["hyperparams"],
+            "hyperparams": info.get("current_hyperparams", info["hyperparams"]),
             "global_step": int(run["global_step"]),
             "lr": float(info["lr"]),
             "lr_scales": lr_scales,

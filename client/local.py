@@ -35,6 +35,7 @@ from .transport import (
     LoadStateDict,
     Op,
     Register,
+    SetHyperparams,
     SetLr,
     SetLrScale,
     Step,
@@ -131,6 +132,9 @@ class LocalTransport(Transport):
                 return opt.lr
             case SetLr(lr=lr):
                 return opt.set_lr(lr)
+            case SetHyperparams(changes=changes):
+                opt.set_hyperparams(**changes)
+                return opt.hyperparams.to_dict()
             case GetLrScale(name=name):
                 return opt.lr_scale(name)
             case SetLrScale(name=name, scale=scale):

@@ -34,6 +34,7 @@ from .transport import (
     LoadStateDict,
     Register,
     ServerTransport,
+    SetHyperparams,
     SetLr,
     SetLrScale,
     Step,
@@ -219,6 +220,15 @@ class StepdOptimizer:
 
     def set_lr(self, lr: float) -> None:
         self._call(SetLr(_rate("learning rate", lr)))
+
+    def set_hyperparams(self, **changes: Any) -> dict[str, Any]:
+        """Change hyperparameters other than the lr (``set_lr``) from the next step on —
+        e.g. ``betas`` or ``momentum`` cycled by a scheduler; the optimizer state stays.
+        Returns every hyperparameter now. A change of the state's layout (``amsgrad``) or
+        of the lr is refused (``InvalidRequestError``)."""
+        if not changes:
+            raise ValueError("set_hyperparams needs at least one hyperparameter")
+        return dict(self._call(SetHyperparams(dict(changes))))
 
     @property
     def lr(self) -> float | None:

@@ -48,6 +48,7 @@ from .transport import (
     Op,
     Register,
     ServerTransport,
+    SetHyperparams,
     SetLr,
     SetLrScale,
     Step,
@@ -151,6 +152,12 @@ class Session(Transport):
                     self._retry(lambda: t.set_lr(gid, lr), self._reads)
                 self.lr = lr
                 return None
+            case SetHyperparams(changes=changes):
+                if self.group_id is None:  # the group is made with them when it is
+                    self.hyperparams.update(changes)
+                    return dict(self.hyperparams)
+                gid = self.group_id
+                return self._retry(lambda: t.set_hyperparams(gid, changes), self._reads)
             case GetLrScale(name=name):
                 if name in self.registered:
                     return self._retry(lambda: t.lr_scale(name), self._reads)

@@ -72,6 +72,12 @@ class ShardedOptimizer:
         for opt in self.shards:
             opt.set_lr(lr)
 
+    def set_hyperparams(self, **changes: Any) -> dict[str, Any]:
+        now: dict[str, Any] = {}
+        for opt in self.shards:
+            now = opt.set_hyperparams(**changes)
+        return now
+
     def state_dict(self) -> dict[str, Any]:
         """The shards' state merged into one (as a single server's would be)."""
         parts = [opt.state_dict() for opt in self.shards]

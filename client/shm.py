@@ -304,6 +304,10 @@ class ShmTransport(ServerTransport):
     def set_lr(self, group: str, lr: float) -> None:
         self.request(Op.SET_LR, F64.pack(lr) + group.encode())
 
+    def set_hyperparams(self, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        body = json.dumps({"group": group, "changes": dict(changes)}).encode()
+        return json.loads(self.request(Op.SET_HYPERPARAMS, body))
+
     def group(self, group: str) -> dict[str, Any]:
         return json.loads(self.request(Op.GET_GROUP, group.encode()))
 

@@ -164,12 +164,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
     Accepted and ignored: ``foreach``, ``fused``, ``capturable``, ``differentiable`` (how torch
     would compute the step), ``amsgrad=False``, ``maximize=False``.
 
-    Not supported: ``amsgrad=True`` and ``maximize=True`` where the algorithm's kernels lack
-    them (``NotImplementedError`` naming the argument); changing
-    a hyperparameter other than ``lr`` after the group exists (``NotImplementedError``: a
-    server group keeps the hyperparameters it was created with, only its lr can be set — so
-    ``OneCycleLR`` / ``CyclicLR`` need ``cycle_momentum=False``); sparse gradients
-    (``TypeError``); other dtypes than float32 (``TypeError``).
+    Any hyperparameter changed in ``param_groups`` (``betas`` or ``momentum`` cycled by
+    ``OneCycleLR`` / ``CyclicLR``, a weight-decay schedule) reaches the server when it is set,
+    the optimizer state staying as it is; a change of the state's layout (``amsgrad``) is
+    refused by the server, and ``decoupled_weight_decay`` cannot change
+    (``NotImplementedError``).
+
+    Not supported: ``amsgrad=True`` and ``maximize=True`` where the algorithm lacks them
+    (``NotImplementedError`` naming the argument); sparse gradients (``TypeError``).
 
     Steps are counted per parameter, as torch does (``step_count="per_param"``, the default
     here where the algorithm's hyperparameters have it; ``step_count="global"`` is
@@ -372,14 +374,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return link.hyperparams[key]
 
     def _cannot_change(self, key: str, was: Any, now: Any) -> NotImplementedError:
-        hint = ""
-        if key in ("betas", "momentum"):
-            hint = " (OneCycleLR and CyclicLR cycle it by default: pass cycle_momentum=False)"
         return NotImplementedError(
             f"stepd cannot change {key!r} of a param group once it exists ({_plain(was)!r} -> "
-            f"{_plain(now)!r}): a server group keeps the hyperparameters it was created with, "
-            f"only its lr can be set{hint}"
+            f"{_plain(now)!r}): it decides how the adapter and the server split the update"
         )
+
+    def _send_hyperparam(
+        self, link: _Link, group: _ParamGroup | None, key: str, value: Any
+    ) -> None:
+        """A changed server hyperparameter (a scheduler cycling betas or momentum) goes to
+        the server group at once — when every torch group stepped in it agrees (else the
+        check before the next step says so)."""
+        if _canon(value) == _canon(link.hyperparams[key]):
+            return
+        if any(_canon(g.get(key)) != _canon(value) for g in link.groups if g is not group):
+            return
+        now = link.remote.set_hyperparams(**{key: _plain(value)})
+        link.hyperparams[key] = now[key]
 
     def _on_set(self, group: _ParamGroup, key: str, value: Any) -> None:
         """``group[key] = value`` is about to happen: send an lr now, refuse what the server
@@ -393,10 +404,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if lr != link.lr and others <= {lr}:
                 link.remote.set_lr(lr)
                 link.lr = lr
-        elif key in self._fixed(link):
+        elif key in self._fixed(link) and key not in link.hyperparams:
             was = self._fixed_value(link, key)
             if _canon(value) != _canon(was):
                 raise self._cannot_change(key, was, value)
+        elif key in self._fixed(link):
+            self._send_hyperparam(link, group, key, value)
 
     def _push(self) -> None:
         """Before a step: each server group's lr is its torch groups' (sent if it changed),
@@ -412,9 +425,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 for key in self._refused:
                     self._refuse(key, group.get(key, False))
                 for key in self._fixed(link):
+                    if key in link.hyperparams:  # a server hyperparameter: sent if changed
+                        continue
                     was = self._fixed_value(link, key)
                     if _canon(group.get(key)) != _canon(was):
                         raise self._cannot_change(key, was, group.get(key))
+            for key in self._fixed(link):
+                if key not in link.hyperparams:
+                    continue
+                values = {json.dumps(_canon(g.get(key))) for g in link.groups}
+                if len(values) > 1:
+                    raise ValueError(
+                        f"param groups with the same hyperparameters share one server group in "
+                        f"run {self._connect['run']!r}, so their {key!r} must be equal; got "
+                        f"{sorted(values)}"
+                    )
+                if link.groups:
+                    self._send_hyperparam(link, None, key, link.groups[0].get(key))
             if lrs and (lr := lrs.pop()) != link.lr:
                 link.remote.set_lr(lr)
                 link.lr = lr

@@ -53,6 +53,11 @@ class SetLr:
 
 
 @dataclass(frozen=True)
+class SetHyperparams:
+    changes: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class GetLrScale:
     name: str
 
@@ -89,6 +94,7 @@ Op = (
     | EndIteration
     | GetLr
     | SetLr
+    | SetHyperparams
     | GetLrScale
     | SetLrScale
     | GetStateDict
@@ -168,6 +174,10 @@ class ServerTransport(ABC):
 
     @abstractmethod
     def set_lr(self, group: str, lr: float) -> None: ...
+
+    @abstractmethod
+    def set_hyperparams(self, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change hyperparameters other than the lr; every hyperparameter now."""
 
     @abstractmethod
     def group(self, group: str) -> dict[str, Any]:

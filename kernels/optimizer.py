@@ -194,6 +194,29 @@ class Optimizer:
     def set_lr(self, lr: float) -> None:
         self._lr = self.check_lr(lr)
 
+    def check_hyperparams(self, **changes: Any) -> Any:
+        """The hyperparameters :meth:`set_hyperparams` would give (``ValueError`` or
+        ``TypeError`` if it would refuse)."""
+        hp = self.algorithm.hp
+        if "lr" in changes:
+            raise ValueError("the lr is set with set_lr (it is not a fixed hyperparameter)")
+        new = type(hp).from_kwargs(**{**hp.to_dict(), **changes, "lr": hp.lr})
+        algorithm = type(self.algorithm)(new)
+        for name, st in self._state.items():
+            if algorithm.slot_shapes(st.shape) != self.algorithm.slot_shapes(st.shape):
+                raise ValueError(
+                    f"changing {', '.join(sorted(changes))} changes the state {name!r} keeps "
+                    "(its slots); register a new group instead"
+                )
+        return new
+
+    def set_hyperparams(self, **changes: Any) -> None:
+        """Change hyperparameters other than the lr between steps (a scheduler cycling the
+        momentum or betas); every state buffer stays as it is. A change that would alter
+        the state's layout (e.g. ``amsgrad``) is refused."""
+        self.algorithm = type(self.algorithm)(self.check_hyperparams(**changes))
+        self._plans.clear()  # they hold the old algorithm's scalars
+
     # -- inspection ----------------------------------------------------------------------
 
     @property

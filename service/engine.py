@@ -586,6 +586,14 @@ class Engine:
     def set_lr(self, run: str, lr: float, group: str | None = None) -> list[str]:
         return self.run(run).store.set_lr(lr, group)
 
+    def set_hyperparams(self, run: str, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a group's hyperparameters other than the lr (a scheduler cycling momentum
+        or betas); its state stays, and a change of the state's layout is refused. Returns
+        the group's hyperparameters now; its id (its creation config) does not change."""
+        if not isinstance(changes, Mapping) or not changes:
+            raise Invalid(f"hyperparameter changes must be a non-empty object, got {changes!r}")
+        return self.run(run).store.set_hyperparams(group, changes)
+
     def groups(self, run: str) -> list[dict[str, Any]]:
         return self.run(run).store.groups()
 

@@ -28,6 +28,11 @@ def check_name(name: str) -> str:
     return name
 
 
+# Hyperparameters every algorithm (or Adam's family) gained later, at their defaults.
+LATER_DEFAULTS: dict[str, Any] = {"maximize": False, "step_count": "global", "amsgrad": False}
+_NONE = object()
+
+
 @dataclass(frozen=True)
 class Group:
     """An optimizer configuration; its id is stable across processes (a hash of the config)."""
@@ -41,7 +46,12 @@ class Group:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "linear_cost", ALGORITHMS[self.algorithm].linear_cost)
-        config: dict[str, Any] = {"a": self.algorithm, "h": self.hyperparams}
+        # Options added since ids were first given leave them unchanged at their defaults,
+        # so a checkpoint's groups are still found by the ids it names.
+        hyperparams = {
+            k: v for k, v in self.hyperparams.items() if LATER_DEFAULTS.get(k, _NONE) != v
+        }
+        config: dict[str, Any] = {"a": self.algorithm, "h": hyperparams}
         if self.workers["mode"] != "plain":  # plain groups keep the ids they always had
             config["w"] = self.workers
         canon = json.dumps(config, sort_keys=True)

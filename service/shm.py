@@ -338,6 +338,12 @@ class ShmServer:
         if op == Op.SET_LR:
             engine.set_lr(run, _f64(payload), payload[8:].decode() or None)
             return b""
+        if op == Op.SET_HYPERPARAMS:
+            body = _json(payload)
+            if not isinstance(body, dict) or not isinstance(body.get("group"), str):
+                raise Invalid("SET_HYPERPARAMS: a JSON object with a group id and changes")
+            now = engine.set_hyperparams(run, body["group"], body.get("changes") or {})
+            return json.dumps(now).encode()
         if op == Op.GET_LR_SCALE:
             return F64.pack(engine.lr_scale(run, payload.decode()))
         if op == Op.SET_LR_SCALE:

@@ -74,7 +74,8 @@ class Snapshots:
             groups[gid] = {
                 "workers": dict(self._group_info[gid].workers),
                 "algorithm": sd["algorithm"],
-                "hyperparams": sd["hyperparams"],
+                "hyperparams": dict(self._group_info[gid].hyperparams),  # the group's identity
+                "current_hyperparams": sd["hyperparams"],  # as changed since (set_hyperparams)
                 "lr": sd["lr"],
                 "lr_scales": sd["lr_scales"],
             }
@@ -96,7 +97,8 @@ class Snapshots:
             infos: dict[str, Group] = {}
             for gid, g in meta["groups"].items():
                 group, _ = resolve_group(g["algorithm"], g["hyperparams"], g.get("workers"))
-                opt = create_optimizer(g["algorithm"], backend=self.device, **g["hyperparams"])
+                current = g.get("current_hyperparams", g["hyperparams"])  # older files: same
+                opt = create_optimizer(g["algorithm"], backend=self.device, **current)
                 state = {}
                 for name, p in meta["params"].items():
                     if p["group"] != gid or "count" not in p:
@@ -110,7 +112,7 @@ class Snapshots:
                 opt.load_state_dict(
                     {
                         "algorithm": g["algorithm"],
-                        "hyperparams": g["hyperparams"],
+                        "hyperparams": current,
                         "global_step": global_step,
                         "lr": g["lr"],
                         "lr_scales": g["lr_scales"],
@@ -188,10 +190,11 @@ class Snapshots:
                     f"state metadata 'hyperparams' must be an object, got {hyperparams!r}"
                 )
             given, _ = resolve_group(group.algorithm, hyperparams, group.workers)
-            if given.hyperparams != group.hyperparams:
+            now = opt.hyperparams.to_dict()  # as changed since the group was made, if at all
+            if given.hyperparams != now:
                 raise Conflict(
                     f"the state's hyperparams {dict(given.hyperparams)} differ from group "
-                    f"{group_id!r}'s {dict(group.hyperparams)}"
+                    f"{group_id!r}'s {now}"
                 )
             for name in {**counts, **lr_scales}:
                 e = self.entry(check_name(name))
@@ -209,13 +212,13 @@ class Snapshots:
                 state[name] = {"shape": shape, "count": count, "slots": slots[name]}
             sd = {
                 "algorithm": group.algorithm,
-                "hyperparams": dict(group.hyperparams),
+                "hyperparams": now,
                 "global_step": self.global_step if global_step is None else global_step,
                 "lr": fields.get("lr", current["lr"]),
                 "lr_scales": {**current["lr_scales"], **lr_scales},
                 "state": state,
             }
-            built = create_optimizer(group.algorithm, backend=self.device, **group.hyperparams)
+            built = create_optimizer(group.algorithm, backend=self.device, **now)
             try:
                 built.load_state_dict(sd)
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -226,7 +229,7 @@ class Snapshots:
                     if gid != group_id:
                         g = self._group_info[gid]
                         others[gid] = create_optimizer(
-                            g.algorithm, backend=self.device, **g.hyperparams
+                            g.algorithm, backend=self.device, **other.hyperparams.to_dict()
                         )
                         others[gid].load_state_dict(
                             {**other.state_dict(copy=False), "global_step": built.global_step}

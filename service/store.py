@@ -389,6 +389,18 @@ class ParamStore(Snapshots):
                 opt.set_lr(lr)
             return list(targets)
 
+    def set_hyperparams(self, group_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a group's hyperparameters other than the lr (its state stays); returns
+        them all. The group keeps its id: the id names the configuration it was created
+        with, as a changed lr leaves it too."""
+        with self.lock.exclusive():
+            opt = self._select_groups(group_id)[group_id]
+            try:
+                opt.set_hyperparams(**changes)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise Invalid(str(exc)) from None
+            return opt.hyperparams.to_dict()
+
     def _select_groups(self, group_id: str | None) -> dict[str, Optimizer]:
         if group_id is None:
             return dict(self._groups)
@@ -416,7 +428,12 @@ class ParamStore(Snapshots):
 
     def groups(self) -> list[dict[str, Any]]:
         return [
-            {**g.to_dict(), "lr": self._groups[gid].lr, "params": self._count(gid)}
+            {
+                **g.to_dict(),
+                "lr": self._groups[gid].lr,
+                "current_hyperparams": self._groups[gid].hyperparams.to_dict(),
+                "params": self._count(gid),
+            }
             for gid, g in self._group_info.items()
         ]
 

@@ -232,3 +232,4 @@ class Op(IntEnum):
     STEP_V = 14  # u32 n, n x SLOT_VERSION -> n x STEP_REPLY (async groups)
     LOAD_STATE = 15  # u32 k, group id (k bytes UTF-8), safetensors -> nothing
     HESSIAN = 16  # u32 slot -> nothing; Sophia's estimate, in the segment's gradient half
+    SET_HYPERPARAMS = 17  # JSON {group, changes} -> JSON hyperparams now

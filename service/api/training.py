@@ -37,6 +37,17 @@ async def set_lr(run: str, body: LrRequest, engine: EngineDep) -> dict[str, Any]
     return {"lr": body.lr, "groups": groups}
 
 
+@router.patch("/groups/{group_id}/hyperparams")
+async def set_hyperparams(
+    run: str, group_id: str, body: dict[str, Any], engine: EngineDep
+) -> dict[str, Any]:
+    """Change hyperparameters of a group other than its lr (which ``PUT /lr`` sets), e.g.
+    ``{"betas": [0.85, 0.99]}`` from a scheduler cycling momentum; the state stays as it is
+    (a change of its layout, such as ``amsgrad``, is a 422). Applies from the next step and
+    is saved in checkpoints; the group keeps its id. Returns every hyperparameter now."""
+    return await run_in_threadpool(engine.set_hyperparams, run, group_id, body)
+
+
 @router.get("/workers")
 async def workers(run: str, engine: EngineDep) -> list[dict[str, Any]]:
     """The workers seen so far: id, first and last seen (Unix time), gradients sent."""

@@ -84,6 +84,9 @@ def script(url: str, algorithm: str, hp: dict[str, Any]) -> list[tuple[str, tupl
         rec("lr", lambda: opt.lr)
         rec("step after set_lr", lambda: opt.step("b", (3,), b, f32(3, seed=6)))
         rec("params after set_lr", params)
+        rec("set_hyperparams", lambda: opt.set_hyperparams(betas=(0.8, 0.99), weight_decay=0.1))
+        rec("step after set_hyperparams", lambda: opt.step("w", (2, 3), w, f32(2, 3, seed=9)))
+        rec("params after set_hyperparams", params)
         rec("state_dict", opt.state_dict)
 
         # -- refusals: each leaves everything as it was
@@ -109,6 +112,10 @@ def script(url: str, algorithm: str, hp: dict[str, Any]) -> list[tuple[str, tupl
         rec("Hessian, algorithm without", lambda: opt.update_hessian("w", (2, 3), f32(2, 3)))
         rec("Hessian of an unknown name", lambda: opt.update_hessian("nope", (2,), f32(2)))
         rec("negative lr", lambda: opt.set_lr(-1.0))
+        rec("set_hyperparams of the lr", lambda: opt.set_hyperparams(lr=0.5))
+        rec("set_hyperparams beta 1.5", lambda: opt.set_hyperparams(betas=(1.5, 0.9)))
+        rec("set_hyperparams unknown", lambda: opt.set_hyperparams(momentum=0.9))
+        rec("set_hyperparams of the layout", lambda: opt.set_hyperparams(amsgrad=True))
         rec("NaN lr_scale", lambda: opt.set_lr_scale("w", float("nan")))
         rec("lr_scale of a non-string", lambda: opt.lr_scale(3))  # type: ignore[arg-type]
         rec("state of another algorithm", lambda: opt.load_state_dict({"algorithm": "sgd"}))

@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from stepd.client.errors import InvalidRequestError  # noqa: E402
 from stepd.client.torch import RemoteOptimizer  # noqa: E402
 from stepd.kernels.algorithms import ALGORITHMS  # noqa: E402
 
@@ -29,8 +30,11 @@ def data() -> tuple:
     return x, x @ torch.randn(8, 1, generator=g) + 0.3
 
 
-def train(make_opt, steps: int = STEPS, make_sched=None, skip=None) -> list[torch.Tensor]:
-    """Train a fresh model; ``skip(t)``: the parameter indices whose grad is None at t."""
+def train(
+    make_opt, steps: int = STEPS, make_sched=None, skip=None, hook=None
+) -> list[torch.Tensor]:
+    """Train a fresh model; ``skip(t)``: the parameter indices whose grad is None at t;
+    ``hook(opt, t)``: changes made to the optimizer before step t."""
     net = model()
     opt = make_opt(net)
     sched = make_sched(opt) if make_sched else None
@@ -40,6 +44,8 @@ def train(make_opt, steps: int = STEPS, make_sched=None, skip=None) -> list[torc
         torch.nn.functional.mse_loss(net(x), y).backward()
         for i in skip(t) if skip else ():
             list(net.parameters())[i].grad = None
+        if hook is not None:
+            hook(opt, t)
         opt.step()
         if sched is not None:
             sched.step()
@@ -264,6 +270,9 @@ SCHEDULERS = [
         ),
     ),
     ("lambda", lambda o: torch.optim.lr_scheduler.LambdaLR(o, [lambda t: 0.97**t, lambda t: 1])),
+    # Their defaults cycle beta1 too: a server hyperparameter changed at every step.
+    ("onecycle-momentum", lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.1, STEPS)),
+    ("cyclic-momentum", lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.01, 0.1, 7)),
 ]
 
 
@@ -285,24 +294,35 @@ def test_schedulers_reach_the_server_before_the_next_step() -> None:
     opt.close()
 
 
-def test_momentum_cycling_is_refused_by_name() -> None:
-    # A server group keeps its betas / momentum: only its lr can change (no server call).
+def test_sgd_momentum_cycling_and_a_weight_decay_schedule() -> None:
+    """CyclicLR's default cycles SGD's momentum; a hand-written weight-decay schedule and a
+    change made behind the group's back (seen before the next step) reach the server too."""
+
+    def make_sched(o):
+        return torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=5)
+
+    def decay(o, step: int) -> None:
+        if step == 20:
+            o.param_groups[0]["weight_decay"] = 0.05
+        if step == 30:
+            dict.update(o.param_groups[-1], {"dampening": 0.1})
+
+    hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
+    want = train(lambda m: torch.optim.SGD(split(m), **hp), make_sched=make_sched, hook=decay)
+    got = train(
+        lambda m: RemoteOptimizer(split(m), LOCAL, "sgd", **hp), make_sched=make_sched, hook=decay
+    )
+    assert_close(got, want)
+
+
+def test_a_change_of_the_state_layout_is_refused() -> None:
     opt = RemoteOptimizer(model().parameters(), LOCAL, "adamw", **HP)
-    with pytest.raises(NotImplementedError, match=r"'betas'.*cycle_momentum=False"):
-        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
-    assert opt.param_groups[0]["betas"] == HP["betas"]  # unchanged
-    sgd = RemoteOptimizer(model().parameters(), LOCAL, "sgd", lr=0.1, momentum=0.5)
-    with pytest.raises(NotImplementedError, match=r"'momentum'.*cycle_momentum=False"):
-        torch.optim.lr_scheduler.CyclicLR(sgd, base_lr=0.01, max_lr=0.1)
-    for key, value in (("weight_decay", 0.5), ("eps", 1e-3)):
-        with pytest.raises(NotImplementedError, match=repr(key)):
-            opt.param_groups[0][key] = value
-    dict.update(opt.param_groups[0], {"eps": 1e-3})  # behind its back: caught at the step
     next(iter(opt.param_groups[0]["params"])).grad = torch.ones(4, 8)
-    with pytest.raises(NotImplementedError, match="'eps'"):
-        opt.step()
+    opt.step()  # the state exists now, without a max_exp_avg_sq slot
+    with pytest.raises(InvalidRequestError, match="changes the state"):
+        opt.param_groups[0]["amsgrad"] = True
+    assert opt.param_groups[0]["amsgrad"] is False
     opt.close()
-    sgd.close()
 
 
 # -- step semantics ----------------------------------------------------------------------------

@@ -311,6 +311,8 @@ CASES = [
     # -- checkpoints
     ("GET /v1/runs/t/checkpoints", "wrong method", "put", "/v1/runs/t/checkpoints", {}, 405,
      "Method Not Allowed"),
+    ("PATCH /v1/runs/t/groups/{group_id}/hyperparams", "not an object", "patch",
+     "/v1/runs/t/groups/nope/hyperparams", {"json": [1]}, 422, None),
     ("GET /v1/runs/t/checkpoints/invalid", "unknown run", "get",
      "/v1/runs/nope/checkpoints/invalid", {}, 404, "run 'nope' does not exist"),
     ("POST /v1/runs/t/checkpoints", "dot-dot", "post", "/v1/runs/t/checkpoints", {"json": {"name": ".."}},
