@@ -65,6 +65,13 @@ def _raw(arr: np.ndarray) -> list[bytes | memoryview]:
     return [arr.reshape(-1).data.cast("B")] if arr.size else [b""]
 
 
+def _into(param: np.ndarray, value: np.ndarray) -> None:
+    """Write ``value`` into ``param``, rounded to the param's precision if it is lower."""
+    if value.dtype != param.dtype:
+        value = wire.narrow(np, wire.widen(np, value), param.dtype)
+    np.copyto(param.reshape(-1), value.reshape(-1))
+
+
 def _path(name: str) -> str:
     return quote(name, safe="")
 
@@ -167,7 +174,8 @@ class HttpTransport(ServerTransport):
             "shape": list(shape),
             "group": dict(group),
             "lr_scale": lr_scale,
-            "value": base64.b64encode(param.tobytes()).decode("ascii"),
+            # float32 master weights on the server, whatever the model's precision
+            "value": base64.b64encode(wire.widen(np, param).tobytes()).decode("ascii"),
         }
         if shard is not None:
             body["shard"] = {"index": shard[0], "count": shard[1]}
@@ -175,7 +183,7 @@ class HttpTransport(ServerTransport):
         info = r.json()
         if r.status_code == 200:  # already there with the same config: the server's copy wins
             value = self._tensor(self._p(f"/params/{_path(name)}/value"), shape)
-            np.copyto(param.reshape(-1), value.reshape(-1))
+            _into(param, value)
         return Registered(r.status_code == 201, info["group"], int(info["version"]))
 
     def step(
@@ -187,28 +195,37 @@ class HttpTransport(ServerTransport):
             query: dict[str, Any] = dict(self._worker_query)
             if versions is not None:
                 query["version"] = versions[name]
+            headers = {**OCTET, **rid}
+            if grad.dtype != wire.F32:  # the model's precision on the wire: half the bytes
+                headers[wire.DTYPE_HEADER] = wire.DTYPE_NAMES[grad.dtype]
+            if param.dtype != grad.dtype:  # the reply comes in the param's precision
+                query["return_dtype"] = wire.DTYPE_NAMES[param.dtype]
             r = self.request(
                 "POST",
                 self._p(f"/params/{_path(name)}/step"),
-                **_content(_raw(grad), {**OCTET, **rid}),
+                **_content(_raw(grad), headers),
                 params=query,
             )
             if len(r.content) != param.nbytes:
                 raise TransportError(
                     f"step {name!r}: reply has {len(r.content)} bytes, expected {param.nbytes}"
                 )
-            np.copyto(param.reshape(-1), np.frombuffer(r.content, dtype=wire.F32))
+            np.copyto(param.reshape(-1), np.frombuffer(r.content, dtype=param.dtype))
             return {name: int(r.headers[wire.VERSION_HEADER])}
         meta = None if versions is None else {"versions": json.dumps(dict(versions))}
         grads = {name: grad.reshape(shape) for name, shape, _, grad in items}
+        query = dict(self._worker_query)
+        if any(p.dtype != g.dtype for _, _, p, g in items):  # each param in its precision
+            kinds = {p.dtype for _, _, p, _ in items}
+            query["return_dtype"] = wire.DTYPE_NAMES[kinds.pop() if len(kinds) == 1 else wire.F32]
         r = self.request(
             "POST",
             self._p("/step"),
             **_content(wire.dump_parts(grads, meta), {**SAFETENSORS, **rid}),
-            params=self._worker_query,
+            params=query,
         )
         try:
-            out, reply_meta = wire.parse(r.content)
+            out, reply_meta = wire.parse(r.content, codes=wire.GRAD_CODES)
             new = {k: int(v) for k, v in json.loads(reply_meta.get("versions", "{}")).items()}
         except (ValueError, KeyError, TypeError) as exc:
             raise TransportError(f"POST /step: malformed safetensors reply: {exc}") from exc
@@ -217,7 +234,7 @@ class HttpTransport(ServerTransport):
             if got is None or got.size != param.size:
                 raise TransportError(f"POST /step: reply lacks a matching {name!r}")
         for name, _, param, _ in items:
-            np.copyto(param.reshape(-1), out[name].reshape(-1))
+            _into(param, out[name])
         return new
 
     def end_iteration(self) -> int:
@@ -226,6 +243,10 @@ class HttpTransport(ServerTransport):
 
     def set_lr(self, group: str, lr: float) -> None:
         self.request("PUT", self._p("/lr"), json={"lr": lr, "group": group})
+
+    def set_value(self, name: str, value: np.ndarray) -> None:
+        path = self._p(f"/params/{_path(name)}/value")
+        self.request("PUT", path, **_content(_raw(wire.widen(np, value)), OCTET))
 
     def set_hyperparams(self, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         path = self._p(f"/groups/{_path(group)}/hyperparams")

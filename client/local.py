@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stepd.wire import Status
+from stepd.wire import F32, Status, narrow, widen
 
 from .errors import ConflictError, InvalidRequestError
 from .state import check
@@ -38,6 +38,7 @@ from .transport import (
     SetHyperparams,
     SetLr,
     SetLrScale,
+    SetValue,
     Step,
     StepItem,
     Transport,
@@ -49,7 +50,7 @@ _runs_lock = threading.Lock()
 
 
 def _all_finite(x: np.ndarray) -> bool:
-    return bool(np.isfinite(x).all())
+    return bool(np.isfinite(widen(np, x)).all())
 
 
 def _refused(exc: Exception, what: str) -> InvalidRequestError:
@@ -75,6 +76,9 @@ class LocalTransport(Transport):
             raise _refused(exc, "connect") from None
         self.run = run
         self._seen: set[str] = set()  # names whose first value was checked
+        # float32 master weights of parameters held in the model's precision (bfloat16,
+        # float16): the optimizer steps these, the caller's arrays get them rounded
+        self._masters: dict[str, np.ndarray] = {}
         core = opt.backend
         # host arrays: the compiled check (one pass, no temporaries) where the core has one
         self._finite = core.all_finite if core.xp is np else _all_finite
@@ -104,6 +108,13 @@ class LocalTransport(Transport):
         except (TypeError, ValueError) as exc:  # the core refused it, as a server would
             raise _refused(exc, type(op).__name__) from None
 
+    def _master(self, name: str, param: np.ndarray) -> np.ndarray:
+        """The float32 master of a parameter the caller holds in lower precision."""
+        master = self._masters.get(name)
+        if master is None:
+            master = self._masters[name] = np.array(widen(np, param), np.float32, copy=True)
+        return master
+
     def _admit(self, items: tuple[Item, ...], step: tuple[StepItem, ...] = ()) -> None:
         """Refuse non-finite first values of ``items`` and gradients of ``step`` (a step's
         items, the same ones), as a server does (all before any)."""
@@ -123,7 +134,15 @@ class LocalTransport(Transport):
         match op:
             case Step(items=items):
                 self._admit(items, step=items)
-                return opt.step_batch(items)
+                if all(item[2].dtype == F32 for item in items):
+                    return opt.step_batch(items)
+                masters = [self._master(name, param) for name, _, param, _ in items]
+                opt.step_batch(
+                    [(n, s, m, g) for (n, s, _, g), m in zip(items, masters, strict=True)]
+                )
+                for (_, _, param, _), master in zip(items, masters, strict=True):
+                    np.copyto(param.reshape(-1), narrow(np, master, param.dtype).reshape(-1))
+                return None
             case Register(items=items):
                 return self._admit(items)
             case EndIteration():
@@ -132,6 +151,11 @@ class LocalTransport(Transport):
                 return opt.lr
             case SetLr(lr=lr):
                 return opt.set_lr(lr)
+            case SetValue(name=name, value=value):
+                # the caller's own array is the value, except where a master is kept here
+                if name in self._masters:
+                    np.copyto(self._masters[name], widen(np, value).reshape(-1))
+                return None
             case SetHyperparams(changes=changes):
                 opt.set_hyperparams(**changes)
                 return opt.hyperparams.to_dict()

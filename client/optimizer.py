@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from stepd.wire import PARAM_NAME_RE, PARAM_NAME_RULE
+from stepd.wire import BF16, F16, F32, PARAM_NAME_RE, PARAM_NAME_RULE, widen
 
 from .errors import StepdError
 from .session import Session
@@ -37,11 +37,17 @@ from .transport import (
     SetHyperparams,
     SetLr,
     SetLrScale,
+    SetValue,
     Step,
     StepItem,
     Transport,
     UpdateHessian,
 )
+
+# A param (the model's copy of its weights) and its gradient may be in the model's precision:
+# bfloat16 (uint16 bits) or float16. The server keeps float32 master weights and state; the
+# gradient travels in its precision and the param comes back rounded to its own.
+PRECISIONS = (F32, BF16, F16)
 
 StepArgs = tuple[str, Sequence[int], np.ndarray, np.ndarray]
 _F32 = np.dtype(np.float32)
@@ -83,11 +89,15 @@ def _shape(name: str, shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def _array(name: str, role: str, arr: Any, shape: tuple[int, ...]) -> None:
+def _array(name: str, role: str, arr: Any, shape: tuple[int, ...], dtypes: tuple = (_F32,)) -> None:
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name!r}: {role} must be a numpy.ndarray, got {type(arr).__name__}")
-    if arr.dtype != _F32:
-        raise TypeError(f"{name!r}: {role} must be float32 (native little-endian), got {arr.dtype}")
+    if arr.dtype not in dtypes:
+        if dtypes == (_F32,):
+            want = "float32 (native little-endian)"
+        else:
+            want = "float32, bfloat16 (as uint16 bits) or float16"
+        raise TypeError(f"{name!r}: {role} must be {want}, got {arr.dtype}")
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name!r}: {role} must be C-contiguous (no silent copies)")
     if arr.size != math.prod(shape):
@@ -133,7 +143,9 @@ class StepdOptimizer:
     # -- the rlx-optim Optimizer trait ------------------------------------------------------
 
     def step(self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray) -> None:
-        """Apply ``grad`` to ``name``; ``param`` (contiguous float32) is updated in place."""
+        """Apply ``grad`` to ``name``; ``param`` (contiguous) is updated in place. Both are
+        float32 or in the model's precision (bfloat16 as uint16 bits, float16): the server
+        keeps float32 master weights, and ``param`` gets them rounded to its dtype."""
         # The common case in one condition (a known name, its shape as a tuple, two good
         # arrays): this runs per tensor per step, and the general checks cost a few us.
         known = self._shapes.get(name) if type(name) is str else None
@@ -221,6 +233,21 @@ class StepdOptimizer:
     def set_lr(self, lr: float) -> None:
         self._call(SetLr(_rate("learning rate", lr)))
 
+    def set_value(self, name: str, shape: Sequence[int], value: np.ndarray) -> None:
+        """Overwrite ``name``'s value where the optimizer keeps it (the server's master
+        weights; its optimizer state stays): for weights loaded into the model from a
+        checkpoint after the optimizer registered them. A name not registered yet takes
+        its value when it registers."""
+        name = _name(name)
+        dims = _shape(name, shape)
+        _array(name, "value", value, dims, PRECISIONS)
+        known = self._shapes.get(name)
+        if known is not None and known != dims:
+            raise ValueError(f"{name!r}: shape {dims} differs from its registered {known}")
+        if not np.isfinite(widen(np, value)).all():
+            raise ValueError(f"{name!r}: the value has non-finite entries")
+        self._call(SetValue(name, value))
+
     def set_hyperparams(self, **changes: Any) -> dict[str, Any]:
         """Change hyperparameters other than the lr (``set_lr``) from the next step on —
         e.g. ``betas`` or ``momentum`` cycled by a scheduler; the optimizer state stays.
@@ -287,11 +314,11 @@ class StepdOptimizer:
                 raise ValueError(f"{name!r} appears more than once in one step_batch")
             seen.add(name)
             dims = _shape(name, shape)
-            _array(name, "param", param, dims)
+            _array(name, "param", param, dims, PRECISIONS)
             if not param.flags.writeable:
                 raise ValueError(f"{name!r}: param must be writable (it is updated in place)")
             if with_grad:
-                _array(name, "grad", grad, dims)
+                _array(name, "grad", grad, dims, PRECISIONS)
             known = self._shapes.get(name)
             if known is not None and known != dims:
                 raise ValueError(f"{name!r}: shape {dims} differs from its registered {known}")

@@ -51,6 +51,7 @@ from .transport import (
     SetHyperparams,
     SetLr,
     SetLrScale,
+    SetValue,
     Step,
     StepItem,
     Transport,
@@ -151,6 +152,10 @@ class Session(Transport):
                     gid = self.group_id
                     self._retry(lambda: t.set_lr(gid, lr), self._reads)
                 self.lr = lr
+                return None
+            case SetValue(name=name, value=value):
+                if name in self.registered:  # else its registration carries the value
+                    self._retry(lambda: t.set_value(name, value), self._reads)
                 return None
             case SetHyperparams(changes=changes):
                 if self.group_id is None:  # the group is made with them when it is

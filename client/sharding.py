@@ -72,6 +72,9 @@ class ShardedOptimizer:
         for opt in self.shards:
             opt.set_lr(lr)
 
+    def set_value(self, name: str, shape: Sequence[int], value: np.ndarray) -> None:
+        self._owner(name).set_value(name, shape, value)
+
     def set_hyperparams(self, **changes: Any) -> dict[str, Any]:
         now: dict[str, Any] = {}
         for opt in self.shards:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from stepd.wire import F32, F64, HEADER, SLOT_VERSION, STEP_REPLY, U32, U64, Op
+from stepd.wire import F32, F64, HEADER, SLOT_VERSION, STEP_REPLY, U32, U64, Op, narrow, widen
 
 from .errors import TransportError, error_for_status
 from .transport import Registered, ServerTransport, StepItem
@@ -59,6 +59,15 @@ PREFIX = "stepd-"  # memfd names: labels only, seen in /proc/<pid>/maps
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # what the server insists on
 
 _counter = itertools.count()
+
+
+def _into(param: np.ndarray, master: np.ndarray) -> None:
+    """The segment's float32 master weights into ``param``, rounded to its precision (the
+    segments stay float32: over shared memory the bytes of a cast are cheap)."""
+    if param.dtype == F32:
+        np.copyto(param.reshape(-1), master)
+    else:
+        np.copyto(param.reshape(-1), narrow(np, master, param.dtype))
 
 
 @dataclass
@@ -226,7 +235,7 @@ class ShmTransport(ServerTransport):
             -1,
         )
         try:
-            np.copyto(seg.param, param.reshape(-1))
+            np.copyto(seg.param, widen(np, param).reshape(-1))  # the float32 master weights
             meta = {"segment": seg_name, "bytes": nbytes}
             handle = U32.unpack(self.request(Op.ATTACH, json.dumps(meta).encode(), [fd]))[0]
             body = {
@@ -247,7 +256,7 @@ class ShmTransport(ServerTransport):
         seg.slot = int(reply["slot"])
         self._segments[name] = seg
         if not reply["created"] and not np.shares_memory(seg.param, param):
-            np.copyto(param.reshape(-1), seg.param)  # the server's copy wins
+            _into(param, seg.param)  # the server's copy wins
         return Registered(bool(reply["created"]), reply["group"], int(reply["version"]))
 
     def buffers(self, name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -267,17 +276,17 @@ class ShmTransport(ServerTransport):
             seg = segs[name]
             user = seg.user
             if user is None or grad is not user[1]:
-                np.copyto(seg.grad, grad.reshape(-1))
+                np.copyto(seg.grad, widen(np, grad).reshape(-1))
             reply = self.request(Op.STEP, U32.pack(seg.slot))
             if len(reply) != STEP_REPLY.size:
                 raise TransportError(f"shm://{self.path}: malformed step reply")
             if user is None or param is not user[0]:
-                np.copyto(param.reshape(-1), seg.param)
+                _into(param, seg.param)
             return {name: STEP_REPLY.unpack(reply)[0]}
         chosen = [segs[name] for name, *_ in items]
         for seg, (_, _, _, grad) in zip(chosen, items, strict=True):
             if seg.user is None or grad is not seg.user[1]:
-                np.copyto(seg.grad, grad.reshape(-1))
+                np.copyto(seg.grad, widen(np, grad).reshape(-1))
         count = len(chosen)
         if versions is not None:
             payload = U32.pack(count) + b"".join(
@@ -292,7 +301,7 @@ class ShmTransport(ServerTransport):
             raise TransportError(f"shm://{self.path}: malformed step reply")
         for seg, (_, _, param, _) in zip(chosen, items, strict=True):
             if seg.user is None or param is not seg.user[0]:
-                np.copyto(param.reshape(-1), seg.param)
+                _into(param, seg.param)
         return {
             name: STEP_REPLY.unpack_from(reply, k * STEP_REPLY.size)[0]
             for k, (name, *_) in enumerate(items)
@@ -303,6 +312,11 @@ class ShmTransport(ServerTransport):
 
     def set_lr(self, group: str, lr: float) -> None:
         self.request(Op.SET_LR, F64.pack(lr) + group.encode())
+
+    def set_value(self, name: str, value: np.ndarray) -> None:
+        seg = self._segments[name]
+        np.copyto(seg.grad, widen(np, value).reshape(-1))  # read from where a gradient goes
+        self.request(Op.SET_VALUE, U32.pack(seg.slot))
 
     def set_hyperparams(self, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         body = json.dumps({"group": group, "changes": dict(changes)}).encode()

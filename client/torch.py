@@ -20,7 +20,12 @@ registered nor sent, until they are stepped.
 ``step()`` sends every ``.grad`` of a group in one ``step_batch`` round trip, writes the
 results into ``p.data`` and ends the iteration; a parameter whose ``.grad`` is ``None`` is
 not stepped. An lr set in ``param_groups`` (by a scheduler or by hand) is sent at once, so
-the server's lr is the group's lr whenever a step or a checkpoint reads it. float32 only.
+the server's lr is the group's lr whenever a step or a checkpoint reads it.
+
+Mixed precision: a bfloat16 or float16 model is served the way mixed-precision training
+does it — the server keeps float32 master weights and float32 state, the gradients travel
+in the model's precision (half the bytes) and the parameters come back rounded to it (to
+nearest even). A float64 model is stepped in float32 on the server.
 """
 
 from __future__ import annotations
@@ -63,6 +68,34 @@ _DECOUPLED: dict[str, tuple[bool, tuple[bool, ...]]] = {
 }
 #: state entries torch keeps that stepd derives from the step count
 _DERIVED = ("step", "mu_product")
+
+
+# What a model's parameters may be. bfloat16 and float16 travel as they are (the server keeps
+# float32 master weights and state, and sends the parameters back rounded to the model's
+# precision); float64 is stepped in float32 on the server.
+_PRECISIONS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """``t`` as the client takes it: float32, bfloat16 (as its uint16 bits) or float16 — a
+    view of ``t`` itself where it is a contiguous CPU tensor of those (True), else a copy
+    (float64 and others as float32)."""
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return t.detach().to("cpu", torch.float32, copy=True).contiguous().numpy(), False
+    shared = t.device.type == "cpu" and t.is_contiguous()
+    if not shared:
+        t = t.detach().to("cpu", copy=True).contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits, as stepd carries them
+        return t.view(torch.int16).numpy().view(np.uint16), shared
+    return t.numpy(), shared
+
+
+def _write_back(t: torch.Tensor, arr: np.ndarray) -> None:
+    """Copy what :func:`_numpy` gave (and the client updated) back into ``t``."""
+    if arr.dtype == np.uint16:
+        t.copy_(torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16))
+    else:
+        t.copy_(torch.from_numpy(arr))
 
 
 def _plain(value: Any) -> Any:
@@ -450,20 +483,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_dtype(name: str, p: torch.Tensor) -> None:
-        if not isinstance(p, torch.Tensor) or p.dtype != torch.float32:
-            raise TypeError(f"{name!r}: RemoteOptimizer takes float32 tensors only, got {p.dtype}")
+        if not isinstance(p, torch.Tensor) or p.dtype not in _PRECISIONS:
+            raise TypeError(
+                f"{name!r}: RemoteOptimizer takes float32, bfloat16, float16 or float64 "
+                f"tensors, got {getattr(p, 'dtype', type(p))}"
+            )
 
     @staticmethod
     def _sync(p: torch.Tensor, call: Callable[[np.ndarray], None]) -> None:
         """Run ``call`` on a numpy buffer of ``p``: ``p.data`` itself when it is a contiguous
         CPU tensor (written in place), else a copy that is written back afterwards."""
         data = p.data
-        if data.device.type == "cpu" and data.is_contiguous():
-            call(data.numpy())
-            return
-        buf = data.detach().to("cpu", copy=True).contiguous().numpy()
+        buf, shared = _numpy(data)
         call(buf)
-        data.copy_(torch.from_numpy(buf))
+        if not shared:
+            _write_back(data, buf)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -495,12 +529,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._check_dtype(name, p)
                 if l2:
                     grad = grad.add(p.detach(), alpha=l2)  # torch's NAdam: g + wd * p
-                g = grad.detach().to("cpu", torch.float32).contiguous().numpy()
+                g, _ = _numpy(grad.detach())  # in the model's precision: half the bytes
                 data = p.data
-                if data.device.type == "cpu" and data.is_contiguous():
-                    buf = data.numpy()
-                else:
-                    buf = data.detach().to("cpu", copy=True).contiguous().numpy()
+                buf, shared = _numpy(data)
+                if not shared:
                     writebacks.append((data, buf))
                 items.append((name, tuple(p.shape), buf, g))
         self._push()
@@ -509,7 +541,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 link.remote.step_batch(items)
                 link.registered.update(item[0] for item in items)
         for data, buf in writebacks:
-            data.copy_(torch.from_numpy(buf))
+            _write_back(data, buf)
         self._end_iteration()
         return loss
 
@@ -671,6 +703,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for link, up in uploads.items():
             link.remote.load_state_dict(up)
             link.lr = up["lr"]
+        # The model's weights are the truth now: frameworks resuming a run (Trainer,
+        # accelerate) load them into the model, then load this state; the server's copy of
+        # a registered parameter would otherwise overwrite them at the next step.
+        for group in self._groups():
+            link = group.link
+            for name, p in zip(group._names, group["params"], strict=True):
+                if name in link.registered:
+                    self._sync(p, partial(link.remote.set_value, name, tuple(p.shape)))
         for group, saved in zip(self._groups(), saved_groups, strict=True):
             # the saved options over this group's (a torch.optim state dict lacks stepd's)
             keep = {"params", "param_names"}

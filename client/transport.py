@@ -53,6 +53,12 @@ class SetLr:
 
 
 @dataclass(frozen=True)
+class SetValue:
+    name: str
+    value: np.ndarray
+
+
+@dataclass(frozen=True)
 class SetHyperparams:
     changes: Mapping[str, Any]
 
@@ -95,6 +101,7 @@ Op = (
     | GetLr
     | SetLr
     | SetHyperparams
+    | SetValue
     | GetLrScale
     | SetLrScale
     | GetStateDict
@@ -174,6 +181,10 @@ class ServerTransport(ABC):
 
     @abstractmethod
     def set_lr(self, group: str, lr: float) -> None: ...
+
+    @abstractmethod
+    def set_value(self, name: str, value: np.ndarray) -> None:
+        """Overwrite a registered parameter's (master) value; its state stays."""
 
     @abstractmethod
     def set_hyperparams(self, group: str, changes: Mapping[str, Any]) -> dict[str, Any]:

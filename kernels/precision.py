@@ -15,50 +15,27 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from stepd.wire import BF16, DTYPE_NAMES, F16, F32, narrow, widen
 
-F32 = np.dtype(np.float32)
-BF16 = np.dtype(np.uint16)  # bfloat16 bits
-F16 = np.dtype(np.float16)
 GRAD_DTYPES = (F32, BF16, F16)
-# Names users and the wire use, and each dtype's exponent mask (all ones: Inf or NaN).
-NAMES: dict[np.dtype, str] = {F32: "float32", BF16: "bfloat16", F16: "float16"}
-BY_NAME = {name: dtype for dtype, name in NAMES.items()}
+# Each 16-bit dtype's exponent mask (all ones: Inf or NaN).
 EXPONENT_MASK = {BF16: 0x7F80, F16: 0x7C00}
 # The kernel-name suffix of each gradient dtype.
 SUFFIX = {F32: "", BF16: "_bf16", F16: "_f16"}
 
-
-def dtype_named(name: str) -> np.dtype:
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown gradient dtype {name!r}; expected one of {', '.join(BY_NAME)}"
-        ) from None
-
-
-def widen(xp: Any, grad: Any) -> Any:
-    """``grad`` as float32 (exact); a float32 array is returned as it is."""
-    if grad.dtype == F32:
-        return grad
-    if grad.dtype == BF16:
-        return (grad.astype(xp.uint32) << 16).view(xp.float32)
-    return grad.astype(xp.float32)
-
-
-def narrow(xp: Any, x: Any, dtype: np.dtype) -> Any:
-    """float32 ``x`` rounded to ``dtype``, to nearest even (what torch's ``.to()`` does)."""
-    if dtype == F32:
-        return x
-    if dtype == F16:
-        with np.errstate(over="ignore"):  # beyond float16's range is Inf, as in torch
-            return x.astype(xp.float16)
-    bits = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
-    # Round to nearest even on the 16 bits dropped: add 0x7FFF plus the kept LSB. NaN
-    # (never a parameter: they are screened) would need a quiet bit; no other case does.
-    rounded = bits + (xp.uint32(0x7FFF) + ((bits >> 16) & xp.uint32(1)))
-    return (rounded >> 16).astype(xp.uint16)
+__all__ = [
+    "BF16",
+    "DTYPE_NAMES",
+    "EXPONENT_MASK",
+    "F16",
+    "F32",
+    "GRAD_DTYPES",
+    "SUFFIX",
+    "all_finite",
+    "narrow",
+    "negated",
+    "widen",
+]
 
 
 def all_finite(xp: Any, grad: Any) -> bool:

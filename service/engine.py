@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from stepd.kernels import get_backend
 
 import stepd
 from stepd.wire import (
+    F32,
     MAX_PAYLOAD,
     PROTOCOL,
     REQUEST_ID_RE,
@@ -41,6 +42,7 @@ from stepd.wire import (
     RUN_NAME_RULE,
     WORKER_RE,
     WORKER_RULE,
+    narrow,
 )
 
 from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo, InvalidCheckpoint
@@ -55,6 +57,21 @@ from .store import ParamStore
 from .workers import Waiting
 
 log = logging.getLogger("stepd")
+
+
+def _in_precision(
+    outcomes: list[StepOutcome], grads: Mapping[str, np.ndarray], dtype: np.dtype | None
+) -> list[StepOutcome]:
+    """Each read-back parameter in ``dtype``, else in its gradient's precision."""
+    if dtype is None and all(g.dtype == F32 for g in grads.values()):
+        return outcomes  # the common case: float32 throughout
+    return [
+        o
+        if o.param is None
+        else replace(o, param=narrow(np, o.param, dtype or grads[o.name].dtype))
+        for o in outcomes
+    ]
+
 
 ANONYMOUS_PREFIX = "anon-"
 # A step tried with blocking=False (on the event loop) runs only when it is known to be cheap:
@@ -372,6 +389,7 @@ class Engine:
         request_id: str | None = None,
         blocking: bool = True,
         transport: str = "http",
+        return_dtype: np.dtype | None = None,
     ) -> list[StepOutcome]:
         """Apply one gradient per name, each routed by its group's workers mode; returns
         once done (sync names: once their rounds are complete). The arguments are those of
@@ -386,6 +404,7 @@ class Engine:
             request_id=request_id,
             blocking=blocking,
             transport=transport,
+            return_dtype=return_dtype,
         ).wait()
 
     def start_step(
@@ -400,8 +419,14 @@ class Engine:
         request_id: str | None = None,
         blocking: bool = True,
         transport: str = "http",
+        return_dtype: np.dtype | None = None,
     ) -> Waiting[list[StepOutcome]]:
         """Apply one gradient per name, each routed by its group's workers mode.
+
+        Gradients are float32, or in the model's precision (bfloat16 as uint16 bits,
+        float16); the parameters read back (``read_back``) come in ``return_dtype``, by
+        default each in its gradient's precision, rounded to nearest even from the float32
+        master weights.
 
         Plain and async groups step at once (one fused launch per group; async gradients are
         checked against ``max_staleness`` from ``versions``, the parameter versions they were
@@ -474,11 +499,11 @@ class Engine:
                 outcomes = {o.name: o for o in (*applied, *done)}
                 ordered = [outcomes[n] for n in grads]
                 self._count_step(r, entries, ordered, worker, start, transport)
-                return ordered
+                return _in_precision(ordered, grads, return_dtype)
 
             return Waiting.gather(r.sync, rounds, finish)
         self._count_step(r, entries, ordered, worker, start, transport)
-        return Waiting.done(ordered)
+        return Waiting.done(_in_precision(ordered, grads, return_dtype))
 
     def _count_step(
         self,

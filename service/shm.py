@@ -368,6 +368,10 @@ class ShmServer:
             slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
             engine.update_hessian(run, slot.name, slot.grad)
             return b""
+        if op == Op.SET_VALUE:  # the client wrote the value where a gradient goes
+            slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
+            engine.set_value(run, slot.name, slot.grad)
+            return b""
         if op in (Op.CLOSE, Op.PING):
             return b""
         raise ProtocolError(f"unknown op {op}")

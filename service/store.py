@@ -22,7 +22,7 @@ import numpy as np
 from stepd.kernels import Optimizer, create_optimizer, get_backend, l2_norm
 from stepd.kernels.hyperparams import check_effective_lr, check_lr_scale
 
-from stepd.wire import shard_of
+from stepd.wire import shard_of, widen
 
 from .entries import Entry, StepOutcome
 from .errors import Conflict, Invalid, NotFound, Stale
@@ -177,7 +177,8 @@ class ParamStore(Snapshots):
         based_on: Mapping[str, int] | None = None,
         request_id: str | None = None,
     ) -> list[StepOutcome]:
-        """Apply one gradient per name (host float32 arrays), one fused launch per group.
+        """Apply one gradient per name (host arrays: float32, or the model's precision),
+        one fused launch per group.
 
         ``read_back``: also return each parameter as it is right after this step (copied
         under the same lock hold, so no other step can slip in between). ``blocking=False``
@@ -296,7 +297,7 @@ class ParamStore(Snapshots):
         for e in members:
             e.version += 1
         for e in measure:
-            e.last_grad_norm = _norm(dev[e.name])
+            e.last_grad_norm = _norm(widen(xp, dev[e.name]))  # bfloat16 arrives as its bits
             e.last_update_norm = _norm(e.param - before[e.name])
             e.norms_at_version = e.version
 

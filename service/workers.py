@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import numpy as np
 
+from stepd.wire import widen
+
 from .errors import Conflict, StragglerTimeout
 from .requests import RequestLog
 
@@ -299,7 +301,8 @@ class SyncRounds:
             raise Conflict(
                 f"{name!r}: worker {worker!r} already sent its gradient for iteration {it}"
             )
-        rnd.grads[worker] = np.array(grad, dtype=np.float32, copy=True).reshape(-1)
+        # float32, whatever precision it came in (widening is exact): the average is float32
+        rnd.grads[worker] = np.array(widen(np, grad), dtype=np.float32, copy=True).reshape(-1)
         return rnd
 
     def _waiting(

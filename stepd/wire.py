@@ -23,12 +23,61 @@ import re
 import struct
 from collections.abc import Mapping
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
 PROTOCOL = 2  # 1: one global namespace per server; 2: runs
 
 F32 = np.dtype("<f4")
+
+# -- precisions --------------------------------------------------------------------------------
+# Gradients (and the parameters a client gets back) may be in the model's precision; the
+# server's master weights and state are float32. NumPy has no bfloat16 type: a bfloat16 array
+# is held as its bits, a uint16 array (in stepd a uint16 tensor always means bfloat16).
+BF16 = np.dtype("<u2")
+F16 = np.dtype("<f2")
+DTYPE_NAMES: dict[np.dtype, str] = {F32: "float32", BF16: "bfloat16", F16: "float16"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+# safetensors' dtype codes of the same
+ST_CODES: dict[np.dtype, str] = {F32: "F32", BF16: "BF16", F16: "F16"}
+ST_DTYPES = {code: dtype for dtype, code in ST_CODES.items()}
+GRAD_CODES = ("F32", "BF16", "F16")  # what a step's gradients may be
+
+
+def dtype_named(name: str) -> np.dtype:
+    """The dtype of a precision name (``float32``, ``bfloat16``, ``float16``); ValueError."""
+    try:
+        return DTYPES_BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown dtype {name!r}; expected one of {', '.join(DTYPES_BY_NAME)}"
+        ) from None
+
+
+def widen(xp: Any, x: Any) -> Any:
+    """``x`` (float32, bfloat16 bits or float16) as float32, exactly; float32 as it is.
+    ``xp``: numpy or cupy."""
+    if x.dtype == F32:
+        return x
+    if x.dtype == BF16:
+        return (x.astype(xp.uint32) << 16).view(xp.float32)
+    return x.astype(xp.float32)
+
+
+def narrow(xp: Any, x: Any, dtype: np.dtype) -> Any:
+    """float32 ``x`` rounded to ``dtype`` to nearest even, as torch's ``.to()`` rounds."""
+    if dtype == F32:
+        return x
+    if dtype == F16:
+        with np.errstate(over="ignore"):  # beyond float16's range is Inf, as in torch
+            return x.astype(xp.float16)
+    bits = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    # Round to nearest even on the 16 bits dropped: add 0x7FFF plus the kept LSB. NaN
+    # (never a parameter: they are screened) would need a quiet bit; no other case does.
+    rounded = bits + (xp.uint32(0x7FFF) + ((bits >> 16) & xp.uint32(1)))
+    return (rounded >> 16).astype(xp.uint16)
+
 
 # -- names -----------------------------------------------------------------------------------
 
@@ -52,6 +101,9 @@ APPLIED_HEADER = "x-stepd-applied"
 SHAPE_HEADER = "x-stepd-shape"
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
+# The precision of a raw (octet-stream) gradient body; the reply's is ``?return_dtype=``
+# (default: the gradient's).
+DTYPE_HEADER = "x-stepd-dtype"
 
 
 class Status(IntEnum):
@@ -92,42 +144,52 @@ MAX_REQUEST_HEADER_BYTES = 8 * 1024 * 1024
 
 
 def from_bytes(
-    body: bytes | bytearray | memoryview, shape: tuple[int, ...], what: str
+    body: bytes | bytearray | memoryview, shape: tuple[int, ...], what: str, dtype: np.dtype = F32
 ) -> np.ndarray:
-    """A read-only float32 view of ``body`` (no copy), checked against ``shape``."""
+    """A read-only view of ``body`` (no copy) as ``dtype``, checked against ``shape``."""
     if any(d < 0 for d in shape):
         raise WireError(f"{what}: invalid shape {list(shape)}")
-    need = math.prod(shape) * 4
+    need = math.prod(shape) * dtype.itemsize
     if len(body) != need:
         raise WireError(
-            f"{what}: body has {len(body)} bytes, shape {list(shape)} of float32 needs {need}"
+            f"{what}: body has {len(body)} bytes, shape {list(shape)} of "
+            f"{DTYPE_NAMES.get(dtype, dtype.name)} needs {need}"
         )
-    return np.frombuffer(body, dtype=F32).reshape(shape) if need else np.zeros(shape, F32)
+    return np.frombuffer(body, dtype=dtype).reshape(shape) if need else np.zeros(shape, dtype)
 
 
 def dump_parts(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> list[bytes | memoryview]:
     """A safetensors buffer in pieces: the header, then each tensor's data as a view of the
-    array itself (no copy) where it is contiguous float32 already. Keys keep their order."""
+    array itself (no copy) where it is contiguous already. bfloat16 (uint16) and float16
+    arrays keep their precision; anything else is written as float32. Keys keep their
+    order."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    arrays = [
+        np.ascontiguousarray(a, dtype=a.dtype if a.dtype in (BF16, F16) else F32)
+        for a in tensors.values()
+    ]
     offset = 0
-    for name, arr in tensors.items():
-        size = arr.size * 4
+    for name, arr in zip(tensors, arrays, strict=True):
+        size = arr.nbytes
         span = [offset, offset + size]
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": span}
+        header[name] = {
+            "dtype": ST_CODES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": span,
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
-    for a in tensors.values():
-        a = np.ascontiguousarray(a, dtype=F32)
+    for a in arrays:
         parts.append(a.reshape(-1).data.cast("B") if a.size else b"")
     return parts
 
 
 def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """One safetensors buffer of float32 arrays (see :func:`dump_parts`)."""
+    """One safetensors buffer (see :func:`dump_parts`)."""
     return b"".join(dump_parts(tensors, metadata))
 
 
@@ -137,12 +199,15 @@ def header_length(body: bytes | bytearray | memoryview) -> int:
 
 
 def parse(
-    body: bytes | bytearray | memoryview, max_header: int = MAX_HEADER_BYTES
+    body: bytes | bytearray | memoryview,
+    max_header: int = MAX_HEADER_BYTES,
+    codes: tuple[str, ...] = ("F32",),
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read-only float32 views of a safetensors buffer, and its ``__metadata__``.
+    """Read-only views of a safetensors buffer, and its ``__metadata__``.
 
     Strict about everything (``WireError``): the header's JSON, each entry's keys, dtype
-    (F32 only), shape and offsets, and no two tensors' data may overlap.
+    (one of ``codes``: F32 only unless the caller takes more, e.g. :data:`GRAD_CODES`),
+    shape and offsets, and no two tensors' data may overlap.
     """
     view = memoryview(body)
     if len(view) < 8:
@@ -171,8 +236,11 @@ def parse(
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise WireError(f"safetensors: entry {name!r} needs dtype, shape and data_offsets")
-        if info["dtype"] != "F32":
-            raise WireError(f"safetensors: {name!r} has dtype {info['dtype']!r}; only F32")
+        if info["dtype"] not in codes:
+            raise WireError(
+                f"safetensors: {name!r} has dtype {info['dtype']!r}; only {', '.join(codes)}"
+            )
+        dtype = ST_DTYPES[info["dtype"]]
         shape, offsets = info["shape"], info["data_offsets"]
         if not (
             isinstance(shape, list)
@@ -187,13 +255,13 @@ def parse(
         ):
             raise WireError(f"safetensors: {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        if end - begin != math.prod(shape) * 4:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise WireError(
                 f"safetensors: {name!r} spans {end - begin} bytes, shape {shape} needs "
-                f"{math.prod(shape) * 4}"
+                f"{math.prod(shape) * dtype.itemsize}"
             )
         spans.append((begin, end))
-        tensors[name] = np.frombuffer(data[begin:end], dtype=F32).reshape(shape)
+        tensors[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
     spans.sort()
     for (_, end_a), (begin_b, _) in itertools.pairwise(spans):
         if begin_b < end_a:
@@ -233,3 +301,4 @@ class Op(IntEnum):
     LOAD_STATE = 15  # u32 k, group id (k bytes UTF-8), safetensors -> nothing
     HESSIAN = 16  # u32 slot -> nothing; Sophia's estimate, in the segment's gradient half
     SET_HYPERPARAMS = 17  # JSON {group, changes} -> JSON hyperparams now
+    SET_VALUE = 18  # u32 slot -> nothing; the new value, in the segment's gradient half

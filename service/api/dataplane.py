@@ -21,11 +21,14 @@ from starlette.routing import Route
 
 from stepd.wire import (
     APPLIED_HEADER,
+    DTYPE_HEADER,
+    GRAD_CODES,
     OCTET,
     REQUEST_ID_HEADER,
     REQUEST_ID_RE,
     SAFETENSORS,
     VERSION_HEADER,
+    dtype_named,
     dump,
     from_bytes,
 )
@@ -48,6 +51,7 @@ async def apply(
     worker = request.query_params.get("worker")
     iteration = _int(request, "iteration")
     request_id = request.headers.get(REQUEST_ID_HEADER)
+    return_dtype = request.query_params.get("return_dtype")
     step = partial(
         engine.start_step,
         request.path_params["run"],
@@ -57,6 +61,7 @@ async def apply(
         versions=versions,
         read_back=read_back,
         request_id=request_id,
+        return_dtype=None if return_dtype is None else _dtype(return_dtype, "return_dtype"),
     )
     try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
         waiting = step(blocking=False)
@@ -64,6 +69,13 @@ async def apply(
         waiting = await run_in_threadpool(step)
     # A sync round: wait for the other workers here, not on a thread (hundreds may wait).
     return await waiting.wait_async()
+
+
+def _dtype(value: str, what: str) -> np.dtype:
+    try:
+        return dtype_named(value)
+    except ValueError as exc:
+        raise Invalid(f"{what}: {exc}") from None
 
 
 def _int(request: Request, name: str) -> int | None:
@@ -95,7 +107,8 @@ async def step_one(request: Request) -> Response:
     return_param = _flag(request, "return_param")
     entry = engine.entry(run, name)
     body = await read_body(request, engine.settings.max_body_bytes)
-    grad = from_bytes(body, entry.shape, f"{name!r} gradient")
+    dtype = _dtype(request.headers.get(DTYPE_HEADER, "float32"), DTYPE_HEADER)
+    grad = from_bytes(body, entry.shape, f"{name!r} gradient", dtype)
     version = _int(request, "version")
     [outcome] = await apply(
         request, {name: grad}, return_param, {} if version is None else {name: version}
@@ -118,7 +131,7 @@ async def step_many(request: Request) -> Response:
     engine.run(request.path_params["run"])  # an unknown run is a 404 before the body is read
     return_params = _flag(request, "return_params")
     body = await read_body(request, engine.settings.max_body_bytes)
-    grads, metadata = await parse_tensors(body)
+    grads, metadata = await parse_tensors(body, GRAD_CODES)
     if not grads:
         raise Invalid("the safetensors body holds no gradients")
     outcomes = await apply(request, grads, return_params, _versions(metadata))
@@ -184,10 +197,15 @@ async def step(
     worker: str | None = None,
     iteration: int | None = None,
     version: int | None = None,
+    return_dtype: str | None = None,
     x_stepd_request_id: RequestIdHeader = None,
+    x_stepd_dtype: Annotated[str | None, Header(alias="X-Stepd-Dtype")] = None,
 ) -> Response:
-    """Body: the gradient as raw little-endian float32 bytes. Returns the new parameter
-    (headers ``X-Stepd-Version``, ``X-Stepd-Applied``), or 204 with ``return_param=false``.
+    """Body: the gradient as raw little-endian bytes, float32 unless the ``X-Stepd-Dtype``
+    header says ``bfloat16`` or ``float16`` (the model's precision: half the bytes). Returns
+    the new parameter (headers ``X-Stepd-Version``, ``X-Stepd-Applied``) in the gradient's
+    precision unless ``return_dtype`` names another (rounded to nearest even from the
+    float32 master weights), or 204 with ``return_param=false``.
 
     ``worker``: the sender's id (required in sync groups); ``iteration``: the sync round
     (default: the current one); ``version``: the parameter version the gradient was computed
@@ -211,9 +229,12 @@ async def step_batch(
     return_params: bool = True,
     worker: str | None = None,
     iteration: int | None = None,
+    return_dtype: str | None = None,
     x_stepd_request_id: RequestIdHeader = None,
 ) -> Response:
-    """Body: safetensors of gradients keyed by parameter name; one fused launch per group.
+    """Body: safetensors of gradients keyed by parameter name (F32, BF16 or F16: each
+    parameter comes back in its gradient's precision unless ``return_dtype`` names one);
+    one fused launch per group.
 
     The reply is a safetensors of the updated parameters whose ``__metadata__`` holds
     ``versions`` and ``skipped`` (JSON), or, with ``return_params=false``, that JSON alone.

@@ -62,8 +62,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 INLINE_HEADER_BYTES = 64 * 1024
 
 
-async def parse_tensors(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
-    """A request's safetensors body (header capped at ``MAX_REQUEST_HEADER_BYTES``)."""
+async def parse_tensors(
+    body: bytes, codes: tuple[str, ...] = ("F32",)
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A request's safetensors body (header capped at ``MAX_REQUEST_HEADER_BYTES``; tensors
+    of the dtype ``codes``: a step's gradients may be in the model's precision)."""
     if header_length(body) <= INLINE_HEADER_BYTES:
-        return parse(body, MAX_REQUEST_HEADER_BYTES)
-    return await run_in_threadpool(parse, body, MAX_REQUEST_HEADER_BYTES)
+        return parse(body, MAX_REQUEST_HEADER_BYTES, codes)
+    return await run_in_threadpool(parse, body, MAX_REQUEST_HEADER_BYTES, codes)
