@@ -5,6 +5,8 @@
 - HTTP step of a 1M- and a 16M-element float32 tensor (gradient up, parameter down) in GB/s
   moved, next to a bare ASGI echo of the same bytes served by the same uvicorn (goal ≥ 0.9x);
 - p50 / p99 of a 1-element step next to the echo's (goal ≤ 1.3x);
+- a 64M-element step with bfloat16 gradients (the parameter back in bfloat16) next to the
+  same step in float32 (goal <= 0.55x);
 - checkpoint save and restore of ≥ 1 GB of state next to this disk's sequential write
   bandwidth (a file of the same size written and fsynced; goal ≥ 0.8x).
 """
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.timing import timed  # noqa: E402
+from stepd.wire import BF16, DTYPE_HEADER, narrow  # noqa: E402
 from tests.support.server import Server, free_port  # noqa: E402
 
 
@@ -102,6 +105,45 @@ def http_section(tmp: Path) -> None:
         echo.wait()
 
 
+def precision_section(tmp: Path, n: int) -> None:
+    """A step of ``n`` elements with bfloat16 gradients (the parameter back in bfloat16)
+    against the same step in float32, interleaved (goal <= 0.55x the float32 time)."""
+    rng = np.random.default_rng(0)
+    f32 = rng.standard_normal(n).astype(np.float32)
+    bf16 = narrow(np, f32, BF16)
+    with (
+        Server(tmp / "ckpt-precision") as server,
+        httpx.Client(base_url=server.url, timeout=300) as c,
+    ):
+        for name in ("f32", "bf16"):
+            body = {"name": name, "shape": [n], "group": {"algorithm": "adamw"}}
+            assert c.post("/v1/runs/t/params", json=body).status_code == 201
+
+        def step_f32() -> None:
+            r = c.post("/v1/runs/t/params/f32/step", content=f32.tobytes())
+            assert r.status_code == 200
+            assert len(r.content) == 4 * n
+
+        def step_bf16() -> None:
+            r = c.post(
+                "/v1/runs/t/params/bf16/step",
+                content=bf16.tobytes(),
+                headers={DTYPE_HEADER: "bfloat16"},
+            )
+            assert r.status_code == 200
+            assert len(r.content) == 2 * n
+
+        times: dict[str, list[float]] = {"f32": [], "bf16": []}
+        for _ in range(5):  # interleaved: the machine's mood is shared by both
+            times["f32"] += timed(step_f32, 1)
+            times["bf16"] += timed(step_bf16, 1)
+    t32, t16 = statistics.median(times["f32"]), statistics.median(times["bf16"])
+    print(
+        f"{n:,}-element step over http: float32 {t32 * 1e3:.0f} ms, bfloat16 gradients "
+        f"{t16 * 1e3:.0f} ms: {t16 / t32:.2f}x  (goal <= 0.55)"
+    )
+
+
 def checkpoint_section(tmp: Path, gb: float) -> None:
     from stepd.service.checkpoints import CheckpointDir
     from stepd.service.store import ParamStore
@@ -144,10 +186,18 @@ def checkpoint_section(tmp: Path, gb: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint-gb", type=float, default=1.0)
+    parser.add_argument("--precision-elements", type=int, default=1 << 26)
+    parser.add_argument(
+        "--only", choices=("http", "precision", "checkpoint"), help="run one section"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        http_section(Path(tmp))
-        checkpoint_section(Path(tmp), args.checkpoint_gb)
+        if args.only in (None, "http"):
+            http_section(Path(tmp))
+        if args.only in (None, "precision"):
+            precision_section(Path(tmp), args.precision_elements)
+        if args.only in (None, "checkpoint"):
+            checkpoint_section(Path(tmp), args.checkpoint_gb)
 
 
 if __name__ == "__main__":
