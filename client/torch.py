@@ -160,11 +160,54 @@ class _Link:
     decoupled: bool | None  # torch's decoupled_weight_decay (None: not a torch option)
     groups: list[_ParamGroup] = field(default_factory=list)
     registered: set[str] = field(default_factory=set)  # names the server group has
+    # Parameters whose data and gradient live in the shared memory the server steps in
+    # place (shm:// with a float32 CPU model): nothing is copied on a step.
+    shared: dict[torch.Tensor, _Shared] = field(default_factory=dict)
 
     def register(self, name: str, p: torch.Tensor) -> None:
-        if name not in self.registered:
+        if name in self.registered:
+            return
+        if self._zero_copy(p):
+            param, grad = self.remote.buffers(name, tuple(p.shape), p.detach().numpy())
+            old_grad = p.grad
+            p.data = torch.from_numpy(param)  # the server's copy, if it had one, is here
+            g = torch.from_numpy(grad)
+            g.copy_(old_grad if old_grad is not None else torch.zeros_like(g))
+            p.grad = g
+            self.shared[p] = _Shared(param, grad, g)
+        else:
             RemoteOptimizer._sync(p, partial(self.remote.register, name, tuple(p.shape)))
-            self.registered.add(name)
+        self.registered.add(name)
+
+    def _zero_copy(self, p: torch.Tensor) -> bool:
+        transport = getattr(self.remote, "transport", None)
+        return (
+            hasattr(transport, "buffers")
+            and p.dtype == torch.float32
+            and p.device.type == "cpu"
+            and p.is_contiguous()
+        )
+
+
+@dataclass(eq=False)
+class _Shared:
+    """A parameter's arrays in a shm:// segment, and the gradient tensor over them."""
+
+    param: np.ndarray
+    grad: np.ndarray
+    grad_tensor: torch.Tensor
+
+    def arrays(self, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """The segment's very arrays when ``p`` still uses them (the shm transport then
+        copies nothing), else None: the caller replaced ``p.data`` or ``p.grad``."""
+        grad = p.grad
+        if (
+            grad is None
+            or grad.data_ptr() != self.grad.ctypes.data
+            or p.data.data_ptr() != self.param.ctypes.data
+        ):
+            return None
+        return self.param, self.grad
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -527,6 +570,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                         "use a dense embedding (sparse=False)"
                     )
                 self._check_dtype(name, p)
+                segment = link.shared.get(p)
+                arrays = segment.arrays(p) if segment is not None and not l2 else None
+                if arrays is not None:  # in shared memory already: nothing to copy
+                    items.append((name, tuple(p.shape), *arrays))
+                    continue
                 if l2:
                     grad = grad.add(p.detach(), alpha=l2)  # torch's NAdam: g + wd * p
                 g, _ = _numpy(grad.detach())  # in the model's precision: half the bytes
@@ -728,12 +776,29 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """One stepd optimizer per server group, in the order of the param groups."""
         return [link.remote for link in self._links]
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; a gradient that lives in shared memory (shm://) is zeroed
+        in place and stays, so the next backward accumulates straight into it."""
+        super().zero_grad(set_to_none)
+        for link in self._links:
+            for p, shared in link.shared.items():
+                if p.data.data_ptr() == shared.param.ctypes.data:
+                    shared.grad_tensor.zero_()
+                    p.grad = shared.grad_tensor
+
     def close(self) -> None:
-        """Close every connection (an anonymous run is deleted with it)."""
+        """Close every connection (an anonymous run is deleted with it); parameters that
+        lived in shared memory move to ordinary memory first."""
         if self._closed:
             return
         self._closed = True
         for link in getattr(self, "_links", []):
+            for p, shared in link.shared.items():
+                if p.data.data_ptr() == shared.param.ctypes.data:
+                    p.data = p.data.clone()
+                if p.grad is not None and p.grad.data_ptr() == shared.grad.ctypes.data:
+                    p.grad = p.grad.clone()
+            link.shared.clear()
             link.remote.close()
 
     def __enter__(self) -> RemoteOptimizer:

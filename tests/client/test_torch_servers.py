@@ -126,3 +126,35 @@ def test_two_shards(tmp_path) -> None:
 
 def groups_names() -> list[tuple[str, torch.Tensor]]:
     return list(model().named_parameters())
+
+
+def test_shm_cpu_model_lives_in_shared_memory(srv) -> None:
+    """Over shm:// a float32 CPU model's parameters and gradients are the segments the
+    server steps in place: backward writes into them and a step copies nothing; a caller
+    that swaps a gradient (``model.zero_grad()`` sets it to None) falls back to copying."""
+    net, want_net = model(), model()
+    opt = RemoteOptimizer(net.parameters(), srv.shm_url, "adamw", **HP)
+    oracle = torch.optim.AdamW(want_net.parameters(), **HP)
+    [link] = opt._links
+    segments = {p: (s.param.ctypes.data, s.grad.ctypes.data) for p, s in link.shared.items()}
+    assert set(segments) == set(net.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    for t in range(STEPS):
+        for m, o in ((net, opt), (want_net, oracle)):
+            if t % 10 == 9:
+                m.zero_grad()  # set_to_none: this step's gradients are new tensors
+            else:
+                o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+        if t % 10 != 9:
+            for p, (param_at, grad_at) in segments.items():
+                assert (p.data_ptr(), p.grad.data_ptr()) == (param_at, grad_at)
+    got = torch.cat([p.detach().flatten() for p in net.parameters()])
+    want = torch.cat([p.detach().flatten() for p in want_net.parameters()])
+    assert float((got - want).norm() / want.norm()) <= 1e-6
+    opt.close()  # the parameters move out of the segments, and stay usable
+    assert all(p.data_ptr() != segments[p][0] for p in net.parameters())
+    torch.testing.assert_close(net[0].weight.detach(), want_net[0].weight.detach())
