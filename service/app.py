@@ -34,13 +34,28 @@ log = logging.getLogger("stepd")
 
 
 def pick_device(device: str) -> str:
-    if device != "auto":
+    """The device to serve on. CUDA (asked for, or ``auto`` with a GPU present) must first
+    prove itself: its kernels load, one launch and one CuPy elementwise op match the NumPy
+    reference bit for bit. ``auto`` falls back to the CPU, saying why; ``cuda`` fails."""
+    if device not in ("auto", "cuda"):
         return device
     try:
-        get_backend("cuda")
-        return "cuda"
-    except Exception:  # no CuPy, no driver or no device: the CPU it is
+        backend = get_backend("cuda")
+    except Exception as exc:  # no CuPy, no driver or no device: the CPU it is
+        if device == "cuda":
+            raise RuntimeError(f"--device cuda: no usable CUDA backend: {exc}") from exc
+        log.info("device: cpu (--device auto: no usable CUDA: %s)", exc)
         return "cpu"
+    try:
+        backend.warm_up()  # every kernel loaded now, not at a first step
+        backend.self_test()
+    except Exception as exc:  # a device that is there but misbehaves
+        if device == "cuda":
+            raise RuntimeError(f"--device cuda: the CUDA self-test failed: {exc}") from exc
+        log.warning("device: cpu (--device auto: the CUDA self-test failed: %s)", exc)
+        return "cpu"
+    log.info("device: cuda (kernels loaded, self-test passed)")
+    return "cuda"
 
 
 class StepdApp:

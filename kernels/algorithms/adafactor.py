@@ -176,9 +176,20 @@ def _flat(a: Any) -> Any:
     return a.reshape(-1)  # contiguous: a view, written through in place
 
 
+# Elements per dot product of an RMS: BLAS and cuBLAS take the length as a 32-bit int, so a
+# tensor of 2^31+ elements is summed in chunks (float32 each, the partial sums in float64).
+_DOT_CHUNK = 1 << 30
+
+
 def _rms(xp: Any, x: Any) -> float:
     flat = _flat(x)
-    return math.sqrt(float(xp.dot(flat, flat)) / flat.size)
+    if flat.size <= _DOT_CHUNK:  # one dot: the same float32 sum as ever
+        return math.sqrt(float(xp.dot(flat, flat)) / flat.size)
+    total = xp.zeros((), dtype=np.float64)  # on the device until the one fetch below
+    for lo in range(0, flat.size, _DOT_CHUNK):
+        chunk = flat[lo : lo + _DOT_CHUNK]
+        total = total + xp.dot(chunk, chunk).astype(np.float64)
+    return math.sqrt(float(total) / flat.size)
 
 
 class Adafactor(Algorithm):

@@ -394,17 +394,36 @@ class Soap(Algorithm):
             estimate = (q * power).sum(axis=0)  # diag(Q^T GG Q): the eigenvalue estimates
             order = xp.argsort(-estimate)  # descending, as the eigh basis is ordered
             v = xp.take(v, order, axis=k)
-            q[...] = xp.linalg.qr(power[:, order])[0]
+            q[...] = orthonormal_basis(xp, power[:, order])
         v_slot[...] = _from_pshape(v, lay)
+
+
+def _finite(xp: Any, x: Any) -> bool:
+    return bool(xp.isfinite(x).all())
 
 
 def eigenbasis(xp: Any, factor: Any) -> Any:
     """Eigenvectors of the symmetric ``factor``, by descending eigenvalue (the reference's
-    ``eigh(factor + 1e-30 I)`` in float32, retried in float64 if LAPACK does not converge)."""
+    ``eigh(factor + 1e-30 I)`` in float32, retried in float64 if it does not converge).
+
+    Non-convergence is LAPACK's ``LinAlgError`` on the CPU; cuSOLVER's is silent (CuPy
+    ignores linalg errors by default) and leaves NaN, so a non-finite result counts too."""
     d = factor.shape[0]
     try:
         _, vectors = xp.linalg.eigh(factor + xp.eye(d, dtype=np.float32) * np.float32(EIGH_JITTER))
+        ok = _finite(xp, vectors)
     except np.linalg.LinAlgError:
+        ok = False
+    if not ok:
         wide = factor.astype(np.float64) + xp.eye(d, dtype=np.float64) * EIGH_JITTER
         vectors = xp.linalg.eigh(wide)[1].astype(np.float32)
     return vectors[:, ::-1]
+
+
+def orthonormal_basis(xp: Any, power: Any) -> Any:
+    """``Q`` of ``qr(power)`` in float32, retried in float64 when the float32 result is not
+    finite (a silent cuSOLVER failure, see :func:`eigenbasis`)."""
+    q = xp.linalg.qr(power)[0]
+    if not _finite(xp, q):
+        q = xp.linalg.qr(power.astype(np.float64))[0].astype(np.float32)
+    return q

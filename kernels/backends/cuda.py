@@ -1,12 +1,16 @@
-"""The CUDA backend: ``csrc/cuda.cu`` compiled by NVRTC through CuPy, on CuPy arrays.
+"""The CUDA backend: ``csrc/cuda.cu`` compiled by NVRTC (``cuda_source.build_module``), on
+CuPy arrays.
 
-Kernels are fetched by name from one cached ``RawModule`` (CuPy also caches the binary on
-disk). A single tensor is stepped with its scalars as kernel parameters; a list of tensors
-goes in one launch through a device-side table of pointers.
+The module is built for the device's arch with our own options (never CuPy's compile, which
+appends ``-ftz=true``), cached on disk and loaded once with ``cupy.RawModule(path=...)``. A
+single float32 tensor is stepped with its scalars as kernel parameters; a list of tensors
+(and any low-precision gradient) goes in one chunked multi-tensor launch: a device-side
+table of tensors and one of fixed-size chunks over all of them, one block per chunk.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -16,21 +20,57 @@ import numpy as np
 from .. import precision
 from ..ops import MAX_SLOTS, Launch, Op, by_grad_dtype
 from ..precision import F32, SUFFIX
-from .cuda_source import NVRTC_OPTIONS, cuda_source
+from .cuda_source import build_module, cuda_source, device_arch
 
 _THREADS = 256
-_MAX_GRID_Y = 65535  # the table row is blockIdx.y
+# Elements per block of a multi-tensor launch (64 per thread): small enough that a batch of
+# small tensors still fills the device, large enough that the work table stays small.
+CHUNK = 1 << 14
+_MAX_GRID_X = 2**31 - 1
+_HOST_CHUNK = 1 << 22  # elements per pass of a host-side finiteness check (bounds its temp)
 
 
 @cache
-def _module():
+def _module() -> Any:
     import cupy
+    from cupy_backends.cuda.libs import nvrtc
 
-    return cupy.RawModule(code=cuda_source(), options=NVRTC_OPTIONS)
+    arch = device_arch(cupy.cuda.Device().compute_capability, nvrtc.getSupportedArchs())
+    return cupy.RawModule(path=str(build_module(arch)))
 
 
 def _blocks(n: int, cap: int) -> int:
     return max(1, min(cap, -(-n // (_THREADS * 4))))
+
+
+def entry_points() -> list[str]:
+    """Every kernel of the module, by name (as ``csrc/cuda.cu`` declares them)."""
+    ops = re.findall(r"^STEPD_OP\((\w+),", cuda_source(), re.M)
+    return [
+        f"stepd_{op}{kind}" for op in ops for kind in ("", *(f"_multi{s}" for s in SUFFIX.values()))
+    ]
+
+
+def chunk_table(sizes: np.ndarray, chunk: int) -> np.ndarray:
+    """The work of a multi-tensor launch: one (tensor index, first element) row per
+    ``chunk`` elements of every tensor, in order; an empty tensor has no row."""
+    counts = -(-sizes // chunk)
+    first = np.cumsum(counts) - counts
+    index = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    starts = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)) * chunk
+    return np.stack([index, starts], axis=1)
+
+
+def host_all_finite(x: np.ndarray) -> bool:
+    """No NaN or ±Inf in a host array (float32, or bfloat16/float16 bits), in bounded
+    passes: what arrives from a request is checked before it is copied to the device."""
+    flat = x.reshape(-1)
+    for lo in range(0, flat.size, _HOST_CHUNK):
+        part = flat[lo : lo + _HOST_CHUNK]
+        ok = np.isfinite(part).all() if part.dtype == F32 else precision.all_finite(np, part)
+        if not ok:
+            return False
+    return True
 
 
 class CudaBackend:
@@ -44,11 +84,55 @@ class CudaBackend:
         dev = cupy.cuda.Device()
         self._max_blocks = dev.attributes["MultiProcessorCount"] * 8
         self._module = _module()
+        self._kernels: dict[str, Any] = {}
 
-    def all_finite(self, x: Any) -> bool:  # x: a cupy.ndarray
+    def all_finite(self, x: Any) -> bool:
+        """No NaN or ±Inf in ``x``: a device array, or a host array (a gradient, value or
+        Hessian as it arrived), checked where it is: CuPy refuses NumPy arrays."""
+        if isinstance(x, np.ndarray):
+            return host_all_finite(x)
         if x.dtype == F32:
             return bool(self._cupy.isfinite(x).all())
         return precision.all_finite(self._cupy, x)
+
+    def _kernel(self, name: str) -> Any:
+        kernel = self._kernels.get(name)
+        if kernel is None:
+            kernel = self._kernels[name] = self._module.get_function(name)
+        return kernel
+
+    def warm_up(self) -> None:
+        """Load every kernel now, not at a first step."""
+        for name in entry_points():
+            self._kernel(name)
+
+    def self_test(self) -> None:
+        """Launch a kernel and a CuPy elementwise op on the device and check them bit for bit
+        against the NumPy reference, subnormals included (a flush-to-zero build fails);
+        raises ``RuntimeError`` saying what failed."""
+        from ..algorithms.sgd import SGD
+
+        cp = self._cupy
+        host = np.array([1.0, -2.5, 1e-40, -3e-39, 0.0, 7.0], np.float32)
+        grad = np.array([0.5, 0.0, 0.0, 0.0, 1.0, -1.0], np.float32)
+        args = SGD.pack({"neg_lr": -0.25, "weight_decay": 0.0})
+        want = host.copy()
+        SGD.reference(want, grad, [], SGD.unpack(args))
+        try:
+            for batch in (1, 2):  # the single-tensor kernel and the multi-tensor launch
+                dev = [cp.asarray(host) for _ in range(batch)]
+                self.launch(SGD, [Launch(d, cp.asarray(grad), [], args) for d in dev])
+                for d in dev:
+                    got = d.get()
+                    if got.tobytes() != want.tobytes():
+                        raise RuntimeError(f"kernel result {got} != reference {want}")
+            doubled = (cp.asarray(host) * np.float32(2)).get()
+            if doubled.tobytes() != (host * np.float32(2)).tobytes():
+                raise RuntimeError(f"CuPy elementwise result {doubled} is wrong")
+        except RuntimeError:
+            raise
+        except Exception as exc:  # a driver or launch error: say which
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
         dtype = items[0].grad.dtype
@@ -61,8 +145,9 @@ class CudaBackend:
             slots = [*it.slots, *[None] * (MAX_SLOTS - len(it.slots))]
             ptrs = [s.data.ptr if s is not None else 0 for s in slots]
             n = it.param.size
-            kernel = self._module.get_function(f"stepd_{op.name}")
-            kernel(
+            if n == 0:
+                return
+            self._kernel(f"stepd_{op.name}")(
                 (_blocks(n, self._max_blocks),),
                 (_THREADS,),
                 (
@@ -74,20 +159,24 @@ class CudaBackend:
                 ),
             )
             return
-        for lo in range(0, len(items), _MAX_GRID_Y):
-            self._launch_multi(op, items[lo : lo + _MAX_GRID_Y])
+        self._launch_multi(op, items)
 
     def _launch_multi(self, op: Op, items: Sequence[Launch]) -> None:
         cp = self._cupy
-        table = np.zeros((len(items), 3 + MAX_SLOTS), dtype=np.int64)
+        sizes = np.fromiter((it.param.size for it in items), np.int64, len(items))
+        work = chunk_table(sizes, CHUNK)
+        if len(work) == 0:  # only empty tensors
+            return
+        tensors = np.zeros((len(items), 3 + MAX_SLOTS), dtype=np.int64)
         for k, it in enumerate(items):
-            table[k, 0] = it.param.data.ptr
-            table[k, 1] = it.grad.data.ptr
+            tensors[k, 0] = it.param.data.ptr
+            tensors[k, 1] = it.grad.data.ptr
             for j, s in enumerate(it.slots):
-                table[k, 2 + j] = s.data.ptr
-            table[k, 2 + MAX_SLOTS] = it.param.size
+                tensors[k, 2 + j] = s.data.ptr
+        tensors[:, 2 + MAX_SLOTS] = sizes
         args = np.stack([it.args for it in items])
-        max_n = max(it.param.size for it in items)
-        blocks_x = _blocks(max_n, max(1, self._max_blocks * 4 // len(items)))
-        kernel = self._module.get_function(f"stepd_{op.name}_multi{SUFFIX[items[0].grad.dtype]}")
-        kernel((blocks_x, len(items)), (_THREADS,), (cp.asarray(table), cp.asarray(args)))
+        kernel = self._kernel(f"stepd_{op.name}_multi{SUFFIX[items[0].grad.dtype]}")
+        tensors_dev, args_dev, work_dev = cp.asarray(tensors), cp.asarray(args), cp.asarray(work)
+        for lo in range(0, len(work), _MAX_GRID_X):
+            part = work_dev[lo : lo + _MAX_GRID_X]
+            kernel((len(part),), (_THREADS,), (tensors_dev, part, args_dev, np.int64(CHUNK)))

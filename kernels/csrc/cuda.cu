@@ -1,7 +1,9 @@
-// CUDA entry points, compiled at run time by NVRTC through CuPy (and by nvcc in CI).
-// Per op: `stepd_<op>` steps one tensor with its scalars passed by value (no upload per
-// step); `stepd_<op>_multi` steps a list of tensors in one launch, blockIdx.y picking the
-// tensor from a device-side table (multi-tensor apply).
+// CUDA entry points, compiled at run time by NVRTC (kernels/backends/cuda_source.py; and by
+// nvcc in CI). Per op: `stepd_<op>` steps one tensor with its scalars passed by value (no
+// upload per step); `stepd_<op>_multi` steps a list of tensors in one launch in fixed-size
+// chunks (multi-tensor apply, as apex's): each block takes one (tensor, first element)
+// entry of a device-side work table, so a large tensor gets blocks in proportion to its
+// size and an empty one gets none.
 #include "common.cuh"
 
 namespace stepd {
@@ -20,20 +22,31 @@ struct TensorEntry {  // mirrors the int64 rows the host uploads
       float a9, float a10, float a11
 static_assert(kMaxArgs == 12, "STEPD_FLOAT_PARAMS lists kMaxArgs parameters");
 
+struct ChunkEntry {  // one block's work: elements [start, start + chunk) of one tensor
+  long long tensor;
+  long long start;
+};
+
+template <class Op, class G>
+__device__ __forceinline__ void step_element(float* p, const G* g, float* const* s,
+                                             long long i, const typename Op::Args& a) {
+  float v[kMaxSlots];
+#pragma unroll
+  for (int j = 0; j < Op::kSlots; ++j) v[j] = s[j][i];
+  float pi = p[i];
+  Op::apply(pi, widen(g[i]), v, a);
+  p[i] = pi;
+#pragma unroll
+  for (int j = 0; j < Op::kSlots; ++j) s[j][i] = v[j];
+}
+
 template <class Op, class G>
 __device__ __forceinline__ void run_grid_stride(float* p, const G* g, float* const* s,
                                                 long long n, const typename Op::Args& a) {
   const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    float v[kMaxSlots];
-#pragma unroll
-    for (int j = 0; j < Op::kSlots; ++j) v[j] = s[j][i];
-    float pi = p[i];
-    Op::apply(pi, widen(g[i]), v, a);
-    p[i] = pi;
-#pragma unroll
-    for (int j = 0; j < Op::kSlots; ++j) s[j][i] = v[j];
+    step_element<Op, G>(p, g, s, i, a);
   }
 }
 
@@ -45,18 +58,29 @@ __device__ __forceinline__ typename Op::Args unpack(const float* v) {
   return a;
 }
 
-// A list of tensors in one launch, each gradient of element type G.
+// A list of tensors in one launch, each gradient of element type G: block b steps chunk
+// `work[b]` of `tensors[work[b].tensor]` (at most `chunk` elements) with that tensor's args.
 template <class Op, class G>
-__device__ __forceinline__ void run_table(const TensorEntry* table, const float* args) {
-  const TensorEntry e = table[blockIdx.y];
-  run_grid_stride<Op, G>(e.p, static_cast<const G*>(e.g), e.s, e.n,
-                         unpack<Op>(args + blockIdx.y * kMaxArgs));
+__device__ __forceinline__ void run_chunk(const TensorEntry* tensors, const ChunkEntry* work,
+                                          const float* args, long long chunk) {
+  const ChunkEntry w = work[blockIdx.x];
+  const TensorEntry e = tensors[w.tensor];
+  const typename Op::Args a = unpack<Op>(args + w.tensor * kMaxArgs);
+  const long long end = w.start + chunk < e.n ? w.start + chunk : e.n;
+  const G* g = static_cast<const G*>(e.g);
+  for (long long i = w.start + threadIdx.x; i < end; i += blockDim.x) {
+    step_element<Op, G>(e.p, g, e.s, i, a);
+  }
 }
 
 }  // namespace stepd
 
-// Per op: the float32 single-tensor and table kernels, and table kernels for bfloat16 and
-// float16 gradients (a low-precision step of one tensor is a table of one).
+#define STEPD_MULTI_PARAMS                                                                 \
+  const stepd::TensorEntry *tensors, const stepd::ChunkEntry *work, const float *args,     \
+      long long chunk
+
+// Per op: the float32 single-tensor and chunked-table kernels, and chunked-table kernels for
+// bfloat16 and float16 gradients (a low-precision step of one tensor is a table of one).
 #define STEPD_OP(name, Op)                                                                  \
   extern "C" __global__ void stepd_##name(float* p, const float* g, float* s0, float* s1,  \
                                           float* s2, long long n, STEPD_FLOAT_PARAMS) {     \
@@ -64,17 +88,15 @@ __device__ __forceinline__ void run_table(const TensorEntry* table, const float*
     const float v[stepd::kMaxArgs] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};    \
     stepd::run_grid_stride<Op, float>(p, g, s, n, stepd::unpack<Op>(v));                    \
   }                                                                                         \
-  extern "C" __global__ void stepd_##name##_multi(const stepd::TensorEntry* table,          \
-                                                  const float* args) {                      \
-    stepd::run_table<Op, float>(table, args);                                               \
+  extern "C" __global__ void stepd_##name##_multi(STEPD_MULTI_PARAMS) {                     \
+    stepd::run_chunk<Op, float>(tensors, work, args, chunk);                                \
   }                                                                                         \
-  extern "C" __global__ void stepd_##name##_multi_bf16(const stepd::TensorEntry* table,     \
-                                                       const float* args) {                 \
-    stepd::run_table<Op, stepd::Bf16>(table, args);                                         \
+  extern "C" __global__ void stepd_##name##_multi_bf16(STEPD_MULTI_PARAMS) {                \
+    stepd::run_chunk<Op, stepd::Bf16>(tensors, work, args, chunk);                          \
   }                                                                                         \
-  extern "C" __global__ void stepd_##name##_multi_f16(const stepd::TensorEntry* table,      \
-                                                      const float* args) {                  \
-    stepd::run_table<Op, stepd::F16>(table, args);                                          \
+  extern "C" __global__ void stepd_##name##_multi_f16(STEPD_MULTI_PARAMS) {                 \
+    stepd::run_chunk<Op, stepd::F16>(tensors, work, args, chunk);                           \
   }
 #include "ops.cuh"
 #undef STEPD_OP
+#undef STEPD_MULTI_PARAMS

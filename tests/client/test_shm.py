@@ -19,6 +19,7 @@ from stepd.client import AuthError, ConflictError, StepdOptimizer, TransportErro
 from stepd.client.session import Session
 from stepd.client.shm import ShmTransport
 
+from tests.support import fakecuda
 from tests.support.clients import connect_shared
 from tests.support.server import ShmServer, wait_until
 from tests.support.state import Spy
@@ -221,6 +222,7 @@ def _sgd(p: np.ndarray, g: np.ndarray, lr: float = 0.1) -> None:
     p -= np.float32(lr) * g  # torch.optim.SGD without momentum, in float32
 
 
+@pytest.mark.skipif(fakecuda.ENABLED, reason="a CUDA store keeps params on the device")
 def test_param_lives_in_its_creators_segment_until_it_leaves(srv) -> None:
     """The first shm client of a name lends its segment as the parameter's storage (the
     kernel updates it in place, no copy follows a step): writes to its buffers() param are

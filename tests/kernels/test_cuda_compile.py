@@ -1,9 +1,10 @@
 """Every CUDA kernel compiles, on machines without a GPU.
 
-The exact translation unit the CUDA backend hands to CuPy (``cuda_source()``) is compiled by
-NVRTC, the run-time compiler CuPy uses (its low-level binding needs no driver), and by nvcc.
-Where a compiler is missing the test is skipped, unless ``STEPD_REQUIRE_CUDA_COMPILERS=1``
-(set by CI, whose machines have both) turns the skip into a failure.
+NVRTC compiles through the very function the CUDA backend loads its module from
+(``build_module``, with an explicit arch where there is no device to ask), and nvcc compiles
+the same translation unit. Where a compiler is missing the test is skipped, unless
+``STEPD_REQUIRE_CUDA_COMPILERS=1`` (set by CI, whose machines have both) turns the skip into
+a failure.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import shutil
 import subprocess
 
 import pytest
-from stepd.kernels.backends.cuda_source import NVRTC_OPTIONS, cuda_source
+from stepd.kernels.backends.build import KernelBuildError
+from stepd.kernels.backends.cuda_source import (
+    NVRTC_OPTIONS,
+    build_module,
+    compile_options,
+    cuda_source,
+    device_arch,
+)
 
 REQUIRED = os.environ.get("STEPD_REQUIRE_CUDA_COMPILERS") == "1"
 OPS = re.findall(r"^STEPD_OP\((\w+),", cuda_source(), re.M)
@@ -37,24 +45,37 @@ def _entries(ptx: str) -> set[str]:
 
 def test_source_lists_ops() -> None:
     assert "adam" in OPS
-    assert '#include "' not in cuda_source()  # self-contained: CuPy's cache key covers it all
+    assert '#include "' not in cuda_source()  # self-contained: one cache key covers it all
 
 
-def test_nvrtc_compiles_every_kernel() -> None:
+def test_options_keep_subnormals_and_separate_roundings() -> None:
+    opts = compile_options("compute_90")
+    assert opts == [*NVRTC_OPTIONS, "-arch=compute_90"]
+    assert "--ftz=false" in opts
+    assert "--fmad=false" in opts
+    assert not any("ftz=true" in o for o in opts)
+    with pytest.raises(ValueError, match="arch"):
+        compile_options("90")
+
+
+def test_device_arch() -> None:
+    assert device_arch("90", (80, 90)) == "sm_90"
+    assert device_arch("120", (80, 90)) == "compute_90"  # a newer device: PTX, JIT-ed
+    with pytest.raises(KernelBuildError):
+        device_arch("50", (80, 90))
+
+
+def test_nvrtc_compiles_every_kernel(tmp_path) -> None:
     try:
         from cupy_backends.cuda.libs import nvrtc
-    except ImportError as exc:
-        _unavailable(f"CuPy's NVRTC binding is not installed: {exc}")
-    try:
-        prog = nvrtc.createProgram(cuda_source(), "stepd.cu", [], [])
-    except Exception as exc:  # libnvrtc missing
+
+        nvrtc.getVersion()
+    except Exception as exc:  # the binding or libnvrtc missing
         _unavailable(f"NVRTC unavailable: {exc}")
-    try:
-        nvrtc.compileProgram(prog, ["-arch=compute_90", *NVRTC_OPTIONS])
-    except nvrtc.NVRTCError as exc:
-        pytest.fail(f"NVRTC rejected the kernels: {exc}\n{nvrtc.getProgramLog(prog)}")
-    ptx = nvrtc.getPTX(prog).decode()
-    assert _entries(ptx) == _expected_entries()
+    path = build_module("compute_90", tmp_path)
+    assert _entries(path.read_text()) == _expected_entries()
+    assert build_module("compute_90", tmp_path) == path  # cached: no second compile
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_nvcc_compiles_every_kernel(tmp_path) -> None:
@@ -66,7 +87,15 @@ def test_nvcc_compiles_every_kernel(tmp_path) -> None:
     src = tmp_path / "stepd.cu"
     src.write_text(cuda_source())
     out = tmp_path / "stepd.ptx"
-    flags = ["-arch=sm_90", "--fmad=false", "-std=c++17", "--ptx", "-Werror", "all-warnings"]
+    flags = [
+        "-arch=sm_90",
+        "--fmad=false",
+        "--ftz=false",
+        "-std=c++17",
+        "--ptx",
+        "-Werror",
+        "all-warnings",
+    ]
     proc = subprocess.run([nvcc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _entries(out.read_text()) == _expected_entries()

@@ -9,6 +9,8 @@ from fastapi.testclient import TestClient
 from stepd.service.app import create_app
 from stepd.service.config import Settings
 
+from tests.support import fakecuda
+
 RUN = "t"  # the run the tests below work in (paths /v1/runs/t/...)
 
 
@@ -28,7 +30,7 @@ class RunClient(TestClient):
 
 
 def make_client(tmp_path, **overrides) -> RunClient:
-    settings = Settings(checkpoint_dir=tmp_path / "ckpt", device="cpu", **overrides)
+    settings = Settings(checkpoint_dir=tmp_path / "ckpt", device=fakecuda.STORE_DEVICE, **overrides)
     return RunClient(create_app(settings))
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import fakecuda
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,7 +45,7 @@ class Server:
             "--port",
             str(self.port),
             "--device",
-            "cpu",
+            fakecuda.STORE_DEVICE,
             "--checkpoint-dir",
             str(checkpoint_dir),
             "--log-level",
