@@ -24,7 +24,7 @@ import numpy as np
 from stepd import wire
 
 from .errors import ServerError, TransportError, error_for_status
-from .transport import Registered, ServerTransport, StepItem
+from .transport import Item, Registered, ServerTransport, StepItem
 
 # Bodies above this go out in pieces of this size (see _Body).
 CHUNK = 1 << 20
@@ -188,7 +188,7 @@ class HttpTransport(ServerTransport):
 
     def step(
         self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
-    ) -> dict[str, int]:
+    ) -> tuple[dict[str, int], tuple[str, ...]]:
         rid = {wire.REQUEST_ID_HEADER: request_id}
         if len(items) == 1:
             [(name, _, param, grad)] = items
@@ -211,7 +211,8 @@ class HttpTransport(ServerTransport):
                     f"step {name!r}: reply has {len(r.content)} bytes, expected {param.nbytes}"
                 )
             np.copyto(param.reshape(-1), np.frombuffer(r.content, dtype=param.dtype))
-            return {name: int(r.headers[wire.VERSION_HEADER])}
+            stale: tuple[str, ...] = (name,) if r.headers.get(wire.STALE_HEADER) == "true" else ()
+            return {name: int(r.headers[wire.VERSION_HEADER])}, stale
         meta = None if versions is None else {"versions": json.dumps(dict(versions))}
         grads = {name: grad.reshape(shape) for name, shape, _, grad in items}
         query = dict(self._worker_query)
@@ -227,19 +228,44 @@ class HttpTransport(ServerTransport):
         try:
             out, reply_meta = wire.parse(r.content, codes=wire.GRAD_CODES)
             new = {k: int(v) for k, v in json.loads(reply_meta.get("versions", "{}")).items()}
+            stale = tuple(str(n) for n in json.loads(reply_meta.get("stale", "[]")))
         except (ValueError, KeyError, TypeError) as exc:
             raise TransportError(f"POST /step: malformed safetensors reply: {exc}") from exc
-        for name, _, param, _ in items:  # check everything before writing anything
+        self._write_params("POST /step", items, out)
+        return new, stale
+
+    def pull(self, items: tuple[Item, ...]) -> dict[str, int]:
+        names = [name for name, *_ in items]
+        r = self.request("POST", self._p("/pull"), json={"names": names})
+        try:
+            out, meta = wire.parse(r.content)
+            versions = json.loads(meta["versions"])
+            new = {name: int(versions[name]) for name in names}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransportError(f"POST /pull: malformed safetensors reply: {exc}") from exc
+        self._write_params("POST /pull", items, out)
+        return new
+
+    @staticmethod
+    def _write_params(
+        what: str, items: tuple[Item, ...] | tuple[StepItem, ...], out: Mapping[str, np.ndarray]
+    ) -> None:
+        """Each reply tensor into its param, once all are checked (a bad reply writes none)."""
+        for name, _, param, _ in items:
             got = out.get(name)
             if got is None or got.size != param.size:
-                raise TransportError(f"POST /step: reply lacks a matching {name!r}")
+                raise TransportError(f"{what}: reply lacks a matching {name!r}")
         for name, _, param, _ in items:
             _into(param, out[name])
-        return new
 
     def end_iteration(self) -> int:
         r = self._json("POST", self._p("/iteration/end"), params=self._worker_query)
+        self.last_dropped = tuple(r.get("dropped") or ())
         return int(r["global_step"])
+
+    def membership(self, action: str) -> dict[str, Any]:
+        worker = _path(self._worker_query["worker"])
+        return self._json("POST", self._p(f"/workers/{worker}/{action}"))
 
     def set_lr(self, group: str, lr: float) -> None:
         self.request("PUT", self._p("/lr"), json={"lr": lr, "group": group})

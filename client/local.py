@@ -34,6 +34,7 @@ from .transport import (
     Item,
     LoadStateDict,
     Op,
+    Pull,
     Register,
     SetHyperparams,
     SetLr,
@@ -145,6 +146,14 @@ class LocalTransport(Transport):
                 return None
             case Register(items=items):
                 return self._admit(items)
+            case Pull(items=items):
+                # the caller's arrays are the values (no other process steps them), except
+                # where a float32 master is kept here
+                for name, _, param, _ in items:
+                    if name in self._masters:
+                        kept = narrow(np, self._masters[name], param.dtype)
+                        np.copyto(param.reshape(-1), kept.reshape(-1))
+                return None
             case EndIteration():
                 return opt.end_iteration()
             case GetLr():

@@ -15,6 +15,7 @@ not thread-safe: use one per thread, or a lock.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
@@ -32,6 +33,7 @@ from .transport import (
     GetStateDict,
     Item,
     LoadStateDict,
+    Pull,
     Register,
     ServerTransport,
     SetHyperparams,
@@ -40,6 +42,7 @@ from .transport import (
     SetValue,
     Step,
     StepItem,
+    SyncMembership,
     Transport,
     UpdateHessian,
 )
@@ -128,6 +131,8 @@ class StepdOptimizer:
     def __init__(self, session: Transport) -> None:
         self.session = session
         self._shapes: dict[str, tuple[int, ...]] = {}
+        # the shape and array last registered or stepped for each name: where pull() writes
+        self._params: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
         self._closed = False
 
     @property
@@ -164,6 +169,7 @@ class StepdOptimizer:
             and not self._closed
         ):
             self.session.handle(Step(((name, known, param, grad),)))
+            self._params[name] = (known, param)
             return
         self.step_batch([(name, shape, param, grad)])
 
@@ -179,6 +185,31 @@ class StepdOptimizer:
         checked = self._check_items([(name, shape, param, None)], with_grad=False)
         self._call(Register(checked))
         self._remember(checked)
+
+    def pull(self, name: str) -> None:
+        """Write ``name``'s current value into its param (the array last registered or
+        stepped), and take its version as the one the next gradient is computed from; nothing
+        is stepped. For a worker that wants fresh parameters without stepping (an async
+        worker that lagged, one that joins late). In process (``local://``) the param is the
+        value already."""
+        name = _name(name)
+        known = self._params.get(name)
+        if known is None:
+            raise ValueError(f"{name!r} is not registered: register or step it before a pull")
+        self._call(Pull(((name, *known, None),)))
+
+    def pull_all(self) -> None:
+        """:meth:`pull` for every registered name, in one round trip."""
+        items = tuple((n, dims, p, None) for n, (dims, p) in self._params.items())
+        if items:
+            self._call(Pull(items))
+
+    @property
+    def stale_gradients(self) -> int:
+        """How many gradients the server refused as stale (async groups, beyond
+        ``max_staleness``); each such step wrote the current values into its params instead,
+        so the next gradient is computed from them. 0 in process."""
+        return int(getattr(self.session, "stale_gradients", 0))
 
     def buffers(
         self, name: str, shape: Sequence[int], init: np.ndarray
@@ -222,6 +253,38 @@ class StepdOptimizer:
     def end_iteration(self) -> int:
         """Advance the global step counter; returns the new value."""
         return int(self._call(EndIteration()))
+
+    # -- sync membership (elastic workers) --------------------------------------------------
+
+    def join(self) -> dict[str, Any]:
+        """Make this worker a member of its run's sync iterations: of the running one if it
+        has not started, else of the next — then this returns once that one begins (with
+        ``member_from``). For a worker that comes late, leaves and comes back, or was
+        dropped; the first workers of a run join implicitly with their first step."""
+        return self._membership("join")
+
+    def leave(self) -> dict[str, Any]:
+        """Leave the sync iterations now: what this worker sent in the running iteration
+        counts, and nothing waits for it any more."""
+        return self._membership("leave")
+
+    def heartbeat(self) -> dict[str, Any]:
+        """Keep this worker's lease (the group's ``lease_s``) while it sends nothing for a
+        while (a long evaluation); every step and end_iteration does this too."""
+        return self._membership("heartbeat")
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """The sync workers dropped (their lease ran out) from the iteration that this
+        worker's last ``end_iteration`` ended."""
+        return tuple(getattr(self.transport, "last_dropped", ()))
+
+    def _membership(self, action: str) -> dict[str, Any]:
+        if getattr(self.session, "worker", None) is None:
+            raise ValueError(
+                f"{action} is for sync workers: connect to a server with worker=... and a named run"
+            )
+        return dict(self._call(SyncMembership(action)))
 
     def lr_scale(self, name: str) -> float:
         return float(self._call(GetLrScale(_name(name))))
@@ -326,8 +389,9 @@ class StepdOptimizer:
         return tuple(checked)
 
     def _remember(self, items: tuple[Item, ...]) -> None:
-        for name, dims, _, _ in items:
+        for name, dims, param, _ in items:
             self._shapes[name] = dims
+            self._params[name] = (dims, param)
 
 
 def connect(
@@ -339,7 +403,7 @@ def connect(
     token: str | None = None,
     timeout: float = 30.0,
     worker: str | None = None,
-    workers: Mapping[str, Any] | None = None,
+    workers: Mapping[str, Any] | str | None = None,
     retries: int = 2,
     **hyperparams: Any,
 ) -> Any:
@@ -361,6 +425,10 @@ def connect(
     stable hash of the name (:mod:`stepd.client.sharding`). Distributed workers: ``worker``
     is this process's id and ``workers`` the group's mode, e.g. ``{"mode": "sync", "count":
     4}`` or ``{"mode": "async", "max_staleness": 8}``; they need a named ``run``.
+    ``workers="torchrun"``: a sync group of the job's ``WORLD_SIZE`` processes, this one
+    named by its ``RANK`` (from the environment torchrun gives each process); under torchrun
+    (``RANK`` and ``WORLD_SIZE`` set) a sync config without ``count``, or without ``worker``,
+    takes them from there too.
 
     ``retries`` (http:// only): how many times a step is resent, with the same request id,
     after a transport failure; the server applies it once whatever arrives (see
@@ -378,6 +446,7 @@ def connect(
         raise TypeError(f"fresh must be a bool, got {fresh!r}")
     if fresh and run is None:
         raise ValueError("fresh=True needs a named run (an anonymous run is always fresh)")
+    worker, workers = _launcher_workers(worker, workers, os.environ)
     options = {
         "run": run,
         "fresh": fresh,
@@ -403,6 +472,41 @@ def connect(
             raise
         return ShardedOptimizer(opts)
     return _connect_one(url, algorithm, hyperparams, None, options)
+
+
+def _launcher_workers(
+    worker: str | None, workers: Mapping[str, Any] | str | None, env: Mapping[str, str]
+) -> tuple[str | None, Mapping[str, Any] | None]:
+    """The worker id and config, completed from a launcher's environment (torchrun's, or any
+    that sets ``RANK`` and ``WORLD_SIZE``) for sync groups: the sync count is the world size
+    and the worker id the rank, so every process of the job runs the same line. What the
+    caller gave explicitly stays as given."""
+    if isinstance(workers, str):
+        if workers != "torchrun":
+            raise ValueError(f"workers must be a mapping or 'torchrun', got {workers!r}")
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            raise ValueError(
+                "workers='torchrun' takes RANK and WORLD_SIZE from the environment, which has "
+                "neither set: start the script with torchrun (python -m torch.distributed.run)"
+            )
+        workers = {"mode": "sync"}
+    if (
+        not isinstance(workers, Mapping)
+        or workers.get("mode") != "sync"
+        or "RANK" not in env
+        or "WORLD_SIZE" not in env
+        or (worker is not None and "count" in workers)
+    ):
+        return worker, workers
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise ValueError(
+            f"RANK={env['RANK']!r} and WORLD_SIZE={env['WORLD_SIZE']!r} must be integers"
+        ) from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
+    return (str(rank) if worker is None else worker), {"count": world, **workers}
 
 
 def _connect_one(

@@ -15,7 +15,11 @@ these:
   weights. Another config is a ``ConflictError``.
 - **lr and lr_scale** set before the group or the name exist on the server are kept here and
   sent when they do; an unregistered name's lr_scale is its pending one, else 1.0.
-- **Async workers** send each gradient with the parameter version it was computed from.
+- **Async workers** send each gradient with the parameter version it was computed from. A
+  gradient the server refuses as stale (beyond ``max_staleness``) is not an error: the reply
+  carries the current values and versions, written into the params, so the worker's next
+  gradient is computed from fresh weights; the refusals are counted (``stale_gradients``).
+  ``Pull`` brings the current values and versions without stepping.
 - **Retries** (transports that allow them: http://). Every step carries a request id (128
   random bits of this session and a counter); after a transport failure the same request is
   resent, up to ``retries`` times, and the server applies it once. ``end_iteration`` and
@@ -46,6 +50,7 @@ from .transport import (
     Item,
     LoadStateDict,
     Op,
+    Pull,
     Register,
     ServerTransport,
     SetHyperparams,
@@ -54,6 +59,7 @@ from .transport import (
     SetValue,
     Step,
     StepItem,
+    SyncMembership,
     Transport,
     UpdateHessian,
 )
@@ -91,11 +97,13 @@ class Session(Transport):
         self._request_counter = itertools.count(1)
         self.registered: dict[str, tuple[int, ...]] = {}
         self.versions: dict[str, int] = {}  # the version each param came from (async groups)
+        self.stale_gradients = 0  # refused as stale: their params were refreshed instead
         self.group_id: str | None = None
         self.lr: float | None = None  # set_lr (or a loaded lr) not on the server yet
         self.pending_scales: dict[str, float] = {}  # set_lr_scale before registration
         self.explicit_scales: set[str] = set()
         self.pending_load: StateLoad | None = None  # load_state_dict not fully uploaded yet
+        self.worker = worker
         info = transport.open_run(run, fresh, worker, self.group_spec)
         self.run: str = info["run"]
         self.anonymous: bool = bool(info.get("anonymous", run is None))
@@ -137,6 +145,13 @@ class Session(Transport):
                 return self._step(items)
             case Register(items=items):
                 return self._ensure_registered(items)
+            case Pull(items=items):
+                self._ensure_registered(items)
+                self.versions.update(self._retry(partial(t.pull, items), self._reads))
+                return None
+            case SyncMembership(action=action):
+                # idempotent on the server (joining or leaving twice is harmless): resent once
+                return self._retry(partial(t.membership, action), self._reads)
             case EndIteration():
                 step = t.end_iteration()
                 if self.pending_load is not None and self.pending_load.first:
@@ -220,11 +235,13 @@ class Session(Transport):
         versions = {item[0]: self.versions[item[0]] for item in items} if self._async else None
         rid = self._request_id() if t.request_ids else ""  # the same on every resend
         if self._retries:
-            new = self._retry(partial(t.step, items, versions, rid), self._retries)
+            new, stale = self._retry(partial(t.step, items, versions, rid), self._retries)
         else:
-            new = t.step(items, versions, rid)
+            new, stale = t.step(items, versions, rid)
         if self._async:
             self.versions.update(new)
+        if stale:  # the params hold the current values now: the next gradient is fresh
+            self.stale_gradients += len(stale)
 
     # -- optimizer state --------------------------------------------------------------------
 

@@ -48,6 +48,36 @@ class ShardedOptimizer:
         """Register ``name`` on its server now (the server's copy wins, in place)."""
         self._owner(name).register(name, shape, param)
 
+    def pull(self, name: str) -> None:
+        """The current value of ``name`` from its server, into its param (see
+        :meth:`StepdOptimizer.pull`)."""
+        self._owner(name).pull(name)
+
+    def join(self) -> list[dict[str, Any]]:
+        """Join every server's sync membership (see :meth:`StepdOptimizer.join`)."""
+        return [opt.join() for opt in self.shards]
+
+    def leave(self) -> list[dict[str, Any]]:
+        return [opt.leave() for opt in self.shards]
+
+    def heartbeat(self) -> list[dict[str, Any]]:
+        return [opt.heartbeat() for opt in self.shards]
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """The sync workers any server dropped from the last iteration ended."""
+        return tuple(sorted({w for opt in self.shards for w in opt.dropped}))
+
+    def pull_all(self) -> None:
+        """Every registered name's current value, one round trip per server."""
+        for opt in self.shards:
+            opt.pull_all()
+
+    @property
+    def stale_gradients(self) -> int:
+        """Gradients refused as stale, over every server."""
+        return sum(opt.stale_gradients for opt in self.shards)
+
     @property
     def lr(self) -> float | None:
         """The learning rate now in force (every shard is set alike)."""

@@ -50,10 +50,22 @@ from typing import Any
 
 import numpy as np
 
-from stepd.wire import F32, F64, HEADER, SLOT_VERSION, STEP_REPLY, U32, U64, Op, narrow, widen
+from stepd.wire import (
+    F32,
+    F64,
+    HEADER,
+    SLOT_VERSION,
+    STEP_REPLY,
+    STEP_STALE,
+    U32,
+    U64,
+    Op,
+    narrow,
+    widen,
+)
 
 from .errors import TransportError, error_for_status
-from .transport import Registered, ServerTransport, StepItem
+from .transport import Item, Registered, ServerTransport, StepItem
 
 PREFIX = "stepd-"  # memfd names: labels only, seen in /proc/<pid>/maps
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # what the server insists on
@@ -269,7 +281,7 @@ class ShmTransport(ServerTransport):
 
     def step(
         self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
-    ) -> dict[str, int]:
+    ) -> tuple[dict[str, int], tuple[str, ...]]:
         segs = self._segments
         if len(items) == 1 and versions is None:  # the latency path: as little as possible
             ((name, _, param, grad),) = items
@@ -282,7 +294,7 @@ class ShmTransport(ServerTransport):
                 raise TransportError(f"shm://{self.path}: malformed step reply")
             if user is None or param is not user[0]:
                 _into(param, seg.param)
-            return {name: STEP_REPLY.unpack(reply)[0]}
+            return {name: STEP_REPLY.unpack(reply)[0]}, ()  # no versions: never stale
         chosen = [segs[name] for name, *_ in items]
         for seg, (_, _, _, grad) in zip(chosen, items, strict=True):
             if seg.user is None or grad is not seg.user[1]:
@@ -302,13 +314,38 @@ class ShmTransport(ServerTransport):
         for seg, (_, _, param, _) in zip(chosen, items, strict=True):
             if seg.user is None or param is not seg.user[0]:
                 _into(param, seg.param)
-        return {
-            name: STEP_REPLY.unpack_from(reply, k * STEP_REPLY.size)[0]
-            for k, (name, *_) in enumerate(items)
-        }
+        replies = [STEP_REPLY.unpack_from(reply, k * STEP_REPLY.size) for k in range(count)]
+        new = {name: version for (name, *_), (version, _) in zip(items, replies, strict=True)}
+        stale = tuple(
+            name
+            for (name, *_), (_, outcome) in zip(items, replies, strict=True)
+            if outcome == STEP_STALE
+        )
+        return new, stale
+
+    def pull(self, items: tuple[Item, ...]) -> dict[str, int]:
+        """The server writes each current value into the segment's param half (where a
+        step's new value goes), then it is copied into ``param``."""
+        chosen = [self._segments[name] for name, *_ in items]
+        count = len(chosen)
+        payload = U32.pack(count) + struct.pack(f"<{count}I", *(s.slot for s in chosen))
+        reply = self.request(Op.PULL, payload)
+        if len(reply) != 8 * count:
+            raise TransportError(f"shm://{self.path}: malformed pull reply")
+        for seg, (_, _, param, _) in zip(chosen, items, strict=True):
+            if seg.user is None or param is not seg.user[0]:
+                _into(param, seg.param)
+        versions = struct.unpack(f"<{count}Q", reply)
+        return {name: v for (name, *_), v in zip(items, versions, strict=True)}
 
     def end_iteration(self) -> int:
-        return U64.unpack(self.request(Op.END_ITERATION))[0]
+        reply = self.request(Op.END_ITERATION)
+        self.last_dropped = tuple(json.loads(reply[8:])["dropped"]) if len(reply) > 8 else ()
+        return U64.unpack_from(reply)[0]
+
+    def membership(self, action: str) -> dict[str, Any]:
+        ops = {"join": Op.JOIN, "leave": Op.LEAVE, "heartbeat": Op.HEARTBEAT}
+        return json.loads(self.request(ops[action]))
 
     def set_lr(self, group: str, lr: float) -> None:
         self.request(Op.SET_LR, F64.pack(lr) + group.encode())

@@ -272,7 +272,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         token: str | None = None,
         timeout: float = 30.0,
         worker: str | None = None,
-        workers: Mapping[str, Any] | None = None,
+        workers: Mapping[str, Any] | str | None = None,  # "torchrun": see connect()
         retries: int = 2,
         **hyperparams: Any,
     ) -> None:

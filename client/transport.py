@@ -38,6 +38,21 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Pull:
+    """Write each name's current value (the server's) into its param; nothing is stepped."""
+
+    items: tuple[Item, ...]
+
+
+@dataclass(frozen=True)
+class SyncMembership:
+    """This worker joins, leaves or heartbeats its run's sync membership (``action``); the
+    result is the membership as the server describes it."""
+
+    action: str  # "join", "leave" or "heartbeat"
+
+
+@dataclass(frozen=True)
 class EndIteration:
     """Advance the global step; the result is the new step."""
 
@@ -97,7 +112,9 @@ class UpdateHessian:
 Op = (
     Register
     | Step
+    | Pull
     | EndIteration
+    | SyncMembership
     | GetLr
     | SetLr
     | SetHyperparams
@@ -173,11 +190,26 @@ class ServerTransport(ABC):
     @abstractmethod
     def step(
         self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
-    ) -> dict[str, int]:
-        """Apply the gradients, write the new values into the params; the new versions."""
+    ) -> tuple[dict[str, int], tuple[str, ...]]:
+        """Apply the gradients, write the new values into the params; the new versions, and
+        the names the server refused as stale (async groups: their params and versions are
+        then the current ones, nothing applied)."""
 
     @abstractmethod
-    def end_iteration(self) -> int: ...
+    def pull(self, items: tuple[Item, ...]) -> dict[str, int]:
+        """Write the registered names' current values into the params; their versions."""
+
+    @abstractmethod
+    def end_iteration(self) -> int:
+        """The new global step; the sync workers dropped from the iteration that ended are
+        then in ``last_dropped``."""
+
+    #: the sync workers dropped from the iteration the last end_iteration ended
+    last_dropped: tuple[str, ...] = ()
+
+    @abstractmethod
+    def membership(self, action: str) -> dict[str, Any]:
+        """Join, leave or heartbeat (``action``) this worker's sync membership."""
 
     @abstractmethod
     def set_lr(self, group: str, lr: float) -> None: ...

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from .metrics import Metrics
 from .runs import Run
 from .rwlock import WouldBlock
 from .store import ParamStore
-from .workers import Waiting
+from .workers import Membership, Waiting
 
 log = logging.getLogger("stepd")
 
@@ -86,6 +87,7 @@ class IterationEnd:
     step: int
     autosaved: str | None = None  # the checkpoint written
     autosave_error: str | None = None  # why it was not (the iteration ended all the same)
+    dropped: tuple[str, ...] = ()  # sync workers dropped from the iteration (lease expired)
 
 
 class Engine:
@@ -193,6 +195,7 @@ class Engine:
                 self.device, self.settings.nonfinite, self.settings.stats_every, self.shard
             )
             run = Run(name, store, CheckpointDir(self.root / name), self.metrics, anonymous, quota)
+            run.on_advance = partial(self._advanced_elsewhere, name)
             self._runs[name] = run
         if existing is not None:  # fresh: the old run's memory goes now, as on a delete
             with existing.store.lock.exclusive():
@@ -230,6 +233,7 @@ class Engine:
         """Drop ``run`` from the runs (call holding ``_lock``); its bytes are no longer
         committed."""
         del self._runs[run.name]
+        run.sync.close()
         self._committed -= run.committed
         self.metrics.forget_run(run.name)
 
@@ -307,6 +311,19 @@ class Engine:
 
     def read(self, run: str, name: str) -> np.ndarray:
         return self.run(run).store.read(name)
+
+    def pull(self, run: str, names: Sequence[str]) -> list[tuple[int, np.ndarray]]:
+        """Each name's version and float32 value, read together (a worker catching up
+        without stepping: the pair it computes its next gradient from)."""
+        if not names:
+            raise Invalid("a pull needs at least one parameter name")
+        if len(set(names)) != len(names):
+            raise Invalid("a pull names each parameter once")
+        out = []
+        for version, value in self.run(run).store.current(names):
+            assert value is not None  # current() reads values unless told not to
+            out.append((version, value))
+        return out
 
     def set_value(self, run: str, name: str, value: np.ndarray) -> int:
         return self.run(run).store.set_value(name, value)
@@ -390,6 +407,7 @@ class Engine:
         blocking: bool = True,
         transport: str = "http",
         return_dtype: np.dtype | None = None,
+        last: bool = False,
     ) -> list[StepOutcome]:
         """Apply one gradient per name, each routed by its group's workers mode; returns
         once done (sync names: once their rounds are complete). The arguments are those of
@@ -405,6 +423,7 @@ class Engine:
             blocking=blocking,
             transport=transport,
             return_dtype=return_dtype,
+            last=last,
         ).wait()
 
     def start_step(
@@ -420,6 +439,7 @@ class Engine:
         blocking: bool = True,
         transport: str = "http",
         return_dtype: np.dtype | None = None,
+        last: bool = False,
     ) -> Waiting[list[StepOutcome]]:
         """Apply one gradient per name, each routed by its group's workers mode.
 
@@ -430,14 +450,17 @@ class Engine:
 
         Plain and async groups step at once (one fused launch per group; async gradients are
         checked against ``max_staleness`` from ``versions``, the parameter versions they were
-        computed from); sync groups join the round of ``iteration`` (default: the current
-        one); the result waits for every worker's gradient (``wait()`` on a thread,
-        ``await wait_async()`` on an event loop: no thread is held while others are
-        awaited). ``request_id``: a repeat of an applied
-        request is answered with its recorded outcome and applies nothing. Outcomes come in
+        computed from: if one is beyond it, nothing of the plain and async part is applied
+        and their outcomes are ``stale``, with the current versions and values); sync groups
+        join the round of ``iteration`` (default: the current one); the result waits for
+        every worker's gradient (``wait()`` on a thread, ``await wait_async()`` on an event
+        loop: no thread is held while others are awaited). ``request_id``: a repeat of an
+        applied request is answered with its recorded outcome and applies nothing. Outcomes come in
         the order of ``grads``. ``blocking=False``: ``WouldBlock`` (before anything is done)
         unless the step is cheap and its locks are free — the HTTP adapter then runs it on a
-        worker thread instead of its event loop.
+        worker thread instead of its event loop. ``last`` (sync groups): these are the
+        worker's last gradients of the iteration — rounds of parameters it did not use go on
+        without waiting for its end_iteration (see service/workers.py).
         """
         start = time.perf_counter()
         r = self._runs.get(run)  # self.run(run), inlined: this is every step's path
@@ -487,13 +510,16 @@ class Engine:
             assert worker is not None  # a sync step without a worker id was refused above
             rest = {n: g for n, g in grads.items() if n not in sync}
             applied = self._apply(r, rest, read_back, blocking, versions, request_id)
-            # Join every round first (each completes as soon as its last gradient is in),
+            # Join every round first (each completes as soon as it has all it will get),
             # then wait for them all.
-            join = r.sync.contribute
-            rounds = [
-                join(n, grads[n], worker, iteration, entries[n].group.workers, request_id)
-                for n in sync
-            ]
+            rounds = r.sync.contribute(
+                {n: grads[n] for n in sync},
+                worker,
+                iteration,
+                {n: entries[n].group.workers["timeout_s"] for n in sync},
+                request_id,
+                last,
+            )
 
             def finish(done: list[StepOutcome]) -> list[StepOutcome]:
                 outcomes = {o.name: o for o in (*applied, *done)}
@@ -518,7 +544,7 @@ class Engine:
         if worker is not None:
             r.workers.touch(worker, len(ordered))
         for o in ordered:
-            if o.replayed:  # a retried request id: counted when it was applied
+            if o.replayed or o.stale:  # counted when applied; stale ones in _apply
                 continue
             if o.applied:
                 r.counter(entries[o.name].group.id).inc()
@@ -545,8 +571,18 @@ class Engine:
         try:
             applied = r.store.step(grads, read_back, blocking, based_on, request_id)
         except Stale:
+            # Not an error: under async a worker that lagged did nothing wrong. Nothing of
+            # the request is applied (as before: a refusal the sender sees), and the reply
+            # carries every name's current version and value, so the worker continues from
+            # them instead of sending gradients from its old copy that are refused forever.
+            # Not recorded under the request id: a resend is still stale (versions only
+            # grow) and is answered the same way.
+            now = r.store.current(list(grads), read_back, blocking)
             self.metrics.stale_rejected.labels(r.name).inc()
-            raise
+            return [
+                StepOutcome(n, version, False, value, stale=True)
+                for n, (version, value) in zip(grads, now, strict=True)
+            ]
         if based_on is not None:
             for o in applied:
                 if o.staleness is not None:
@@ -581,27 +617,68 @@ class Engine:
         store = r.store
         if worker is not None and not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
             raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
-        count = store.sync_count()
-        if worker is not None and count is not None:
+        dropped: tuple[str, ...] = ()
+        if worker is not None and store.sync_options() is not None:
             r.workers.touch(worker)
-            advanced = r.sync.end_iteration(worker, count, store.sync_timeout())
-            if isinstance(advanced, Waiting):  # another worker's call advances it (and autosaves)
-                return advanced.then(IterationEnd)
-            step = advanced
+            advanced = r.sync.end_iteration(worker, store.sync_timeout())
+            if isinstance(advanced, Waiting):  # another call advances it (and autosaves)
+                return advanced.then(lambda a: IterationEnd(a.step, dropped=a.dropped))
+            step, dropped = advanced.step, advanced.dropped
         else:
             step = store.end_iteration()
+        return Waiting.done(replace(self._iteration_ended(run, step), dropped=dropped))
+
+    def _iteration_ended(self, run: str, step: int) -> IterationEnd:
+        """The run's step advanced to ``step``: the metrics, and the autosave if one is due."""
         self.metrics.iterations.labels(run).set(step)
         every = self.settings.autosave_every
         if not (every and step % every == 0):
-            return Waiting.done(IterationEnd(step))
+            return IterationEnd(step)
+        r = self.run(run)
         try:
             info = self.save_checkpoint(run, auto=True)
             r.checkpoints.prune_auto(self.settings.autosave_keep)
         except (StoreError, OSError) as exc:
             log.error("run %s: autosave at step %d failed: %s", run, step, exc)
             self.metrics.autosave_failures.labels(run).inc()
-            return Waiting.done(IterationEnd(step, autosave_error=str(exc)))
-        return Waiting.done(IterationEnd(step, autosaved=info.name))
+            return IterationEnd(step, autosave_error=str(exc))
+        return IterationEnd(step, autosaved=info.name)
+
+    def _advanced_elsewhere(self, run: str, step: int) -> None:
+        """A sync member dropped or leaving completed the barrier (not an end_iteration
+        call, which reports it itself)."""
+        with contextlib.suppress(NotFound):  # deleted meanwhile
+            self._iteration_ended(run, step)
+
+    # -- sync membership -------------------------------------------------------------------
+
+    def _sync_worker(self, run: str, worker: str) -> Run:
+        if not (isinstance(worker, str) and WORKER_RE.fullmatch(worker)):
+            raise Invalid(f"invalid worker id {worker!r}: {WORKER_RULE}")
+        r = self.run(run)
+        r.workers.touch(worker)
+        return r
+
+    def join(self, run: str, worker: str) -> Waiting[Membership]:
+        """Make ``worker`` a sync member of the run: of the running iteration if it has not
+        started, else of the next — the result then waits until that one begins (``wait()``
+        or ``await wait_async()``, as a step's)."""
+        r = self._sync_worker(run, worker)
+        joined = r.sync.join(worker, r.store.sync_timeout())
+        return joined if isinstance(joined, Waiting) else Waiting.done(joined)
+
+    def leave(self, run: str, worker: str) -> Membership:
+        """``worker`` leaves the run's sync membership now: what it sent this iteration
+        counts, nothing waits for it any more (rounds and the barrier may complete here)."""
+        return self._sync_worker(run, worker).sync.leave(worker)
+
+    def heartbeat(self, run: str, worker: str) -> Membership:
+        """``worker`` is alive (between requests: a long evaluation); its lease starts
+        again. Cheap: it may run on the event loop."""
+        return self._sync_worker(run, worker).sync.heartbeat(worker)
+
+    def membership(self, run: str) -> Membership:
+        return self.run(run).sync.membership()
 
     def workers(self, run: str) -> list[dict[str, Any]]:
         return self.run(run).workers.list()

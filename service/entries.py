@@ -37,3 +37,9 @@ class StepOutcome:
     param: np.ndarray | None = None  # host copy right after this step, when asked for
     staleness: int | None = None  # async groups: versions the gradient lagged
     replayed: bool = False  # a repeated request id: nothing was applied this time
+    # async groups: the request carried a gradient beyond max_staleness, so none of it was
+    # applied; version (and param) are the current ones, for the worker to continue from
+    stale: bool = False
+    # sync groups: the workers dropped from the iteration when its round completed (their
+    # lease ran out): the round went on without them
+    dropped: tuple[str, ...] = ()

@@ -5,7 +5,8 @@
     StoreError
     ├── NotFound          404  unknown run, parameter, slot, group or checkpoint
     ├── Conflict          409  conflicting registration, duplicate contribution
-    │   └── Stale         409  an async gradient beyond the staleness bound
+    │   └── Stale         409  an async gradient beyond the staleness bound (the engine
+    │                          answers it with the current values instead: never sent)
     ├── Invalid           422  refused content (and malformed tensors: ``wire.WireError``)
     ├── TooLarge          413  over a size limit
     ├── Unauthorized      401  a shm:// HELLO without the server's token
@@ -39,7 +40,9 @@ class Conflict(StoreError):
 
 
 class Stale(Conflict):
-    """An async gradient computed from a parameter too many versions old; not applied."""
+    """An async gradient computed from a parameter too many versions old; not applied. The
+    store raises it; the engine turns it into a reply (``StepOutcome.stale``) that carries
+    the current values, so no adapter ever answers it as an error."""
 
 
 class Invalid(StoreError):

@@ -14,13 +14,14 @@ is reaped by the server once idle longer than ``STEPD_ANONYMOUS_RUN_TTL``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import CheckpointDir
 from .metrics import Metrics
 from .store import ParamStore
-from .workers import SyncRounds, WorkerRegistry
+from .workers import SyncRounds, WorkerRegistry, membership_options
 
 
 @dataclass(eq=False)
@@ -37,10 +38,23 @@ class Run:
     holders: int = 0  # shm:// connections bound to it: an anonymous run lives while they do
     workers: WorkerRegistry = field(default_factory=WorkerRegistry)
     sync: SyncRounds = field(init=False)
+    # called when the iteration advances other than in an end_iteration call (a sync member
+    # dropped or leaving completes the barrier): the engine's autosave and metrics
+    on_advance: Callable[[int], None] | None = None
     _counters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.sync = SyncRounds(self.store)
+        self.sync = self._rounds()
+
+    def _rounds(self) -> SyncRounds:
+        return SyncRounds(self.store, self._sync_options, self._advanced)
+
+    def _sync_options(self) -> Mapping[str, Any]:
+        return self.store.sync_options() or membership_options({})
+
+    def _advanced(self, step: int) -> None:
+        if self.on_advance is not None:
+            self.on_advance(step)
 
     def counter(self, group: str) -> Any:
         """The steps counter of this run's ``group`` (its child kept: labels() is slow)."""
@@ -53,8 +67,10 @@ class Run:
         self.last_used = time.monotonic()
 
     def reset_rounds(self) -> None:
-        """Rounds in flight belonged to state that was just replaced (a restore)."""
-        self.sync = SyncRounds(self.store)
+        """Rounds in flight belonged to state that was just replaced (a restore); the sync
+        membership starts again too (workers rejoin as they step)."""
+        self.sync.close()
+        self.sync = self._rounds()
 
     def info(self) -> dict[str, Any]:
         store = self.store

@@ -12,8 +12,16 @@ class WorkersSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["plain", "sync", "async"] = "plain"
-    count: int | None = Field(None, description="sync: the number of workers per round")
+    count: int | None = Field(
+        None, description="sync: the members an iteration needs to start (default 1)"
+    )
     timeout_s: float | None = Field(None, description="sync: straggler timeout (default 60)")
+    lease_s: float | None = Field(
+        None, description="sync: a member silent this long is dropped (default 10)"
+    )
+    clip_grad_norm: float | None = Field(
+        None, description="sync: the max global norm of an iteration's averaged gradients"
+    )
     max_staleness: int | None = Field(None, description="async: versions a gradient may lag")
 
 
@@ -43,6 +51,11 @@ class RegisterRequest(BaseModel):
     shard: ShardView | None = Field(
         None, description="the shard the client believes this server is (checked when given)"
     )
+
+
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    names: list[str] = Field(min_length=1, examples=[["fc1.weight", "fc1.bias"]])
 
 
 class ParamInfo(BaseModel):
@@ -99,6 +112,28 @@ class Iteration(BaseModel):
     )
     autosave_error: str | None = Field(
         None, description="why a due autosave was not written (the iteration ended all the same)"
+    )
+    dropped: list[str] | None = Field(
+        None,
+        description="sync workers dropped from the iteration (their lease ran out); absent if none",
+    )
+
+
+class Membership(BaseModel):
+    """A run's sync membership (service/workers.py)."""
+
+    iteration: int = Field(description="the iteration now running (the global step + 1)")
+    members: list[str] = Field(description="its members")
+    joining: list[str] = Field(description="members from the next iteration on")
+    started: bool = Field(
+        description="the membership of the iteration is fixed (it has started); before, "
+        "workers join it directly"
+    )
+    dropped: list[str] = Field(description="dropped from this iteration (lease ran out)")
+    count: int | None = Field(description="the members an iteration needs to start")
+    lease_s: float
+    member_from: int | None = Field(
+        None, description="join: the first iteration the worker is a member of"
     )
 
 

@@ -69,6 +69,7 @@ from stepd.wire import (
     PROTOCOL,
     SLOT_VERSION,
     STEP_REPLY,
+    STEP_STALE,
     U32,
     U64,
     Op,
@@ -306,14 +307,14 @@ class ShmServer:
                 with entry.lock:
                     _copy_out(entry.param, slot.param)
             return STEP_REPLY.pack(outcome.version, outcome.applied)
-        if op == Op.STEP_BATCH:
+        if op in (Op.STEP_BATCH, Op.STEP_LAST):
             count = _u32(payload, 0, len(payload) >= 4)
             if len(payload) != 4 + 4 * count:
                 raise ProtocolError("STEP_BATCH: payload does not match its count")
             ids = struct.unpack_from(f"<{count}I", payload, 4)
             if len(set(ids)) != count:
                 raise ProtocolError("STEP_BATCH: a slot appears twice")
-            return self._step(conn, [self._slot(conn, i) for i in ids])
+            return self._step(conn, [self._slot(conn, i) for i in ids], last=op == Op.STEP_LAST)
         if op == Op.STEP_V:
             count = _u32(payload, 0, len(payload) >= 4)
             if len(payload) != 4 + SLOT_VERSION.size * count:
@@ -334,7 +335,19 @@ class ShmServer:
         if op == Op.REGISTER:
             return json.dumps(self._register(conn, _json(payload))).encode()
         if op == Op.END_ITERATION:
-            return U64.pack(engine.end_iteration(run, conn.worker).step)
+            end = engine.end_iteration(run, conn.worker)
+            dropped = json.dumps({"dropped": end.dropped}).encode() if end.dropped else b""
+            return U64.pack(end.step) + dropped
+        if op in (Op.JOIN, Op.LEAVE, Op.HEARTBEAT):
+            if conn.worker is None:
+                raise Invalid("sync membership needs a worker id: name it in HELLO")
+            if op == Op.JOIN:  # waits in this connection's thread, as a sync step does
+                info = engine.join(run, conn.worker).wait()
+            elif op == Op.LEAVE:
+                info = engine.leave(run, conn.worker)
+            else:
+                info = engine.heartbeat(run, conn.worker)
+            return json.dumps(info.to_dict()).encode()
         if op == Op.SET_LR:
             engine.set_lr(run, _f64(payload), payload[8:].decode() or None)
             return b""
@@ -372,6 +385,8 @@ class ShmServer:
             slot = self._slot(conn, _u32(payload, 0, len(payload) == 4))
             engine.set_value(run, slot.name, slot.grad)
             return b""
+        if op == Op.PULL:
+            return self._pull(conn, payload)
         if op in (Op.CLOSE, Op.PING):
             return b""
         raise ProtocolError(f"unknown op {op}")
@@ -422,7 +437,11 @@ class ShmServer:
         conn.run, conn.owns_run = None, False
 
     def _step(
-        self, conn: Connection, slots: list[Slot], versions: dict[str, int] | None = None
+        self,
+        conn: Connection,
+        slots: list[Slot],
+        versions: dict[str, int] | None = None,
+        last: bool = False,
     ) -> bytes:
         """Step through the engine, then put each new value into the client's segment."""
         assert conn.run is not None
@@ -434,6 +453,7 @@ class ShmServer:
             versions=versions,
             read_back=False,
             transport="shm",
+            last=last,
         )
         for s, o in zip(slots, outcomes, strict=True):
             entry = engine.entry(run, s.name)
@@ -444,7 +464,23 @@ class ShmServer:
                 continue
             with entry.lock:
                 _copy_out(entry.param, s.param)
-        return b"".join(STEP_REPLY.pack(o.version, o.applied) for o in outcomes)
+        return b"".join(
+            STEP_REPLY.pack(o.version, STEP_STALE if o.stale else o.applied) for o in outcomes
+        )
+
+    def _pull(self, conn: Connection, payload: bytes) -> bytes:
+        """Each slot's current value into its segment's param half; the versions."""
+        assert conn.run is not None
+        count = _u32(payload, 0, len(payload) >= 4)
+        if count == 0 or len(payload) != 4 + 4 * count:
+            raise ProtocolError("PULL: payload does not match its count")
+        slots = [self._slot(conn, i) for i in struct.unpack_from(f"<{count}I", payload, 4)]
+        engine, run = self.engine, conn.run
+        pulled = engine.pull(run, [s.name for s in slots])
+        for s, (_, value) in zip(slots, pulled, strict=True):
+            if engine.entry(run, s.name).param is not s.param:  # adopted: it is there already
+                np.copyto(s.param, value.reshape(-1))
+        return struct.pack(f"<{count}Q", *(version for version, _ in pulled))
 
     def _attach(self, conn: Connection, meta: dict[str, Any]) -> int:
         """Map the memory file the client passed with this message; only one sealed against

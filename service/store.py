@@ -30,6 +30,7 @@ from .groups import Group, check_name, committed_bytes, resolve_group
 from .requests import RequestLog
 from .rwlock import RWLock, WouldBlock
 from .snapshots import Snapshots
+from .workers import MEMBERSHIP_OPTIONS, membership_options
 
 
 class ParamStore(Snapshots):
@@ -77,12 +78,13 @@ class ParamStore(Snapshots):
             default=60.0,
         )
 
-    def sync_count(self) -> int | None:
-        """The worker count of this server's sync groups (they all share one), if any."""
-        counts = {
-            g.workers["count"] for g in self._group_info.values() if g.workers["mode"] == "sync"
-        }
-        return counts.pop() if counts else None
+    def sync_options(self) -> dict[str, Any] | None:
+        """The membership options of this run's sync groups (they all share them: count,
+        lease_s, clip_grad_norm), if it has any."""
+        for g in list(self._group_info.values()):
+            if g.workers["mode"] == "sync":
+                return membership_options(g.workers)
+        return None
 
     def register(
         self,
@@ -137,12 +139,17 @@ class ParamStore(Snapshots):
                 check_effective_lr(current.lr, name, lr_scale)
             except ValueError as exc:
                 raise Invalid(str(exc)) from None
-            count = self.sync_count()
-            if group.workers["mode"] == "sync" and count not in (None, group.workers["count"]):
-                raise Conflict(
-                    f"{name!r}: this server's sync groups have {count} workers; all sync groups "
-                    f"share one worker count, got {group.workers['count']}"
-                )
+            have = self.sync_options() if group.workers["mode"] == "sync" else None
+            want = membership_options(group.workers)
+            for key in MEMBERSHIP_OPTIONS:
+                if (
+                    have is not None and have[key] != want[key]
+                ):  # one membership per run: its options are one too
+                    what = "one worker count" if key == "count" else f"one {key}"
+                    raise Conflict(
+                        f"{name!r}: this server's sync groups have {key} {have[key]}; all sync "
+                        f"groups share {what}, got {want[key]}"
+                    )
             opt = self._group(group)
             host = np.zeros(math.prod(shape), np.float32) if value is None else value
             param = self.xp.array(np.ascontiguousarray(host, np.float32).reshape(-1), copy=True)
@@ -315,6 +322,25 @@ class ParamStore(Snapshots):
                     )
                 except TypeError as exc:
                     raise Invalid(str(exc)) from None
+
+    def current(
+        self, names: Sequence[str], values: bool = True, blocking: bool = True
+    ) -> list[tuple[int, np.ndarray | None]]:
+        """Each name's version and (``values``) a host copy of its value, read in one hold of
+        its lock: a pair that belongs together, for a worker to compute its next gradient
+        from. ``blocking=False``: ``WouldBlock`` rather than wait (nothing is changed)."""
+        with self.lock.shared(blocking):
+            entries = [self.entry(n) for n in names]
+            out: list[tuple[int, np.ndarray | None]] = []
+            for e in entries:
+                if not e.lock.acquire(blocking):
+                    raise WouldBlock
+                try:
+                    value = self._host(e.param).reshape(e.shape) if values else None
+                    out.append((e.version, value))
+                finally:
+                    e.lock.release()
+            return out
 
     def read(self, name: str) -> np.ndarray:
         """A consistent host copy of the parameter (never torn by a concurrent step)."""

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL = 2  # 1: one global namespace per server; 2: runs
+PROTOCOL = 3  # 1: one global namespace per server; 2: runs; 3: a stale async gradient is
+# answered with the current parameter (not an error), and workers can pull
 
 F32 = np.dtype("<f4")
 
@@ -98,7 +99,12 @@ REQUEST_ID_RULE = "16-128 letters, digits and _ . : -"
 REQUEST_ID_HEADER = "x-stepd-request-id"
 VERSION_HEADER = "x-stepd-version"
 APPLIED_HEADER = "x-stepd-applied"
+# "true" on a step refused as stale (async groups): nothing applied, and the reply's parameter
+# and X-Stepd-Version are the current ones, to continue from
+STALE_HEADER = "x-stepd-stale"
 SHAPE_HEADER = "x-stepd-shape"
+# On a sync step's reply: the workers dropped from the iteration (lease expired), comma-separated
+DROPPED_HEADER = "x-stepd-dropped"
 OCTET = "application/octet-stream"
 SAFETENSORS = "application/x-safetensors"
 # The precision of a raw (octet-stream) gradient body; the reply's is ``?return_dtype=``
@@ -275,7 +281,8 @@ HEADER = struct.Struct("<HHI")  # op or status, 0, payload length
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 F64 = struct.Struct("<d")
-STEP_REPLY = struct.Struct("<QB")  # version, applied
+STEP_REPLY = struct.Struct("<QB")  # version, outcome (one of the three below)
+STEP_SKIPPED, STEP_APPLIED, STEP_STALE = 0, 1, 2  # skipped: a non-finite gradient
 SLOT_VERSION = struct.Struct("<IQ")  # slot, the version a gradient was computed from
 MAX_PAYLOAD = 64 << 20  # every control message but LOAD_STATE (up to the body limit)
 
@@ -288,7 +295,7 @@ class Op(IntEnum):
     REGISTER = 2
     STEP = 3  # u32 slot -> STEP_REPLY
     STEP_BATCH = 4  # u32 n, n x u32 slot -> n x STEP_REPLY
-    END_ITERATION = 5  # -> u64 global step
+    END_ITERATION = 5  # -> u64 global step, then JSON {"dropped": [...]} if a worker was
     SET_LR = 6  # f64 lr, UTF-8 group id -> nothing
     GET_LR_SCALE = 7  # UTF-8 name -> f64
     SET_LR_SCALE = 8  # f64 scale, UTF-8 name -> nothing
@@ -302,3 +309,9 @@ class Op(IntEnum):
     HESSIAN = 16  # u32 slot -> nothing; Sophia's estimate, in the segment's gradient half
     SET_HYPERPARAMS = 17  # JSON {group, changes} -> JSON hyperparams now
     SET_VALUE = 18  # u32 slot -> nothing; the new value, in the segment's gradient half
+    PULL = 19  # u32 n, n x u32 slot -> n x u64 version; each value, in its segment's param half
+    # sync membership of the connection's worker -> JSON membership (JOIN: once a member)
+    JOIN = 20
+    LEAVE = 21
+    HEARTBEAT = 22
+    STEP_LAST = 23  # as STEP_BATCH, the worker's last gradients of the iteration (sync)

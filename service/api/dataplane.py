@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, HTTPException, Request, Response
@@ -21,12 +21,14 @@ from starlette.routing import Route
 
 from stepd.wire import (
     APPLIED_HEADER,
+    DROPPED_HEADER,
     DTYPE_HEADER,
     GRAD_CODES,
     OCTET,
     REQUEST_ID_HEADER,
     REQUEST_ID_RE,
     SAFETENSORS,
+    STALE_HEADER,
     VERSION_HEADER,
     dtype_named,
     dump,
@@ -38,6 +40,7 @@ from ..entries import StepOutcome
 from ..errors import Invalid
 from ..requests import CAPACITY
 from ..rwlock import WouldBlock
+from ..schemas import PullRequest
 from .deps import ERRORS, parse_tensors, read_body
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -62,6 +65,7 @@ async def apply(
         read_back=read_back,
         request_id=request_id,
         return_dtype=None if return_dtype is None else _dtype(return_dtype, "return_dtype"),
+        last=_flag(request, "last", "false"),
     )
     try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
         waiting = step(blocking=False)
@@ -88,8 +92,8 @@ def _int(request: Request, name: str) -> int | None:
     return int(value)
 
 
-def _flag(request: Request, name: str) -> bool:
-    value = request.query_params.get(name, "true").lower()
+def _flag(request: Request, name: str, default: str = "true") -> bool:
+    value = request.query_params.get(name, default).lower()
     if value in _TRUE or value in _FALSE:
         return value in _TRUE
     raise HTTPException(422, f"query parameter {name!r} must be a boolean, got {value!r}")
@@ -117,6 +121,10 @@ async def step_one(request: Request) -> Response:
         VERSION_HEADER: str(outcome.version),
         APPLIED_HEADER: "true" if outcome.applied else "false",
     }
+    if outcome.stale:
+        headers[STALE_HEADER] = "true"
+    if outcome.dropped:
+        headers[DROPPED_HEADER] = ",".join(outcome.dropped)
     if not return_param:
         _count_bytes(request, len(body), 0)
         return Response(status_code=204, headers=headers)
@@ -135,10 +143,16 @@ async def step_many(request: Request) -> Response:
     if not grads:
         raise Invalid("the safetensors body holds no gradients")
     outcomes = await apply(request, grads, return_params, _versions(metadata))
-    meta = {
+    meta: dict[str, Any] = {
         "versions": {o.name: o.version for o in outcomes},
-        "skipped": [o.name for o in outcomes if not o.applied],
+        "skipped": [o.name for o in outcomes if not o.applied and not o.stale],
     }
+    stale = [o.name for o in outcomes if o.stale]
+    if stale:  # async groups only: absent otherwise
+        meta["stale"] = stale
+    dropped = sorted({w for o in outcomes for w in o.dropped})
+    if dropped:  # sync groups whose iteration went on without a worker: absent otherwise
+        meta["dropped"] = dropped
     if not return_params:
         _count_bytes(request, len(body), 0)
         return Response(json.dumps(meta), media_type="application/json")
@@ -198,6 +212,7 @@ async def step(
     iteration: int | None = None,
     version: int | None = None,
     return_dtype: str | None = None,
+    last: bool = False,
     x_stepd_request_id: RequestIdHeader = None,
     x_stepd_dtype: Annotated[str | None, Header(alias="X-Stepd-Dtype")] = None,
 ) -> Response:
@@ -208,8 +223,13 @@ async def step(
     float32 master weights), or 204 with ``return_param=false``.
 
     ``worker``: the sender's id (required in sync groups); ``iteration``: the sync round
-    (default: the current one); ``version``: the parameter version the gradient was computed
-    from (required in async groups; stale ones are refused with 409).
+    (default: the current one); ``last``: in sync groups, the worker's last gradients of the
+    iteration (rounds of parameters it did not use go on without it); a sync reply names the
+    workers dropped from the iteration in ``X-Stepd-Dropped``; ``version``: the parameter
+    version the gradient was computed from (required in async groups). A gradient more than
+    ``max_staleness`` versions behind is not applied, and that is not an error (the worker
+    only lagged): the reply is a 200 with ``X-Stepd-Applied: false``, ``X-Stepd-Stale:
+    true``, the current parameter and its version, to compute the next gradient from.
 
     With ``X-Stepd-Request-Id``, a repeated id is not applied again (nor counted again in a
     sync round): the reply carries the versions and applied flags recorded for the first
@@ -230,14 +250,22 @@ async def step_batch(
     worker: str | None = None,
     iteration: int | None = None,
     return_dtype: str | None = None,
+    last: bool = False,
     x_stepd_request_id: RequestIdHeader = None,
 ) -> Response:
     """Body: safetensors of gradients keyed by parameter name (F32, BF16 or F16: each
     parameter comes back in its gradient's precision unless ``return_dtype`` names one);
     one fused launch per group.
 
+    Sync groups: ``worker``, ``iteration`` and ``last`` as for one parameter; the metadata's
+    ``dropped`` names the workers dropped from the iteration (absent if none).
+
     The reply is a safetensors of the updated parameters whose ``__metadata__`` holds
-    ``versions`` and ``skipped`` (JSON), or, with ``return_params=false``, that JSON alone.
+    ``versions``, ``skipped`` (non-finite gradients) and ``stale`` (JSON), or, with
+    ``return_params=false``, that JSON alone. ``stale``: in async groups (the ``versions``
+    metadata of the request) one gradient beyond ``max_staleness`` refuses the request's
+    plain and async part as a whole; those names are listed, with their current values and
+    versions.
 
     With ``X-Stepd-Request-Id``, a repeated id is not applied again (nor counted again in a
     sync round): the reply carries the versions and applied flags recorded for the first
@@ -245,3 +273,22 @@ async def step_batch(
     reply. An id reused for other parameters is a 409.
     """
     return await step_many(request)
+
+
+@router.post(
+    "/pull",
+    responses={200: {"content": {SAFETENSORS: {}}, "description": "the current parameters"}},
+    response_class=Response,
+)
+async def pull(run: str, body: PullRequest, request: Request) -> Response:
+    """The current float32 value of each named parameter, as a safetensors whose
+    ``__metadata__`` holds ``versions`` (JSON): each value with the version it is, read
+    together. For workers that catch up without stepping (an async worker that lagged, one
+    that joins late)."""
+    engine: Engine = request.app.state.engine
+    pulled = await run_in_threadpool(engine.pull, run, body.names)
+    values = {n: value for n, (_, value) in zip(body.names, pulled, strict=True)}
+    versions = {n: version for n, (version, _) in zip(body.names, pulled, strict=True)}
+    payload = dump(values, {"versions": json.dumps(versions)})
+    engine.metrics.bytes_out.inc(len(payload))
+    return Response(payload, media_type=SAFETENSORS)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from ..schemas import Iteration, LrRequest
+from ..schemas import Iteration, LrRequest, Membership
 from .deps import ERRORS, EngineDep, parse_tensors, read_body
 
 router = APIRouter(prefix="/v1/runs/{run}", tags=["training"], responses=ERRORS)
@@ -25,7 +25,10 @@ async def end_iteration(run: str, engine: EngineDep, worker: str | None = None) 
     waiting = await run_in_threadpool(engine.start_end_iteration, run, worker)
     end = await waiting.wait_async()  # a barrier: the other workers are awaited, not a thread
     return Iteration(
-        global_step=end.step, autosaved=end.autosaved, autosave_error=end.autosave_error
+        global_step=end.step,
+        autosaved=end.autosaved,
+        autosave_error=end.autosave_error,
+        dropped=list(end.dropped) or None,
     )
 
 
@@ -52,6 +55,38 @@ async def set_hyperparams(
 async def workers(run: str, engine: EngineDep) -> list[dict[str, Any]]:
     """The workers seen so far: id, first and last seen (Unix time), gradients sent."""
     return engine.workers(run)
+
+
+@router.get("/membership", response_model=Membership)
+async def membership(run: str, engine: EngineDep) -> Membership:
+    """The sync membership: the running iteration, its members, who joins the next one and
+    who was dropped from this one."""
+    return Membership(**engine.membership(run).to_dict())
+
+
+@router.post("/workers/{worker}/join", response_model=Membership)
+async def join(run: str, worker: str, engine: EngineDep) -> Membership:
+    """Make the worker a sync member: of the running iteration if it has not started (its
+    first gradient or end_iteration fixes the membership), else of the next one — the reply
+    then comes once that iteration begins (``member_from``), a 504 after the group's
+    ``timeout_s``. Joining again is harmless; a dropped worker joins again this way."""
+    waiting = await run_in_threadpool(engine.join, run, worker)
+    return Membership(**(await waiting.wait_async()).to_dict())
+
+
+@router.post("/workers/{worker}/leave", response_model=Membership)
+async def leave(run: str, worker: str, engine: EngineDep) -> Membership:
+    """The worker leaves the sync membership now: what it sent this iteration counts, and no
+    round or barrier waits for it any more."""
+    return Membership(**(await run_in_threadpool(engine.leave, run, worker)).to_dict())
+
+
+@router.post("/workers/{worker}/heartbeat", response_model=Membership)
+async def heartbeat(run: str, worker: str, engine: EngineDep) -> Membership:
+    """The worker is alive: its lease (``lease_s``) starts again. Every step and
+    end_iteration does this too; call it while idle longer than the lease (409 if the worker
+    was dropped: join again)."""
+    return Membership(**engine.heartbeat(run, worker).to_dict())
 
 
 @router.get("/groups")

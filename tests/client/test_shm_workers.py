@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import numpy as np
 import pytest
-from stepd.client import ConflictError, InvalidRequestError, ServerError, connect
+from stepd.client import InvalidRequestError, ServerError, connect
 
 from tests.support.clients import connect_shared
 from tests.support.server import ShmServer
@@ -137,7 +137,7 @@ def test_sync_over_shm_needs_a_worker_id_and_times_out_stragglers(srv) -> None:
         np.testing.assert_array_equal(np.frombuffer(value, np.float32), [0, 0])
 
 
-def test_async_over_shm_refuses_stale_gradients(srv) -> None:
+def test_async_over_shm_refuses_stale_gradients_with_the_current_values(srv) -> None:
     mode = {"mode": "async", "max_staleness": 0}
     with (
         connect_shared(srv.shm_url, "sgd", lr=1.0, worker="a", workers=mode) as a,
@@ -148,13 +148,15 @@ def test_async_over_shm_refuses_stale_gradients(srv) -> None:
         a.step("p", (2,), pa, g)  # registers p, steps it: version 1
         b.step("p", (2,), pb, g)  # the server's copy (v1) wins at registration; v2
         np.testing.assert_array_equal(pb, [-2, -2])
-        with pytest.raises(ConflictError, match="stale gradient"):
-            a.step("p", (2,), pa, g)  # a's copy is from v1, the param is at v2
-        np.testing.assert_array_equal(pa, [-1, -1])  # a refused step changes nothing
+        a.step("p", (2,), pa, g)  # a's copy is from v1, the param is at v2: refused
+        np.testing.assert_array_equal(pa, [-2, -2])  # not applied; a has the current value
+        assert a.stale_gradients == 1
         value = httpx.get(f"{srv.url}/v1/runs/t/params/p/value").content
         np.testing.assert_array_equal(np.frombuffer(value, np.float32), [-2, -2])
         b.step("p", (2,), pb, g)  # b is current: v3
         np.testing.assert_array_equal(pb, [-3, -3])
+        a.pull("p")  # a catches up without stepping
+        np.testing.assert_array_equal(pa, [-3, -3])
 
         # the batch path (STEP_V with several slots) tracks versions the same way
         qa, qb = np.zeros(1, np.float32), np.zeros(1, np.float32)
@@ -162,13 +164,18 @@ def test_async_over_shm_refuses_stale_gradients(srv) -> None:
         a.register("q", (1,), qa)
         b.register("q", (1,), qb)
         b.step_batch([("p", (2,), pb, g), ("q", (1,), qb, one)])  # p v4, q v1
-        with pytest.raises(ConflictError, match="stale gradient"):
-            a.step_batch([("p", (2,), pa, g), ("q", (1,), qa, one)])  # p is stale for a
-        np.testing.assert_array_equal(pa, [-1, -1])
-        np.testing.assert_array_equal(qa, [0])
+        a.step_batch([("p", (2,), pa, g), ("q", (1,), qa, one)])  # p is stale for a: neither
+        np.testing.assert_array_equal(pa, [-4, -4])  # applies; both are current in a now
+        np.testing.assert_array_equal(qa, [-1])
+        assert a.stale_gradients == 3
         b.step_batch([("p", (2,), pb, g), ("q", (1,), qb, one)])  # current: p v5, q v2
         np.testing.assert_array_equal(pb, [-5, -5])
         np.testing.assert_array_equal(qb, [-2])
+        a.step_batch([("p", (2,), pa, g), ("q", (1,), qa, one)])  # stale again: refreshed
+        a.step_batch([("p", (2,), pa, g), ("q", (1,), qa, one)])  # from v5, v2: applied
+        np.testing.assert_array_equal(pa, [-6, -6])
+        np.testing.assert_array_equal(qa, [-3])
+        assert a.stale_gradients == 5
     params = {p["name"]: p for p in httpx.get(f"{srv.url}/v1/runs/t/params").json()}
-    assert params["p"]["version"] == 5
-    assert params["q"]["version"] == 2
+    assert params["p"]["version"] == 6
+    assert params["q"]["version"] == 3

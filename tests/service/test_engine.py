@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from stepd.service.config import Settings
 from stepd.service.engine import Engine
 from stepd.service.errors import Conflict, Invalid, NotFound, OverBudget
@@ -250,3 +251,61 @@ def test_the_worker_registry_keeps_the_newest() -> None:
         reg.touch(w, 1)
     assert [w["id"] for w in reg.list()] == ["c", "a", "d"]
     assert {w["id"]: w["gradients"] for w in reg.list()}["a"] == 2
+
+
+def test_a_stale_gradient_is_answered_with_the_current_value_and_nothing_applied(engine) -> None:
+    engine.open_run("r")
+    mode = {"mode": "async", "max_staleness": 1}
+    engine.register("r", "a", (2,), ones(2), "adamw", {"lr": 0.1}, workers=mode)
+    engine.register("r", "b", (3,), ones(3), "adamw", {"lr": 0.1}, workers=mode)
+    for v in range(3):  # both at version 3, with moments
+        engine.step("r", {"a": ones(2), "b": ones(3)}, versions={"a": v, "b": v})
+    before = {n: engine.inspect("r", n) for n in ("a", "b")}
+    rid = "0123456789abcdef-stale"
+    # a from version 1 is 2 behind (bound 1): neither a nor the current b is applied
+    outcomes = engine.step(
+        "r",
+        {"a": ones(2), "b": ones(3)},
+        versions={"a": 1, "b": 3},
+        read_back=True,
+        request_id=rid,
+    )
+    assert [(o.name, o.version, o.applied, o.stale) for o in outcomes] == [
+        ("a", 3, False, True),
+        ("b", 3, False, True),
+    ]
+    np.testing.assert_array_equal(outcomes[0].param, before["a"][0])
+    np.testing.assert_array_equal(outcomes[1].param, before["b"][0])
+    assert before["a"][1]  # adamw's moments: there is state to compare
+    for n, (param, slots, counters) in before.items():  # the full state is untouched
+        p, s, c = engine.inspect("r", n)
+        np.testing.assert_array_equal(p, param)
+        assert s.keys() == slots.keys()
+        assert c == counters
+        for k in s:
+            np.testing.assert_array_equal(s[k], slots[k])
+    text = generate_latest(engine.metrics.registry).decode()
+    assert 'stepd_stale_rejected_total{run="r"} 1.0' in text  # counted once, not as skipped
+    assert 'stepd_nonfinite_skipped_total{run="r"}' not in text
+    # the id was not recorded: sent again from the fresh version, it applies
+    [o] = engine.step("r", {"a": ones(2)}, versions={"a": 3}, read_back=True)
+    assert (o.version, o.applied, o.stale) == (4, True, False)
+    out = engine.step("r", {"a": ones(2), "b": ones(3)}, versions={"a": 4, "b": 3}, request_id=rid)
+    assert [(o.version, o.applied, o.replayed) for o in out] == [(5, True, False), (4, True, False)]
+
+
+def test_pull_reads_each_value_with_its_version(engine) -> None:
+    engine.open_run("r")
+    engine.register("r", "a", (2, 2), ones(2, 2), "sgd", {"lr": 0.5})
+    engine.register("r", "b", (1,), ones(1), "sgd", {"lr": 0.5})
+    engine.step("r", {"a": ones(2, 2)})
+    [(va, a), (vb, b)] = engine.pull("r", ["a", "b"])
+    assert (va, vb) == (1, 0)
+    np.testing.assert_array_equal(a, np.full((2, 2), 0.5, np.float32))
+    np.testing.assert_array_equal(b, ones(1))
+    with pytest.raises(NotFound):
+        engine.pull("r", ["a", "nope"])
+    with pytest.raises(Invalid, match="each parameter once"):
+        engine.pull("r", ["a", "a"])
+    with pytest.raises(Invalid, match="at least one"):
+        engine.pull("r", [])

@@ -124,7 +124,7 @@ def test_sync_groups_share_one_worker_count(tmp_path) -> None:
         assert "count" in c.post("/v1/runs/t/params", json=body).json()["detail"]
 
 
-def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> None:
+def test_async_workers_no_lost_update_and_stale_gradients_answered_fresh(tmp_path) -> None:
     n_workers, steps, bound = 8, 500, 3
     with Server(tmp_path) as server:
         with httpx.Client(base_url=server.url) as c:
@@ -141,14 +141,19 @@ def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> N
                 version = 0
                 for _ in range(steps):
                     r = c.post(f"/v1/runs/t/params/w/step?worker=a{i}&version={version}", content=g)
-                    if r.status_code == 200:
-                        accepted[i] += 1
-                        version = int(r.headers["x-stepd-version"])
-                    elif r.status_code == 409 and "stale gradient" in r.json()["detail"]:
-                        stale[i] += 1
-                        version = c.get("/v1/runs/t/params/w").json()["version"]  # catch up
-                    else:
+                    if r.status_code != 200:
                         errors.append(f"{r.status_code} {r.text}")
+                        continue
+                    applied = r.headers["x-stepd-applied"] == "true"
+                    if applied == ("x-stepd-stale" in r.headers):
+                        errors.append(f"applied {applied} with headers {dict(r.headers)}")
+                    accepted[i] += applied
+                    stale[i] += not applied
+                    # applied or not, the reply is the parameter at this version: go on from it
+                    version = int(r.headers["x-stepd-version"])
+                    value = np.frombuffer(r.content, np.float32)
+                    if not np.all(value == np.float32(-(2.0**-12) * version)):  # exact
+                        errors.append(f"value {value[0]} is not the one of version {version}")
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(n_workers)]
         for t in threads:
@@ -164,12 +169,16 @@ def test_async_workers_no_lost_update_and_stale_gradients_refused(tmp_path) -> N
             metrics = c.get("/metrics").text
             assert f'stepd_stale_rejected_total{{run="t"}} {float(sum(stale))}' in metrics
             assert "stepd_gradient_staleness_bucket" in metrics
-            # Explicitly stale, and from the future:
+            # Explicitly stale (answered with the current value, nothing applied), and from the
+            # future (an error):
             r = c.post(
                 "/v1/runs/t/params/w/step?version=0", content=np.ones(64, np.float32).tobytes()
             )
-            assert r.status_code == 409
-            assert f"max_staleness {bound}" in r.json()["detail"]
+            assert r.status_code == 200
+            assert r.headers["x-stepd-applied"] == "false"
+            assert r.headers["x-stepd-stale"] == "true"
+            assert int(r.headers["x-stepd-version"]) == info["version"]
+            assert r.content == value.tobytes()
             r = c.post(
                 f"/v1/runs/t/params/w/step?version={info['version'] + 5}",
                 content=np.ones(64, np.float32).tobytes(),

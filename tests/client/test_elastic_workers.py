@@ -1,0 +1,121 @@
+"""Elastic sync membership through the client, over http:// and shm://: join, leave, a
+lease that runs out, rejoining; and the HTTP routes' replies."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.support.clients import connect_shared
+from tests.support.server import ShmServer
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm"),
+]
+
+
+def _parallel(work: Callable[[str], Any], workers: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def guarded(w: str) -> None:
+        try:
+            out[w] = work(w)
+        except Exception as exc:  # looked at by the test
+            out[w] = exc
+
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    for w, result in out.items():
+        assert not isinstance(result, Exception), (w, result)
+    return out
+
+
+@pytest.mark.parametrize("transport", ["http", "shm"])
+def test_join_leave_drop_and_rejoin_through_the_client(transport) -> None:
+    mode = {"mode": "sync", "count": 2, "lease_s": 1.0, "timeout_s": 20}
+    with ShmServer() as srv:
+        url = srv.url if transport == "http" else srv.shm_url
+        opts = {
+            w: connect_shared(url, "sgd", lr=1.0, worker=w, workers=mode) for w in ("a", "b", "c")
+        }
+        params = {w: np.zeros(2, np.float32) for w in opts}
+        try:
+
+            def iteration(w: str, g: float) -> int:
+                opts[w].step("p", (2,), params[w], np.full(2, g, np.float32))
+                return opts[w].end_iteration()
+
+            # iteration 1: a and b (the first workers join by stepping)
+            assert opts["a"].join()["member_from"] == 1
+            assert _parallel(lambda w: iteration(w, {"a": 1, "b": 3}[w]), ["a", "b"]) == {
+                "a": 1,
+                "b": 1,
+            }
+            np.testing.assert_array_equal(params["a"], [-2, -2])  # the mean of 1 and 3
+            # c joins during iteration 2: it is a member from iteration 3
+            started = threading.Event()
+
+            def late(w: str) -> dict:
+                started.set()
+                return opts[w].join()
+
+            joined: dict[str, Any] = {}
+            t = threading.Thread(target=lambda: joined.update(_parallel(late, ["c"])))
+            t.start()
+            started.wait(5)
+            assert _parallel(lambda w: iteration(w, 1.0), ["a", "b"]) == {"a": 2, "b": 2}
+            t.join(10)
+            assert joined["c"]["member_from"] == 3
+            # iteration 3: b leaves; a and c step, c's copy came from the run (server wins)
+            opts["b"].leave()
+            params["c"][:] = 7  # its own init is ignored: the run's value wins
+            _parallel(lambda w: iteration(w, {"a": 1, "c": 5}[w]), ["a", "c"])
+            np.testing.assert_array_equal(params["c"], params["a"])
+            np.testing.assert_array_equal(params["a"], [-6, -6])  # -2 - 1 - mean(1, 5)
+            # iteration 4: c goes silent; its lease runs out and a finishes alone
+            assert iteration("a", 2.0) == 4
+            assert opts["a"].dropped == ("c",)
+            np.testing.assert_array_equal(params["a"], [-8, -8])
+            # c rejoins: iteration 5 has not started (one member of the two it needs), so c
+            # is a member of it at once
+            assert opts["c"].join()["member_from"] == 5
+            _parallel(lambda w: iteration(w, 1.0), ["a", "c"])
+            assert opts["a"].dropped == ()
+            info = httpx.get(f"{srv.url}/v1/runs/t/membership").json()
+            assert info["members"] == ["a", "c"]
+            assert info["iteration"] == 6
+            assert opts["a"].heartbeat()["lease_s"] == 1.0
+        finally:
+            for opt in opts.values():
+                opt.close()
+
+
+def test_the_http_replies_name_dropped_workers() -> None:
+    mode = {"mode": "sync", "lease_s": 0.5}
+    body = {"name": "p", "shape": [2], "group": {"algorithm": "sgd", "workers": mode}}
+    with ShmServer() as srv, httpx.Client(base_url=f"{srv.url}/v1/runs/t", timeout=30) as c:
+        assert c.post("/params", json=body).status_code == 201
+        for w in ("a", "b"):
+            assert c.post(f"/workers/{w}/join").json()["member_from"] == 1
+        g = np.ones(2, np.float32).tobytes()
+        r = c.post("/params/p/step?worker=a", content=g)  # b never sends
+        assert r.status_code == 200
+        assert r.headers["x-stepd-dropped"] == "b"
+        end = c.post("/iteration/end?worker=a").json()
+        assert end == {"global_step": 1, "dropped": ["b"]}
+        r = c.post("/workers/b/heartbeat")
+        assert r.status_code == 409
+        assert "join again" in r.json()["detail"]
+        assert c.post("/workers/a/leave").json()["members"] == []
+        assert c.post("/workers/bad id/join").status_code == 422
