@@ -17,7 +17,9 @@ class WorkersSpec(BaseModel):
     )
     timeout_s: float | None = Field(None, description="sync: straggler timeout (default 60)")
     lease_s: float | None = Field(
-        None, description="sync: a member silent this long is dropped (default 10)"
+        None,
+        description="sync: a member silent this long is dropped (default: no lease, a member "
+        "stays until it leaves)",
     )
     clip_grad_norm: float | None = Field(
         None, description="sync: the max global norm of an iteration's averaged gradients"
@@ -131,7 +133,7 @@ class Membership(BaseModel):
     )
     dropped: list[str] = Field(description="dropped from this iteration (lease ran out)")
     count: int | None = Field(description="the members an iteration needs to start")
-    lease_s: float
+    lease_s: float | None = Field(description="a member's lease (null: none)")
     member_from: int | None = Field(
         None, description="join: the first iteration the worker is a member of"
     )

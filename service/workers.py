@@ -29,13 +29,14 @@ Membership (elastic sync). Workers join and leave *between* iterations; the memb
 iteration is fixed when it starts (its first gradient or end_iteration; with ``count``, not
 before N workers are members: ``count`` is the minimum to start an iteration, not a fixed
 size). A worker that is not a member when the iteration starts is one from the next (its
-``join`` waits until then). Each member holds a lease of L seconds (default 10), renewed by
-every request it makes — a step, end_iteration, a heartbeat, and while it waits in a round
-or the barrier; a member whose lease runs out is *dropped*: the rounds and the barrier go on
-without it, the replies name it, and it may join again (from the next iteration). Leaving
-takes effect at once: what the worker sent in this iteration counts, nothing else waits for
-it. The options that concern the membership (``count``, ``lease_s``, ``clip_grad_norm``) are
-the run's: all its sync groups share them.
+``join`` waits until then). With ``lease_s`` L, each member holds a lease of L seconds
+(without it, none: a member stays until it leaves, and a missing one fails the round after
+``timeout_s``), renewed by every request it makes — a step, end_iteration, a heartbeat,
+and while it waits in a round or the barrier; a member whose lease runs out is *dropped*:
+the rounds and the barrier go on without it, the replies name it, and it may join again
+(from the next iteration). Leaving takes effect at once: what the worker sent in this
+iteration counts, nothing else waits for it. The options that concern the membership
+(``count``, ``lease_s``, ``clip_grad_norm``) are the run's: all its sync groups share them.
 
 Global gradient-norm clipping (``clip_grad_norm``: the max norm): the rounds of an iteration
 are applied together, once every member has sent its gradients (with clipping, a worker's
@@ -82,14 +83,19 @@ V = TypeVar("V")
 # How often a waiter looks at its deadline when nothing wakes it (a straggler timeout is
 # noticed within this much of its due time), and how often leases are checked.
 _POLL_S = 0.25
-LEASE_S = 10.0  # a sync member's lease, by default
+# A sync member's lease by default: none. A member stays until it leaves, as a fixed-size
+# round always kept everyone (a backward pass may take minutes with nothing sent); with
+# ``lease_s`` set, one not heard from within it is dropped and the rest go on.
+LEASE_S: float | None = None
 # The sync options that concern the membership: one per run, shared by its sync groups.
 MEMBERSHIP_OPTIONS = ("count", "lease_s", "clip_grad_norm")
 _DROPPED_KEPT = 64  # iterations whose dropped workers are remembered (for late replies)
 
 
-def _seconds(what: str, value: Any, default: float) -> float:
+def _seconds(what: str, value: Any, default: float | None) -> Any:
     value = default if value is None else value
+    if value is None:
+        return None
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -127,7 +133,7 @@ def parse_workers(spec: Mapping[str, Any] | None) -> dict[str, Any]:
             out["count"] = count
         out["timeout_s"] = _seconds("timeout_s", spec.pop("timeout_s", None), 60.0)
         lease_s = _seconds("lease_s", spec.pop("lease_s", None), LEASE_S)
-        if lease_s != LEASE_S:
+        if lease_s is not None:
             out["lease_s"] = lease_s
         clip = spec.pop("clip_grad_norm", None)
         if clip is not None:
@@ -397,6 +403,8 @@ class SyncRounds:
         """``worker`` holds a lease from now (a member, or one joining the next iteration)."""
         self._dropped.pop(worker, None)
         self._seen[worker] = time.monotonic()
+        if self._options()["lease_s"] is None:
+            return  # no lease to keep
         if self._keeper is None and not self._stop.is_set():
             self._keeper = threading.Thread(target=self._keep, name="stepd-leases", daemon=True)
             self._keeper.start()
@@ -536,6 +544,8 @@ class SyncRounds:
     def _expire(self) -> int | None:
         """Drop every lease holder not heard from within the lease (holding ``_cond``)."""
         lease = self._options()["lease_s"]
+        if lease is None:  # members stay until they leave
+            return None
         now = time.monotonic()
         expired = [w for w, seen in self._seen.items() if now - seen > lease]
         if not expired:

@@ -72,6 +72,7 @@ def test_workers_config_count_optional_and_ids_unchanged() -> None:
     assert parse_workers({"mode": "sync", "lease_s": 10, "clip_grad_norm": 1}) == {
         "mode": "sync",
         "timeout_s": 60.0,
+        "lease_s": 10.0,
         "clip_grad_norm": 1.0,
     }
     for bad in ({"lease_s": 0}, {"clip_grad_norm": -1.0}, {"clip_grad_norm": True}, {"count": 0}):

@@ -206,7 +206,9 @@ def test_a_sync_round_of_256_http_workers_holds_no_threads(tmp_path) -> None:
         return await asyncio.gather(*(one(i, w) for i, w in enumerate(workers)))
 
     async def main(url: str) -> tuple[float, np.ndarray]:
-        limits = httpx.Limits(max_connections=n + 8)
+        # Idle connections are dropped by the client before uvicorn's 5 s keep-alive timeout
+        # closes them under it (a reused, just-closed connection is a ReadError).
+        limits = httpx.Limits(max_connections=n + 8, keepalive_expiry=1.0)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
             workers = [f"w{i:03d}" for i in range(n)]
             # A round short of one worker: all 255 wait, and the server still answers.
