@@ -3,7 +3,7 @@
 # stepd images. The default target (the last stage, `runtime`) is a small CPU image:
 #
 #     docker build -t stepd .                           # CPU: python:3.11-slim, no compiler
-#     docker build -t stepd:cuda --target cuda .        # GPU: CUDA 12 runtime + cupy-cuda12x
+#     docker build -t stepd:cuda --target cuda .        # GPU: CUDA 12 runtime + cupy-cuda12x[ctk]
 #     docker run --rm -p 127.0.0.1:8000:8000 -v stepd-data:/data stepd
 #     docker run --rm --gpus all -p 127.0.0.1:8000:8000 stepd:cuda
 #
@@ -40,8 +40,11 @@ RUN python -c "from stepd.kernels import get_backend; print(get_backend('cpu').l
     && cp /opt/stepd/cache/kernels/libstepd_cpu-*.so /opt/stepd/libstepd_cpu.so
 
 # ---------------------------------------------------------------------------------------------
-# cuda: `--target cuda`. CuPy compiles the kernels with NVRTC (shipped in the CUDA runtime
-# image) on first use and caches them in the user's home.
+# cuda: `--target cuda`. The runtime image has the driver interface but no CUDA headers, and
+# CuPy includes cuda_runtime.h / cuda_fp16.h in every kernel it compiles (its own elementwise
+# ops too): the `gpu` extra installs cupy-cuda12x[ctk], the CUDA toolkit wheels (NVRTC and
+# cudart with its headers), rather than a devel image. stepd compiles its kernels through
+# NVRTC at start-up (a self-test decides whether the GPU is used) and caches the binary.
 FROM ${CUDA_IMAGE} AS cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
