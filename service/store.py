@@ -322,6 +322,10 @@ class ParamStore(Snapshots):
                     )
                 except TypeError as exc:
                     raise Invalid(str(exc)) from None
+                if self.xp is not np:
+                    # From page-locked memory (an shm segment) the copy to the device is
+                    # asynchronous: the caller may reuse that memory once this returns.
+                    self.xp.cuda.get_current_stream().synchronize()
 
     def current(
         self, names: Sequence[str], values: bool = True, blocking: bool = True

@@ -45,3 +45,15 @@ def test_cuda_store_matches_cpu_store(fake_cupy, algorithm) -> None:
     assert cpu[0].tobytes() == gpu[0].tobytes()
     for slot, buf in cpu[1].items():
         assert buf.tobytes() == gpu[1][slot].tobytes(), slot
+
+
+def test_a_hessian_upload_is_synchronised_before_the_call_returns(fake_cupy, monkeypatch) -> None:
+    """From page-locked memory (an shm segment) CuPy copies asynchronously: the store waits for
+    the stream before returning, so the client may then overwrite that memory."""
+    store = ParamStore("cuda")
+    store.register("w", (4,), None, "sophia", {"lr": 1e-2})
+    stream = fake_cupy.cuda.get_current_stream()
+    calls: list[str] = []
+    monkeypatch.setattr(type(stream), "synchronize", lambda self: calls.append("sync"))
+    store.update_hessian("w", np.ones(4, np.float32))
+    assert calls, "update_hessian returned without waiting for the stream"
