@@ -102,7 +102,7 @@ def test_join_leave_drop_and_rejoin_through_the_client(transport) -> None:
 
 
 def test_the_http_replies_name_dropped_workers() -> None:
-    mode = {"mode": "sync", "lease_s": 0.5}
+    mode = {"mode": "sync", "lease_s": 1.5}
     body = {"name": "p", "shape": [2], "group": {"algorithm": "sgd", "workers": mode}}
     with ShmServer() as srv, httpx.Client(base_url=f"{srv.url}/v1/runs/t", timeout=30) as c:
         assert c.post("/params", json=body).status_code == 201
