@@ -187,12 +187,17 @@ class HttpTransport(ServerTransport):
         return Registered(r.status_code == 201, info["group"], int(info["version"]))
 
     def step(
-        self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
+        self,
+        items: tuple[StepItem, ...],
+        versions: Mapping[str, int] | None,
+        request_id: str,
+        last: bool = False,
     ) -> tuple[dict[str, int], tuple[str, ...]]:
         rid = {wire.REQUEST_ID_HEADER: request_id}
+        marks = {"last": "true"} if last else {}
         if len(items) == 1:
             [(name, _, param, grad)] = items
-            query: dict[str, Any] = dict(self._worker_query)
+            query: dict[str, Any] = {**self._worker_query, **marks}
             if versions is not None:
                 query["version"] = versions[name]
             headers = {**OCTET, **rid}
@@ -215,7 +220,7 @@ class HttpTransport(ServerTransport):
             return {name: int(r.headers[wire.VERSION_HEADER])}, stale
         meta = None if versions is None else {"versions": json.dumps(dict(versions))}
         grads = {name: grad.reshape(shape) for name, shape, _, grad in items}
-        query = dict(self._worker_query)
+        query = {**self._worker_query, **marks}
         if any(p.dtype != g.dtype for _, _, p, g in items):  # each param in its precision
             kinds = {p.dtype for _, _, p, _ in items}
             query["return_dtype"] = wire.DTYPE_NAMES[kinds.pop() if len(kinds) == 1 else wire.F32]

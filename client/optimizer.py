@@ -63,7 +63,7 @@ class Optimizer(Protocol):
     def step(
         self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray
     ) -> None: ...
-    def step_batch(self, items: Iterable[StepArgs]) -> None: ...
+    def step_batch(self, items: Iterable[StepArgs], last: bool = False) -> None: ...
     def end_iteration(self) -> int: ...
     def lr_scale(self, name: str) -> float: ...
     def set_lr_scale(self, name: str, scale: float) -> None: ...
@@ -173,11 +173,16 @@ class StepdOptimizer:
             return
         self.step_batch([(name, shape, param, grad)])
 
-    def step_batch(self, items: Iterable[StepArgs]) -> None:
-        """Step several parameters in one round trip; all are validated before any is sent."""
+    def step_batch(self, items: Iterable[StepArgs], last: bool = False) -> None:
+        """Step several parameters in one round trip; all are validated before any is sent.
+
+        ``last`` (sync groups): these are this worker's last gradients of the iteration, so
+        the rounds of the run's parameters it did not send (unused in this iteration, DDP's
+        ``find_unused_parameters`` case) go on without it rather than wait for its
+        ``end_iteration``."""
         checked = self._check_items(items, with_grad=True)
         if checked:
-            self._call(Step(checked))
+            self._call(Step(checked, last))
             self._remember(checked)
 
     def register(self, name: str, shape: Sequence[int], param: np.ndarray) -> None:

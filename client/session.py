@@ -138,11 +138,11 @@ class Session(Transport):
 
     def handle(self, op: Op) -> Any:
         if type(op) is Step:  # every step comes here: skip the match below
-            return self._step(op.items)
+            return self._step(op.items, op.last)
         t = self.transport
         match op:
-            case Step(items=items):
-                return self._step(items)
+            case Step(items=items, last=last):
+                return self._step(items, last)
             case Register(items=items):
                 return self._ensure_registered(items)
             case Pull(items=items):
@@ -225,7 +225,7 @@ class Session(Transport):
         if self.pending_load is not None:  # loaded state of names registered just now
             self._upload_state(self.pending_load)
 
-    def _step(self, items: tuple[StepItem, ...]) -> None:
+    def _step(self, items: tuple[StepItem, ...], last: bool = False) -> None:
         # This runs per step: the common case (names known, nothing pending, no retries to
         # arm) costs a few dict lookups.
         known = self.registered
@@ -235,9 +235,9 @@ class Session(Transport):
         versions = {item[0]: self.versions[item[0]] for item in items} if self._async else None
         rid = self._request_id() if t.request_ids else ""  # the same on every resend
         if self._retries:
-            new, stale = self._retry(partial(t.step, items, versions, rid), self._retries)
+            new, stale = self._retry(partial(t.step, items, versions, rid, last), self._retries)
         else:
-            new, stale = t.step(items, versions, rid)
+            new, stale = t.step(items, versions, rid, last)
         if self._async:
             self.versions.update(new)
         if stale:  # the params hold the current values now: the next gradient is fresh

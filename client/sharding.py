@@ -36,13 +36,13 @@ class ShardedOptimizer:
     def step(self, name: str, shape: Sequence[int], param: np.ndarray, grad: np.ndarray) -> None:
         self._owner(name).step(name, shape, param, grad)
 
-    def step_batch(self, items: Iterable[StepArgs]) -> None:
+    def step_batch(self, items: Iterable[StepArgs], last: bool = False) -> None:
         by_shard: dict[int, list[StepArgs]] = {}
         for item in items:
             self._owner(item[0])  # validates the name
             by_shard.setdefault(shard_of(item[0], len(self.shards)), []).append(item)
         for index, group in sorted(by_shard.items()):
-            self.shards[index].step_batch(group)
+            self.shards[index].step_batch(group, last)
 
     def register(self, name: str, shape: Sequence[int], param: np.ndarray) -> None:
         """Register ``name`` on its server now (the server's copy wins, in place)."""

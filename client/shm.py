@@ -280,10 +280,14 @@ class ShmTransport(ServerTransport):
         return seg.user
 
     def step(
-        self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
+        self,
+        items: tuple[StepItem, ...],
+        versions: Mapping[str, int] | None,
+        request_id: str,
+        last: bool = False,
     ) -> tuple[dict[str, int], tuple[str, ...]]:
         segs = self._segments
-        if len(items) == 1 and versions is None:  # the latency path: as little as possible
+        if len(items) == 1 and versions is None and not last:  # the latency path
             ((name, _, param, grad),) = items
             seg = segs[name]
             user = seg.user
@@ -308,7 +312,7 @@ class ShmTransport(ServerTransport):
             reply = self.request(Op.STEP_V, payload)
         else:
             payload = U32.pack(count) + struct.pack(f"<{count}I", *(s.slot for s in chosen))
-            reply = self.request(Op.STEP_BATCH, payload)
+            reply = self.request(Op.STEP_LAST if last else Op.STEP_BATCH, payload)
         if len(reply) != STEP_REPLY.size * count:
             raise TransportError(f"shm://{self.path}: malformed step reply")
         for seg, (_, _, param, _) in zip(chosen, items, strict=True):

@@ -35,6 +35,9 @@ class Step:
     """Apply one gradient per name; every param is overwritten with its new value."""
 
     items: tuple[StepItem, ...]
+    # sync groups: the sender's last gradients of the iteration (the names it did not send
+    # are unused by it: their rounds need not wait for it)
+    last: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,11 +192,15 @@ class ServerTransport(ABC):
 
     @abstractmethod
     def step(
-        self, items: tuple[StepItem, ...], versions: Mapping[str, int] | None, request_id: str
+        self,
+        items: tuple[StepItem, ...],
+        versions: Mapping[str, int] | None,
+        request_id: str,
+        last: bool = False,
     ) -> tuple[dict[str, int], tuple[str, ...]]:
-        """Apply the gradients, write the new values into the params; the new versions, and
-        the names the server refused as stale (async groups: their params and versions are
-        then the current ones, nothing applied)."""
+        """Apply the gradients (``last``: see :class:`Step`), write the new values into the
+        params; the new versions, and the names the server refused as stale (async groups:
+        their params and versions are then the current ones, nothing applied)."""
 
     @abstractmethod
     def pull(self, items: tuple[Item, ...]) -> dict[str, int]:

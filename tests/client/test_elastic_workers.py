@@ -119,3 +119,36 @@ def test_the_http_replies_name_dropped_workers() -> None:
         assert "join again" in r.json()["detail"]
         assert c.post("/workers/a/leave").json()["members"] == []
         assert c.post("/workers/bad id/join").status_code == 422
+
+
+@pytest.mark.parametrize("transport", ["http", "shm"])
+def test_last_lets_unused_parameters_go_on_without_the_worker(transport) -> None:
+    """Worker b does not use q this iteration: its step_batch(..., last=True) says so, and q's
+    round completes with a's gradient alone — before b ends the iteration (without ``last``
+    the round would wait for b's end_iteration, which here waits for a: a 504)."""
+    mode = {"mode": "sync", "count": 2, "timeout_s": 5}
+    p0, q0 = np.zeros(3, np.float32), np.ones(2, np.float32)
+    ga = {"p": np.full(3, 1.0, np.float32), "q": np.full(2, 4.0, np.float32)}
+    gb = {"p": np.full(3, 3.0, np.float32)}
+    a_done = threading.Event()
+    with ShmServer() as srv:
+        url = srv.url if transport == "http" else srv.shm_url
+        run = f"last-{transport}"
+
+        def work(w: str) -> dict[str, np.ndarray]:
+            with connect_shared(url, "sgd", lr=0.5, worker=w, workers=mode, run=run) as opt:
+                p, q = p0.copy(), q0.copy()
+                if w == "a":
+                    opt.step_batch([("p", p.shape, p, ga["p"]), ("q", q.shape, q, ga["q"])])
+                    a_done.set()
+                else:
+                    opt.register("q", q.shape, q)
+                    opt.step_batch([("p", p.shape, p, gb["p"])], last=True)
+                    assert a_done.wait(10), "q's round waited for b"
+                opt.end_iteration()
+                return {"p": p, "q": q}
+
+        out = _parallel(work, ["a", "b"])
+    np.testing.assert_array_equal(out["a"]["p"], p0 - np.float32(0.5) * np.float32(2.0))
+    np.testing.assert_array_equal(out["b"]["p"], out["a"]["p"])
+    np.testing.assert_array_equal(out["a"]["q"], q0 - np.float32(0.5) * ga["q"])  # a's alone
