@@ -77,10 +77,13 @@ class LocalTransport(Transport):
             raise _refused(exc, "connect") from None
         self.run = run
         self._seen: set[str] = set()  # names whose first value was checked
-        # float32 master weights of parameters held in the model's precision (bfloat16,
-        # float16): the optimizer steps these, the caller's arrays get them rounded
-        self._masters: dict[str, np.ndarray] = {}
+        # float32 master weights the optimizer steps in place of the caller's arrays: of
+        # parameters held in the model's precision (bfloat16, float16), and of every
+        # parameter on a GPU backend (device arrays; the caller's host arrays get copies)
+        self._masters: dict[str, Any] = {}
         core = opt.backend
+        self._xp = core.xp
+        self._device = core.xp is not np
         # host arrays: the compiled check (one pass, no temporaries) where the core has one
         self._finite = core.all_finite if core.xp is np else _all_finite
         if run is None:
@@ -109,12 +112,20 @@ class LocalTransport(Transport):
         except (TypeError, ValueError) as exc:  # the core refused it, as a server would
             raise _refused(exc, type(op).__name__) from None
 
-    def _master(self, name: str, param: np.ndarray) -> np.ndarray:
-        """The float32 master of a parameter the caller holds in lower precision."""
+    def _master(self, name: str, param: np.ndarray) -> Any:
+        """The float32 master of a parameter the caller holds in lower precision, or in host
+        memory while the optimizer runs on a GPU."""
         master = self._masters.get(name)
         if master is None:
-            master = self._masters[name] = np.array(widen(np, param), np.float32, copy=True)
+            value = widen(np, param).reshape(-1)
+            master = self._masters[name] = self._xp.array(value, dtype=np.float32, copy=True)
         return master
+
+    def _host(self, master: Any) -> np.ndarray:
+        return master.get() if self._device else master
+
+    def _to_caller(self, param: np.ndarray, master: Any) -> None:
+        np.copyto(param.reshape(-1), narrow(np, self._host(master), param.dtype).reshape(-1))
 
     def _admit(self, items: tuple[Item, ...], step: tuple[StepItem, ...] = ()) -> None:
         """Refuse non-finite first values of ``items`` and gradients of ``step`` (a step's
@@ -135,14 +146,18 @@ class LocalTransport(Transport):
         match op:
             case Step(items=items):
                 self._admit(items, step=items)
-                if all(item[2].dtype == F32 for item in items):
+                if not self._device and all(item[2].dtype == F32 for item in items):
                     return opt.step_batch(items)
                 masters = [self._master(name, param) for name, _, param, _ in items]
+                xp = self._xp
                 opt.step_batch(
-                    [(n, s, m, g) for (n, s, _, g), m in zip(items, masters, strict=True)]
+                    [
+                        (n, s, m, xp.asarray(g).reshape(-1) if self._device else g)
+                        for (n, s, _, g), m in zip(items, masters, strict=True)
+                    ]
                 )
                 for (_, _, param, _), master in zip(items, masters, strict=True):
-                    np.copyto(param.reshape(-1), narrow(np, master, param.dtype).reshape(-1))
+                    self._to_caller(param, master)
                 return None
             case Register(items=items):
                 return self._admit(items)
@@ -151,8 +166,7 @@ class LocalTransport(Transport):
                 # where a float32 master is kept here
                 for name, _, param, _ in items:
                     if name in self._masters:
-                        kept = narrow(np, self._masters[name], param.dtype)
-                        np.copyto(param.reshape(-1), kept.reshape(-1))
+                        self._to_caller(param, self._masters[name])
                 return None
             case EndIteration():
                 return opt.end_iteration()
@@ -163,7 +177,8 @@ class LocalTransport(Transport):
             case SetValue(name=name, value=value):
                 # the caller's own array is the value, except where a master is kept here
                 if name in self._masters:
-                    np.copyto(self._masters[name], widen(np, value).reshape(-1))
+                    master = self._masters[name]
+                    master[...] = self._xp.asarray(widen(np, value).reshape(-1))
                 return None
             case SetHyperparams(changes=changes):
                 opt.set_hyperparams(**changes)
@@ -177,5 +192,7 @@ class LocalTransport(Transport):
             case LoadStateDict(state=state):
                 return opt.load_state_dict(state)
             case UpdateHessian(name=name, shape=shape, hessian=hessian):
+                if self._device:
+                    hessian = self._xp.asarray(hessian).reshape(-1)
                 return opt.update_hessian(name, shape, hessian)
         raise TypeError(f"unknown op {op!r}")
