@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -23,7 +27,7 @@ from starlette.applications import Starlette
 from stepd.kernels.backends import get_backend
 
 from stepd import __version__
-from stepd.wire import WireError
+from stepd.wire import PROTOCOL, WireError
 
 from .api import checkpoints, dataplane, health, params, runs, training
 from .config import Settings, get_settings
@@ -33,29 +37,100 @@ from .errors import StoreError, status_of
 log = logging.getLogger("stepd")
 
 
-def pick_device(device: str) -> str:
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # "cpu" or "cuda"
+    reason: str  # why, for the banner: what ``auto`` found, or that it was asked for
+    fell_back: bool = False  # ``auto`` saw a GPU that failed its self-test
+
+
+class DeviceError(RuntimeError):
+    """``--device cuda`` where CUDA is not usable; the message says why, on one line."""
+
+
+def choose_device(device: str) -> DeviceChoice:
     """The device to serve on. CUDA (asked for, or ``auto`` with a GPU present) must first
     prove itself: its kernels load, one launch and one CuPy elementwise op match the NumPy
     reference bit for bit. ``auto`` falls back to the CPU, saying why; ``cuda`` fails."""
     if device not in ("auto", "cuda"):
-        return device
+        return DeviceChoice(device, f"--device {device}")
     try:
         backend = get_backend("cuda")
     except Exception as exc:  # no CuPy, no driver or no device: the CPU it is
         if device == "cuda":
-            raise RuntimeError(f"--device cuda: no usable CUDA backend: {exc}") from exc
-        log.info("device: cpu (--device auto: no usable CUDA: %s)", exc)
-        return "cpu"
+            raise DeviceError(f"--device cuda: no usable CUDA backend: {_line(exc)}") from exc
+        return DeviceChoice("cpu", f"--device auto: no usable CUDA: {_line(exc)}")
     try:
         backend.warm_up()  # every kernel loaded now, not at a first step
         backend.self_test()
     except Exception as exc:  # a device that is there but misbehaves
         if device == "cuda":
-            raise RuntimeError(f"--device cuda: the CUDA self-test failed: {exc}") from exc
-        log.warning("device: cpu (--device auto: the CUDA self-test failed: %s)", exc)
-        return "cpu"
-    log.info("device: cuda (kernels loaded, self-test passed)")
-    return "cuda"
+            raise DeviceError(f"--device cuda: the CUDA self-test failed: {_line(exc)}") from exc
+        reason = f"--device auto: the CUDA self-test failed: {_line(exc)}"
+        return DeviceChoice("cpu", reason, fell_back=True)
+    return DeviceChoice("cuda", f"--device {device}: kernels loaded, self-test passed")
+
+
+def pick_device(device: str) -> str:
+    """:func:`choose_device`'s device, its reason logged."""
+    choice = choose_device(device)
+    (log.warning if choice.fell_back else log.info)("device: %s (%s)", choice.device, choice.reason)
+    return choice.device
+
+
+def _line(exc: BaseException) -> str:
+    """An exception as one line: its first (driver messages run on for pages)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the ``stepd`` logger on its handler and format: otherwise its
+    info lines (the banner) would reach no handler at all."""
+    from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["stepd"] = {
+        "handlers": ["default"],
+        "level": LOG_LEVELS[level],
+        "propagate": False,
+    }
+    return config
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def banner(settings: Settings, engine: Engine, choice: DeviceChoice) -> list[str]:
+    """What this server is and where it listens, a line each (logged at start-up)."""
+    budget = engine.budget / (1 << 30)
+    if settings.memory_budget is not None:
+        source = "STEPD_MEMORY_BUDGET"
+    elif engine.device == "cuda":
+        source = "default: 80% of the GPU's memory"
+    else:
+        source = "default: half the host's memory"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    shm = f"shm://{settings.shm_socket}" if settings.shm_socket else "off (--shm-socket PATH)"
+    shard = f"{settings.shard_index} of {settings.shard_count}"
+    access = "on" if settings.access_log else "off (--access-log)"
+    return [
+        f"stepd {__version__} (wire protocol {PROTOCOL})",
+        f"  device       {engine.device}, kernel backend {engine.backend_name} ({choice.reason})",
+        f"  http         http://{host}:{settings.port} (API at /docs)",
+        f"  shm          {shm}",
+        f"  checkpoints  {Path(settings.checkpoint_dir).absolute()}",
+        f"  memory       budget {budget:.1f} GiB ({source})",
+        f"  token        {'on' if settings.token else 'off'}",
+        f"  shard        {shard}",
+        f"  access log   {access}",
+    ]
 
 
 class StepdApp:
@@ -140,12 +215,25 @@ def _capped(receive: Any, limit: int) -> Any:
 FAST_PATH = re.compile(r"^/v1/runs/[^/]+/(?:step|params/[^/]+/step)$")
 
 
-def create_app(settings: Settings | None = None) -> StepdApp:
+def create_app(settings: Settings | None = None, device: DeviceChoice | None = None) -> StepdApp:
+    """The app; ``device`` is the choice ``stepd serve`` made before starting (so that a bad
+    ``--device cuda`` is a one-line error, not a failed lifespan), else made at start-up."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings, pick_device(settings.device))
+        choice = device or choose_device(settings.device)
+        engine = Engine(settings, choice.device)
+        for line in banner(settings, engine, choice):
+            log.info("%s", line)
+        if choice.fell_back:
+            log.warning("%s", choice.reason)
+        if not settings.token and not _loopback(settings.host):
+            log.warning(
+                "listening on %s without a token: anyone who reaches the port can read and "
+                "change every run (set STEPD_TOKEN)",
+                settings.host,
+            )
         removed = engine.clean_temporaries()
         if removed:
             log.warning("removed %d leftovers of interrupted checkpoint saves", len(removed))

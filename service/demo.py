@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, TypedDict
+from typing import Any, TextIO, TypedDict
 
 import numpy as np
 
@@ -153,6 +153,18 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
 
 
+def progress(done: int, total: int, loss: float, out: TextIO) -> None:
+    """One iteration's progress. A terminal redraws the bar in place (a line kept every 10
+    iterations); a pipe or a file gets only those kept lines — each redraw would otherwise
+    be one more copy of the bar in a log."""
+    kept = done % 10 == 0 or done == total
+    line = f"  {_bar(done, total)}  loss {loss:.4f}"
+    if out.isatty():
+        print(line, end="\n" if kept else "\r", file=out, flush=True)
+    elif kept:
+        print(line, file=out, flush=True)
+
+
 def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool = False) -> int:
     import httpx
 
@@ -197,8 +209,7 @@ def run_demo(workers: int = 3, iterations: int = 60, batch: int = 96, keep: bool
             while len(per_iteration.get(shown, [])) == workers:
                 mean = float(np.mean(per_iteration.pop(shown)))
                 shown += 1
-                end = "\n" if shown % 10 == 0 or shown == iterations else "\r"
-                print(f"  {_bar(shown, iterations)}  loss {mean:.4f}", end=end, flush=True)
+                progress(shown, iterations, mean, sys.stdout)
         for p in procs:
             p.join(60)
         failed = [p.exitcode for p in procs if p.exitcode != 0]
