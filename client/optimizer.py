@@ -435,10 +435,28 @@ def connect(
     (``RANK`` and ``WORLD_SIZE`` set) a sync config without ``count``, or without ``worker``,
     takes them from there too.
 
+    ``ray://<name>``: the shards of a :class:`stepd.ray.StepdCluster` (:mod:`stepd.ray`).
+
     ``retries`` (http:// only): how many times a step is resent, with the same request id,
     after a transport failure; the server applies it once whatever arrives (see
     :mod:`stepd.client.session`). 0 disables it: a lost reply is then a ``TransportError``.
     """
+    if isinstance(url, str) and url.startswith("ray://"):
+        # The shards of a stepd.ray cluster, found through Ray (optional: imported on use)
+        from stepd.ray import connect as connect_ray
+
+        return connect_ray(
+            url,
+            algorithm,
+            run=run,
+            fresh=fresh,
+            token=token,
+            timeout=timeout,
+            worker=worker,
+            workers=workers,
+            retries=retries,
+            **hyperparams,
+        )
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")
     if not 0 <= retries <= 10:
