@@ -24,7 +24,7 @@ import numpy as np
 from stepd import wire
 
 from .errors import ServerError, TransportError, error_for_status
-from .transport import Item, Registered, ServerTransport, StepItem
+from .transport import Item, Registered, ServerTransport, StepItem, write_param
 
 # Bodies above this go out in pieces of this size (see _Body).
 CHUNK = 1 << 20
@@ -63,13 +63,6 @@ def _content(parts: list[bytes | memoryview], headers: dict[str, str]) -> dict[s
 def _raw(arr: np.ndarray) -> list[bytes | memoryview]:
     """A contiguous float32 array's bytes, as a view (no copy)."""
     return [arr.reshape(-1).data.cast("B")] if arr.size else [b""]
-
-
-def _into(param: np.ndarray, value: np.ndarray) -> None:
-    """Write ``value`` into ``param``, rounded to the param's precision if it is lower."""
-    if value.dtype != param.dtype:
-        value = wire.narrow(np, wire.widen(np, value), param.dtype)
-    np.copyto(param.reshape(-1), value.reshape(-1))
 
 
 def _path(name: str) -> str:
@@ -183,7 +176,7 @@ class HttpTransport(ServerTransport):
         info = r.json()
         if r.status_code == 200:  # already there with the same config: the server's copy wins
             value = self._tensor(self._p(f"/params/{_path(name)}/value"), shape)
-            _into(param, value)
+            write_param(param, value)
         return Registered(r.status_code == 201, info["group"], int(info["version"]))
 
     def step(
@@ -261,7 +254,7 @@ class HttpTransport(ServerTransport):
             if got is None or got.size != param.size:
                 raise TransportError(f"{what}: reply lacks a matching {name!r}")
         for name, _, param, _ in items:
-            _into(param, out[name])
+            write_param(param, out[name])
 
     def end_iteration(self) -> int:
         r = self._json("POST", self._p("/iteration/end"), params=self._worker_query)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stepd.wire import F32, Status, narrow, widen
+from stepd.wire import F32, Status, widen
 
 from .errors import ConflictError, InvalidRequestError
 from .state import check
@@ -44,6 +44,7 @@ from .transport import (
     StepItem,
     Transport,
     UpdateHessian,
+    write_param,
 )
 
 _runs: dict[str, tuple[tuple[str, str, str], Any]] = {}  # name -> (config, optimizer)
@@ -125,7 +126,7 @@ class LocalTransport(Transport):
         return master.get() if self._device else master
 
     def _to_caller(self, param: np.ndarray, master: Any) -> None:
-        np.copyto(param.reshape(-1), narrow(np, self._host(master), param.dtype).reshape(-1))
+        write_param(param, self._host(master))
 
     def _admit(self, items: tuple[Item, ...], step: tuple[StepItem, ...] = ()) -> None:
         """Refuse non-finite first values of ``items`` and gradients of ``step`` (a step's

@@ -60,26 +60,16 @@ from stepd.wire import (
     U32,
     U64,
     Op,
-    narrow,
     widen,
 )
 
 from .errors import TransportError, error_for_status
-from .transport import Item, Registered, ServerTransport, StepItem
+from .transport import Item, Registered, ServerTransport, StepItem, write_param
 
 PREFIX = "stepd-"  # memfd names: labels only, seen in /proc/<pid>/maps
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # what the server insists on
 
 _counter = itertools.count()
-
-
-def _into(param: np.ndarray, master: np.ndarray) -> None:
-    """The segment's float32 master weights into ``param``, rounded to its precision (the
-    segments stay float32: over shared memory the bytes of a cast are cheap)."""
-    if param.dtype == F32:
-        np.copyto(param.reshape(-1), master)
-    else:
-        np.copyto(param.reshape(-1), narrow(np, master, param.dtype))
 
 
 @dataclass
@@ -268,7 +258,7 @@ class ShmTransport(ServerTransport):
         seg.slot = int(reply["slot"])
         self._segments[name] = seg
         if not reply["created"] and not np.shares_memory(seg.param, param):
-            _into(param, seg.param)  # the server's copy wins
+            write_param(param, seg.param)  # the server's copy wins
         return Registered(bool(reply["created"]), reply["group"], int(reply["version"]))
 
     def buffers(self, name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -297,7 +287,7 @@ class ShmTransport(ServerTransport):
             if len(reply) != STEP_REPLY.size:
                 raise TransportError(f"shm://{self.path}: malformed step reply")
             if user is None or param is not user[0]:
-                _into(param, seg.param)
+                write_param(param, seg.param)
             return {name: STEP_REPLY.unpack(reply)[0]}, ()  # no versions: never stale
         chosen = [segs[name] for name, *_ in items]
         for seg, (_, _, _, grad) in zip(chosen, items, strict=True):
@@ -317,7 +307,7 @@ class ShmTransport(ServerTransport):
             raise TransportError(f"shm://{self.path}: malformed step reply")
         for seg, (_, _, param, _) in zip(chosen, items, strict=True):
             if seg.user is None or param is not seg.user[0]:
-                _into(param, seg.param)
+                write_param(param, seg.param)
         replies = [STEP_REPLY.unpack_from(reply, k * STEP_REPLY.size) for k in range(count)]
         new = {name: version for (name, *_), (version, _) in zip(items, replies, strict=True)}
         stale = tuple(
@@ -338,7 +328,7 @@ class ShmTransport(ServerTransport):
             raise TransportError(f"shm://{self.path}: malformed pull reply")
         for seg, (_, _, param, _) in zip(chosen, items, strict=True):
             if seg.user is None or param is not seg.user[0]:
-                _into(param, seg.param)
+                write_param(param, seg.param)
         versions = struct.unpack(f"<{count}Q", reply)
         return {name: v for (name, *_), v in zip(items, versions, strict=True)}
 

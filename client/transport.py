@@ -17,10 +17,21 @@ from typing import Any
 
 import numpy as np
 
+from stepd.wire import narrow, widen
+
 # (name, shape, param, grad): shape a tuple of ints, param/grad contiguous float32 arrays;
 # grad is None where none goes (Register), a step's items always have one (StepItem)
 Item = tuple[str, tuple[int, ...], np.ndarray, np.ndarray | None]
 StepItem = tuple[str, tuple[int, ...], np.ndarray, np.ndarray]
+
+
+def write_param(param: np.ndarray, value: np.ndarray) -> None:
+    """Write ``value`` (float32 master weights, or the server's copy in any wire precision)
+    into the caller's ``param`` in place, rounded to the param's precision where that is
+    lower, as torch's ``.to()`` rounds. The one place every transport writes a param."""
+    if value.dtype != param.dtype:
+        value = narrow(np, widen(np, value), param.dtype)
+    np.copyto(param.reshape(-1), value.reshape(-1))
 
 
 @dataclass(frozen=True)
