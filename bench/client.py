@@ -1,30 +1,32 @@
 """The client transports against their anchors, measured in the same run.
 
-    python bench/client.py [--elements 67108864] [--rounds 5000]
+    python bench/client.py [--elements 67108864] [--rounds 5000] [--reps 5] [--only big]
 
-- one AdamW step of a 64M-element float32 tensor: in process (the fused CPU kernel, the
-  anchor; and the same over arrays in a /dev/shm mapping, the floor of shm:// on hosts
-  whose shared memory gets no huge pages) vs ``shm://`` (ordinary arrays, and arrays from
-  ``ShmTransport.buffers`` that live in the segment) vs ``http://`` (goal for shm ≤ 1.15x);
+- one AdamW step of a 64M-element float32 tensor, in interleaved rounds: in process (the
+  fused CPU kernel, the anchor; and the same over arrays in a memory file on 4 KiB pages and
+  on huge pages, see ``stepd.hugepages``) vs zero-copy ``shm://`` (arrays from
+  ``ShmTransport.buffers``, which live in the segment) with huge pages and with
+  ``STEPD_HUGE_PAGES=off`` (goal ≤ 1.10x); then ``shm://`` with ordinary arrays (copied)
+  and ``http://``;
 - p50 / p99 round trip of a 1-element step over ``shm://`` next to a bare Unix-socket
   ping-pong between two Python processes (goal ≤ 3x), and over ``http://``;
 - 200 tensors x 10k elements: one ``step_batch`` vs 200 single steps, per transport.
 
-One ``stepd serve --shm-socket`` process (CPU) serves both ``shm://`` and ``http://``.
+One ``stepd serve --shm-socket`` process (CPU) serves both ``shm://`` and ``http://``; a
+second one, with ``STEPD_HUGE_PAGES=off``, the 4 KiB-page zero-copy row.
 """
 
 from __future__ import annotations
 
 import argparse
-import mmap
+import fcntl
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,11 @@ from stepd.client import connect  # noqa: E402
 from stepd.kernels import create_optimizer  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
-from tests.support.server import Server  # noqa: E402
+from stepd import hugepages  # noqa: E402
+from tests.support.server import Server, ShmServer  # noqa: E402
 
 HP = {"lr": 1e-3, "weight_decay": 0.01}
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 PONG = """
 import socket, sys
@@ -56,54 +60,84 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q))
 
 
-def big_step(server: Server, shm_url: str, n: int) -> None:
+def big_step(server: Server, small_server: Server, n: int, reps: int) -> None:
+    """Interleaved rounds: each round times one step of every variant, so a noisy neighbour
+    hits them all alike; medians over the rounds, ratios to the in-process step."""
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(n, dtype=np.float32)
     g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2)
-    reps = 5
+    steps: dict[str, Callable[[], object]] = {}
+    keep: list[object] = []
 
-    opt = create_optimizer("adamw", backend="cpu", **HP)
+    local = create_optimizer("adamw", backend="cpu", **HP)
     p = p0.copy()
-    anchor = statistics.median(timed(lambda: opt.step_batch([("big", (n,), p, g)]), reps, 2))
-    opt = None  # free its state before the remote runs
+    steps["in-process fused step (anchor)"] = lambda: local.step_batch([("big", (n,), p, g)])
 
-    # The same in-process step with param and grad in a /dev/shm mapping, as the server
-    # sees them over shm://: where shared memory gets no huge pages (shmem THP off, as on
-    # many hosts), this is the floor for shm:// on this host.
-    path = f"/dev/shm/stepd-bench-{os.getpid()}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, 8 * n)
-        mm = mmap.mmap(fd, 8 * n)
-    finally:
+    # The same in-process step with param and grad in a memory file, as the server sees
+    # them over shm://: on 4 KiB pages (shmem THP off, as on many hosts), and collapsed
+    # into huge pages (stepd.hugepages).
+    for setting in ("off", "auto"):
+        os.environ["STEPD_HUGE_PAGES"] = setting
+        fd, seg = hugepages.create_segment("stepd-bench", 8 * n, SEALS)
         os.close(fd)
-        os.unlink(path)
-    sp, sg = np.frombuffer(mm, np.float32, n, 0), np.frombuffer(mm, np.float32, n, 4 * n)
-    sp[...], sg[...] = p0, g
-    opt = create_optimizer("adamw", backend="cpu", **HP)
-    in_shm = statistics.median(timed(lambda: opt.step_batch([("big", (n,), sp, sg)]), reps, 2))
-    opt = sp = sg = None
-    mm.close()
+        sp = np.frombuffer(seg.mm, np.float32, n, seg.offset)
+        sg = np.frombuffer(seg.mm, np.float32, n, seg.offset + 4 * n)
+        sp[...], sg[...] = p0, g
+        opt = create_optimizer("adamw", backend="cpu", **HP)
+        steps[f"in-process, arrays in a memfd, {seg.pages} pages"] = lambda opt=opt, sp=sp, sg=sg: (
+            opt.step_batch([("big", (n,), sp, sg)])
+        )
+        keep += [seg, opt]
+    os.environ.pop("STEPD_HUGE_PAGES")
+    # ... and with the finite screen the server runs on every gradient (one more read of
+    # it, 4 of 32 bytes per element): the floor of a server step on this host.
+    screen = opt.backend.all_finite
+    steps["  + the server's finite screen of the gradient"] = lambda: (
+        screen(sg),
+        opt.step_batch([("big", (n,), sp, sg)]),
+    )
 
-    rows = [
-        ("in-process fused step (anchor)", anchor),
-        ("in-process, arrays in /dev/shm pages", in_shm),
-    ]
-    with connect(shm_url, "adamw", **HP) as o:
+    remotes = []
+    for srv, setting in ((server, "auto"), (small_server, "off")):
+        os.environ["STEPD_HUGE_PAGES"] = setting  # the client's side of the segment
+        o = connect(srv.shm_url, "adamw", **HP)
+        remotes.append(o)
+        bp, bg = o.buffers("big.buf", (n,), p0)
+        bg[...] = g
+        pages = o.transport.pages("big.buf")
+        steps[f"shm:// zero copy (opt.buffers), {pages} pages"] = lambda o=o, bp=bp, bg=bg: o.step(
+            "big.buf", (n,), bp, bg
+        )
+    os.environ.pop("STEPD_HUGE_PAGES")
+
+    for _ in range(2):  # warm-up: state allocated, pages faulted in
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(reps):
+        for label, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t)
+    rows = [(label, statistics.median(ts)) for label, ts in times.items()]
+    for o in remotes:
+        o.close()
+    steps.clear()
+    keep.clear()
+    local = None  # free its state before the copying remotes run
+
+    with connect(server.shm_url, "adamw", **HP) as o:
         p = p0.copy()
         t = timed(lambda: o.step("big.shm", (n,), p, g), reps, 2)
         rows.append(("shm:// (arrays copied to/from the segment)", statistics.median(t)))
-        bp, bg = o.buffers("big.buf", (n,), p0)
-        bg[...] = g
-        t = timed(lambda: o.step("big.buf", (n,), bp, bg), reps, 2)
-        rows.append(("shm:// (opt.buffers: zero copy)", statistics.median(t)))
     with connect(server.url, "adamw", **HP) as o:
         p = p0.copy()
         t = timed(lambda: o.step("big.http", (n,), p, g), reps, 2)
         rows.append(("http://", statistics.median(t)))
-    print(f"\nAdamW step of {n / 2**20:.0f}M float32 elements (median of {reps}):")
-    for label, s in rows:
-        print(f"  {label:46s} {s * 1e3:8.1f} ms  {s / anchor:5.2f}x")
+    anchor = rows[0][1]
+    print(f"\nAdamW step of {n / 2**20:.0f}M float32 elements (median of {reps}, interleaved):")
+    for label, sec in rows:
+        print(f"  {label:46s} {sec * 1e3:8.1f} ms  {sec / anchor:5.2f}x")
 
 
 def ping_pong(rounds: int) -> list[float]:
@@ -182,18 +216,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--elements", type=int, default=64 << 20)
     ap.add_argument("--rounds", type=int, default=5000)
+    ap.add_argument("--reps", type=int, default=5, help="rounds of the big step")
+    ap.add_argument("--only", choices=("latency", "many", "big"), help="one section")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="stepd-bench-"))
-    sock = tmp / "stepd.sock"
-    try:
-        with Server(tmp / "ckpt", STEPD_SHM_SOCKET=str(sock)) as server:
-            shm_url = f"shm://{sock}"
-            print(f"stepd serve (cpu) with --shm-socket {sock}; {os.cpu_count()} CPUs")
-            latency(server, shm_url, args.rounds)
-            many(server, shm_url)
-            big_step(server, shm_url, args.elements)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ShmServer() as server, ShmServer(STEPD_HUGE_PAGES="off") as small_server:
+        print(f"stepd serve (cpu) with --shm-socket {server.socket}; {os.cpu_count()} CPUs")
+        if args.only in (None, "latency"):
+            latency(server, server.shm_url, args.rounds)
+        if args.only in (None, "many"):
+            many(server, server.shm_url)
+        if args.only in (None, "big"):
+            big_step(server, small_server, args.elements, args.reps)
 
 
 if __name__ == "__main__":

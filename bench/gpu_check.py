@@ -227,7 +227,17 @@ def check_bandwidth(cp: Any) -> dict[str, Any]:
 
     step = timed(lambda: opt.step("p", (n,), p, g))
     anchor = timed(lambda: copy(p, g, m, v, x, y, z))  # read 4, write 3: AdamW's traffic
-    return {"adamw_s": step, "copy_anchor_s": anchor, "ratio_anchor_over_adamw": anchor / step}
+    # 8-bit state: p and g as above, two uint8 codes read and written (16 bytes per element
+    # against 28): its anchor is the same copy kernel scaled by 16/28
+    opt8 = create_optimizer("adamw8bit", backend="cuda", lr=1e-3)
+    step8 = timed(lambda: opt8.step("p", (n,), p, g))
+    return {
+        "adamw_s": step,
+        "copy_anchor_s": anchor,
+        "ratio_anchor_over_adamw": anchor / step,
+        "adamw8bit_s": step8,
+        "ratio_anchor_16_28_over_adamw8bit": anchor * 16 / 28 / step8,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,17 @@ class HttpTransport(ServerTransport):
             )
         return np.frombuffer(r.content, dtype=wire.F32).reshape(shape)
 
+    def _slot(self, path: str) -> np.ndarray:
+        """GET a state slot as safetensors, which says its dtype (8-bit state: uint8 codes)."""
+        r = self.request("GET", path, params={"format": "safetensors"})
+        try:
+            tensors, _ = wire.parse(r.content, codes=wire.STATE_CODES)
+        except wire.WireError as exc:
+            raise TransportError(f"GET {path}: {exc}") from None
+        if len(tensors) != 1:
+            raise TransportError(f"GET {path}: {len(tensors)} tensors, expected 1")
+        return np.array(next(iter(tensors.values())))
+
     def _p(self, rest: str = "") -> str:
         return f"/v1/runs/{self._run}{rest}"
 
@@ -317,7 +328,7 @@ class HttpTransport(ServerTransport):
             if stats.get("count") is None:
                 continue  # never stepped (nor loaded): no state yet, as in process
             slots = {
-                slot: np.array(self._tensor(self._p(f"/params/{_path(name)}/state/{_path(slot)}")))
+                slot: self._slot(self._p(f"/params/{_path(name)}/state/{_path(slot)}"))
                 for slot in stats["slots"]
             }
             state[name] = {"shape": list(p["shape"]), "count": stats["count"], "slots": slots}

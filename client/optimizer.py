@@ -410,6 +410,7 @@ def connect(
     worker: str | None = None,
     workers: Mapping[str, Any] | str | None = None,
     retries: int = 2,
+    heartbeat: bool = True,
     **hyperparams: Any,
 ) -> Any:
     """An optimizer behind ``url``: ``http://host:port``, ``shm:///path/stepd.sock`` or
@@ -440,6 +441,10 @@ def connect(
     ``retries`` (http:// only): how many times a step is resent, with the same request id,
     after a transport failure; the server applies it once whatever arrives (see
     :mod:`stepd.client.session`). 0 disables it: a lost reply is then a ``TransportError``.
+
+    ``heartbeat``: a sync worker of a run with a lease (``lease_s``) keeps it from a
+    background thread while idle (see :mod:`stepd.client.session`); ``False`` leaves the
+    lease to the requests the worker makes, so a worker hung in its own code is dropped too.
     """
     if isinstance(url, str) and url.startswith("ray://"):
         # The shards of a stepd.ray cluster, found through Ray (optional: imported on use)
@@ -455,6 +460,7 @@ def connect(
             worker=worker,
             workers=workers,
             retries=retries,
+            heartbeat=heartbeat,
             **hyperparams,
         )
     if isinstance(retries, bool) or not isinstance(retries, int):
@@ -478,6 +484,7 @@ def connect(
         "worker": worker,
         "workers": workers,
         "retries": retries,
+        "heartbeat": bool(heartbeat),
     }
     if not isinstance(url, str):
         from .sharding import ShardedOptimizer
@@ -586,6 +593,7 @@ def _connect_one(
             workers=workers,
             shard=shard,
             retries=options["retries"],
+            heartbeat=options["heartbeat"],
         )
     except BaseException:
         transport.close()

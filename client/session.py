@@ -25,6 +25,12 @@ these:
   resent, up to ``retries`` times, and the server applies it once. ``end_iteration`` and
   Hessian estimates are never resent (a repeat would count twice); other idempotent requests
   once.
+- **Heartbeats.** A sync worker of a run with a lease (``lease_s``) heartbeats from a
+  daemon thread while it sends nothing else for a quarter of the lease (a long evaluation, a
+  checkpoint of its own), so only a worker that died or lost the network is dropped — a hung
+  training loop is not. Nothing is sent while another request is under way (waiting in a
+  round renews the lease on the server), after ``leave`` or a refused heartbeat (dropped: it
+  must join again), or after ``close``.
 - **load_state_dict** uploads the state of registered names at once; names not registered
   yet stay pending and are uploaded right after they register (:mod:`stepd.client.state`).
   A state larger than the server announced it takes is a ``ValueError`` before sending.
@@ -34,13 +40,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
-from .errors import TransportError
+from .errors import StepdError, TransportError
 from .state import StateLoad
 from .transport import (
     EndIteration,
@@ -65,6 +73,10 @@ from .transport import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("stepd.client")
+# A heartbeat goes out once the session has been idle this fraction of the lease: the lease
+# then survives one lost heartbeat and a slow reply.
+HEARTBEAT_FRACTION = 0.25
 
 
 class Session(Transport):
@@ -82,6 +94,7 @@ class Session(Transport):
         workers: Mapping[str, Any] | None = None,
         shard: tuple[int, int] | None = None,
         retries: int = 2,
+        heartbeat: bool = True,
     ) -> None:
         self.transport = transport
         self.algorithm = algorithm
@@ -104,6 +117,18 @@ class Session(Transport):
         self.explicit_scales: set[str] = set()
         self.pending_load: StateLoad | None = None  # load_state_dict not fully uploaded yet
         self.worker = worker
+        # One request at a time on the transport (the heartbeat thread shares it), and when
+        # the last one ended: the heartbeat's clock.
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        lease = (workers or {}).get("lease_s")
+        sync_worker = worker is not None and workers is not None and workers.get("mode") == "sync"
+        self._heartbeat_s: float | None = None
+        if heartbeat and sync_worker and isinstance(lease, (int, float)):
+            self._heartbeat_s = float(lease) * HEARTBEAT_FRACTION
+        self._member = False  # as far as this client knows: heartbeats keep it one
+        self._closed = threading.Event()
+        self._heart: threading.Thread | None = None
         info = transport.open_run(run, fresh, worker, self.group_spec)
         self.run: str = info["run"]
         self.anonymous: bool = bool(info.get("anonymous", run is None))
@@ -132,11 +157,60 @@ class Session(Transport):
         return f"{self._request_prefix}-{next(self._request_counter)}"
 
     def close(self) -> None:
-        self.transport.close(delete_run=self.anonymous)
+        self._closed.set()
+        with self._lock:  # a heartbeat in flight finishes first
+            self.transport.close(delete_run=self.anonymous)
+
+    # -- heartbeats -------------------------------------------------------------------------
+
+    def _membership_seen(self, op: Op) -> None:
+        """After a successful op: whether this worker is a sync member now, as far as the
+        client can tell, and the heartbeat thread started on the first sign of it."""
+        if type(op) is SyncMembership:
+            self._member = op.action != "leave"
+        elif type(op) in (Step, EndIteration):
+            self._member = True
+        else:
+            return
+        if self._member and self._heart is None and not self._closed.is_set():
+            self._heart = threading.Thread(target=self._beat, name="stepd-heartbeat", daemon=True)
+            self._heart.start()
+
+    def _beat(self) -> None:
+        every = self._heartbeat_s
+        assert every is not None
+        while not self._closed.wait(every / 2):
+            if not self._member or time.monotonic() - self._last < every:
+                continue
+            if not self._lock.acquire(blocking=False):
+                continue  # a request is under way: it renews the lease itself
+            try:
+                if self._closed.is_set():
+                    return
+                self.transport.membership("heartbeat")
+                self._last = time.monotonic()
+            except TransportError as exc:  # the next request will tell the caller
+                log.debug("heartbeat of worker %s: %s", self.worker, exc)
+            except StepdError as exc:  # dropped meanwhile: it must join again
+                log.warning("heartbeat of worker %s refused: %s", self.worker, exc)
+                self._member = False
+            finally:
+                self._lock.release()
 
     # -- ops --------------------------------------------------------------------------------
 
     def handle(self, op: Op) -> Any:
+        if self._heartbeat_s is None:  # no lease: no thread, nothing to share the transport
+            return self._handle(op)
+        with self._lock:
+            try:
+                out = self._handle(op)
+            finally:
+                self._last = time.monotonic()
+            self._membership_seen(op)
+            return out
+
+    def _handle(self, op: Op) -> Any:
         if type(op) is Step:  # every step comes here: skip the match below
             return self._step(op.items, op.last)
         t = self.transport

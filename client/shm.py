@@ -19,7 +19,8 @@ A segment is an anonymous memory file (``memfd_create``), sealed against shrinki
 growing before its descriptor is passed to the server over the socket (``SCM_RIGHTS``): no
 process can pull memory from under the server's mapping (which would kill it with SIGBUS),
 no other connection can name it, and nothing lives in ``/dev/shm`` — the memory goes when
-the last mapping does, whoever crashed.
+the last mapping does, whoever crashed. A segment of 2 MiB or more goes on huge pages where
+the host allows (:mod:`stepd.hugepages`); :meth:`ShmTransport.pages` tells which.
 
 The connection's first message, ``HELLO``, binds it to its run (a named one, or an anonymous
 one the server deletes when the connection closes). The policy — registration, the
@@ -50,11 +51,13 @@ from typing import Any
 
 import numpy as np
 
+from stepd import hugepages
 from stepd.wire import (
     F32,
     F64,
     HEADER,
     SLOT_VERSION,
+    ST_DTYPES,
     STEP_REPLY,
     STEP_STALE,
     U32,
@@ -72,6 +75,12 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # what the server insists on
 _counter = itertools.count()
 
 
+def _state_array(data: memoryview, spec: dict[str, Any]) -> np.ndarray:
+    """One slot of a STATE reply: float32, or uint8 (8-bit state's codes) as ``dtype`` says."""
+    dtype = ST_DTYPES[spec.get("dtype", "F32")]
+    return np.frombuffer(data, dtype, spec["bytes"] // dtype.itemsize, spec["offset"])
+
+
 @dataclass
 class _Segment:
     name: str
@@ -80,6 +89,7 @@ class _Segment:
     grad: np.ndarray
     slot: int
     user: tuple[np.ndarray, np.ndarray] | None = None  # the arrays buffers() handed out
+    pages: str = hugepages.SMALL  # the page mode of the server's mapping (stepd.hugepages)
 
 
 class ShmTransport(ServerTransport):
@@ -221,19 +231,14 @@ class ShmTransport(ServerTransport):
         seg_name = f"{PREFIX}{self._token}-{next(_counter)}"
         # An anonymous memory file, sealed before the server sees it: nobody can shrink (or
         # grow) memory the server has mapped, and nothing is left in /dev/shm by a crash.
-        fd = os.memfd_create(seg_name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(fd, nbytes)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
-            mm = mmap.mmap(fd, nbytes)
-        except BaseException:
-            os.close(fd)
-            raise
+        # On huge pages where the host allows (stepd.hugepages).
+        fd, mapped = hugepages.create_segment(seg_name, nbytes, SEALS | fcntl.F_SEAL_SEAL)
+        mm, at = mapped.mm, mapped.offset
         seg = _Segment(
             seg_name,
             mm,
-            np.frombuffer(mm, F32, size, 0),
-            np.frombuffer(mm, F32, size, 4 * size),
+            np.frombuffer(mm, F32, size, at),
+            np.frombuffer(mm, F32, size, at + 4 * size),
             -1,
         )
         try:
@@ -256,6 +261,7 @@ class ShmTransport(ServerTransport):
         finally:
             os.close(fd)  # the mappings (ours, the server's) keep the memory
         seg.slot = int(reply["slot"])
+        seg.pages = str(reply.get("pages", hugepages.SMALL))  # servers before it: 4 KiB pages
         self._segments[name] = seg
         if not reply["created"] and not np.shares_memory(seg.param, param):
             write_param(param, seg.param)  # the server's copy wins
@@ -268,6 +274,11 @@ class ShmTransport(ServerTransport):
         if seg.user is None:
             seg.user = (seg.param.reshape(shape), seg.grad.reshape(shape))
         return seg.user
+
+    def pages(self, name: str) -> str:
+        """The page mode the server maps the registered name's segment with: ``thp`` (2 MiB
+        transparent huge pages) or ``4k`` (see :mod:`stepd.hugepages`)."""
+        return self._segments[name].pages
 
     def step(
         self,
@@ -386,9 +397,7 @@ class ShmTransport(ServerTransport):
         state = {}
         for name, st in head["state"].items():
             slots = {
-                slot: np.frombuffer(data, F32, s["bytes"] // 4, s["offset"])
-                .reshape(s["shape"])
-                .copy()
+                slot: _state_array(data, s).reshape(s["shape"]).copy()
                 for slot, s in st["slots"].items()
             }
             state[name] = {"shape": st["shape"], "count": st["count"], "slots": slots}

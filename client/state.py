@@ -27,6 +27,7 @@ import numpy as np
 from stepd import wire
 
 _F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
 
 
 def _number(what: str, value: Any) -> float:
@@ -93,12 +94,13 @@ def check(state: Mapping[str, Any], algorithm: str) -> dict[str, Any]:
         for slot, arr in slots.items():
             if type(slot) is not str or not slot:
                 raise TypeError(f"{name!r}: slot names must be non-empty str, got {slot!r}")
-            if not isinstance(arr, np.ndarray) or arr.dtype != _F32:
+            # float32, or uint8: 8-bit state's codes (the algorithm says which slot is which)
+            if not isinstance(arr, np.ndarray) or arr.dtype not in (_F32, _U8):
                 raise TypeError(
-                    f"{name!r}: slot {slot!r} must be a float32 numpy.ndarray, got "
-                    f"{getattr(arr, 'dtype', type(arr).__name__)}"
+                    f"{name!r}: slot {slot!r} must be a float32 (or uint8 codes) numpy.ndarray, "
+                    f"got {getattr(arr, 'dtype', type(arr).__name__)}"
                 )
-            checked[slot] = np.array(arr, dtype=_F32, order="C", copy=True)
+            checked[slot] = np.array(arr, order="C", copy=True)
         count = _count(f"{name!r} count", entry.get("count", 0))
         out["state"][name] = {"shape": shape, "count": count, "slots": checked}
     return out

@@ -30,9 +30,12 @@ nearest even). A float64 model is stepped in float32 on the server.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeAlias
@@ -47,6 +50,7 @@ from .optimizer import connect
 ParamsT: TypeAlias = (
     Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict[str, Any]]
 )
+StepItem: TypeAlias = tuple[str, tuple[int, ...], np.ndarray, np.ndarray]
 
 #: torch.optim arguments accepted and ignored: they choose how torch computes the same step
 #: (multi-tensor loops, fused kernels, CUDA graphs, autograd through the step), none of which
@@ -210,6 +214,83 @@ class _Shared:
         return self.param, self.grad
 
 
+class _Overlap:
+    """Steps sent from backward (``overlap=True``): each gradient joins its server group's
+    bucket as autograd finishes it, and one thread sends a full bucket (one ``step_batch``)
+    while backward goes on; ``step()`` sends what is left and waits for the replies."""
+
+    def __init__(self, bucket_bytes: int) -> None:
+        self.bucket_bytes = bucket_bytes
+        self.paused = 0  # inside no_sync()
+        # The gradients sent this iteration with their version counters: a gradient changed
+        # after it was sent (clipped, unscaled) is not the one its step used.
+        self.sent: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}
+        self.buckets: dict[_Link, tuple[list[StepItem], int]] = {}
+        self.writebacks: list[tuple[torch.Tensor, np.ndarray]] = []
+        self.hooks: list[Any] = []
+        self._futures: list[Future[None]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._failed = False
+
+    def add(self, link: _Link, item: StepItem) -> None:
+        items, size = self.buckets.pop(link, ([], 0))
+        items.append(item)
+        size += item[3].nbytes
+        if size >= self.bucket_bytes:
+            self._send(link, items)
+        else:
+            self.buckets[link] = (items, size)
+
+    def _send(self, link: _Link, items: list[StepItem]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="stepd-overlap")
+        self._futures.append(self._pool.submit(self._step, link, items))
+
+    def _step(self, link: _Link, items: list[StepItem]) -> None:
+        if self._failed:  # a bucket failed: send nothing more this iteration
+            return
+        try:
+            link.remote.step_batch(items)
+        except BaseException:
+            self._failed = True
+            raise
+        link.registered.update(item[0] for item in items)
+
+    def wait(self) -> None:
+        """Send the partial buckets and wait for every reply; raise the first failure."""
+        for link, (items, _) in self.buckets.items():
+            self._send(link, items)
+        self.buckets.clear()
+        futures, self._futures = self._futures, []
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if errors:
+            raise errors[0]
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.buckets.clear()
+        self.writebacks.clear()
+        self._failed = False
+
+    def close(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+        with contextlib.suppress(BaseException):
+            self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+        self.reset()
+
+
+def _ready(ref: weakref.ref[RemoteOptimizer], p: torch.Tensor) -> None:
+    """The post-accumulate-grad hook of ``overlap=True`` (a weak reference: a dropped
+    optimizer sends nothing)."""
+    opt = ref()
+    if opt is not None:
+        opt._ready(p)
+
+
 class RemoteOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose steps run on stepd (any transport, or sharded).
 
@@ -259,6 +340,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ``run``, ``fresh``, ``token``, ``timeout``, ``worker``, ``workers``, ``retries``: as for
     :func:`stepd.client.connect`. With ``run=`` all groups join that run; groups with the same
     hyperparameters are one server group there (their lr must stay equal).
+
+    ``overlap=True`` hides the steps behind backward: each gradient is sent as soon as
+    autograd has accumulated it (``register_post_accumulate_grad_hook``), in buckets of
+    ``bucket_cap_mb`` megabytes per server group (DDP's name), so transfers and the server's
+    kernels run while backward goes on; ``step()`` sends what is left, waits for the replies
+    and writes the parameters back. The default bucket is smaller than DDP's 25 MB: a bucket
+    costs one round trip here (tens of microseconds over shm://, about a millisecond over
+    http://), and the last one is what ``step()`` waits for. Parameters are therefore updated during
+    backward (a parameter once its gradient is complete, which no later part of that backward
+    reads), with the results of ``overlap=False`` bit for bit. Off by default, because every
+    backward then steps: gradients cannot be changed between backward and ``step()``
+    (clipping, ``GradScaler``'s unscaling) nor accumulated over several backward passes
+    except inside :meth:`no_sync`, and an ``lr`` or hyperparameter set between backward and
+    ``step()`` would come too late. Each of these raises ``RuntimeError`` rather than step
+    differently (a changed gradient or lr is found at ``step()``, when its step has run).
+    Not with sync workers, whose rounds would meet in whatever order each worker's backward
+    ends (``ValueError``); async workers are fine.
     """
 
     def __init__(
@@ -274,10 +372,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
         worker: str | None = None,
         workers: Mapping[str, Any] | str | None = None,  # "torchrun": see connect()
         retries: int = 2,
+        overlap: bool = False,
+        bucket_cap_mb: float = 4.0,
         **hyperparams: Any,
     ) -> None:
         if url is None:
             raise TypeError("RemoteOptimizer needs url= (local://, http://, shm:// or a list)")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        if (
+            isinstance(bucket_cap_mb, bool)
+            or not isinstance(bucket_cap_mb, (int, float))
+            or not bucket_cap_mb > 0
+        ):
+            raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb!r} (a number > 0)")
+        if overlap and workers is not None:
+            mode = workers.get("mode", "sync") if isinstance(workers, Mapping) else "sync"
+            if mode != "async":
+                raise ValueError(
+                    "overlap=True sends buckets in the order backward finishes them, and sync "
+                    "workers' rounds would have to meet in that order on every worker: use "
+                    "overlap=False with sync workers (async workers are fine)"
+                )
         if not isinstance(algorithm, str):
             raise TypeError(f"algorithm must be a str, got {algorithm!r}")
         # The hyperparameter dataclasses give each algorithm's names and defaults (to fill
@@ -306,6 +422,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._links: list[_Link] = []
         self._shared: dict[str, _Link] = {}  # named runs: server config -> its link
         self._where: dict[torch.Tensor, tuple[_Link, str]] = {}  # param -> (link, name)
+        self._group_of: dict[torch.Tensor, _ParamGroup] = {}
+        self._overlap = _Overlap(int(bucket_cap_mb * 2**20)) if overlap else None
         self._closed = False
         defaults = self._defaults(hyperparams)
         try:
@@ -410,6 +528,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         link.groups.append(group)
         for name, p in zip(names, params, strict=True):
             self._where[p] = (link, name)
+            self._group_of[p] = group
+        if self._overlap is not None:
+            ready = partial(_ready, weakref.ref(self))
+            for _, p in trainable:
+                self._overlap.hooks.append(p.register_post_accumulate_grad_hook(ready))
         group._names = names
         group._link = link
         group._owner = self
@@ -472,6 +595,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """``group[key] = value`` is about to happen: send an lr now, refuse what the server
         cannot apply (nothing is stored then)."""
         link = group.link
+        if (
+            self._overlap is not None
+            and self._overlap.sent
+            and key in self._hp_class.names()
+            and _canon(value) != _canon(group.get(key))
+        ):
+            raise self._too_late(key)
         if key in self._refused:
             self._refuse(key, value)
         elif key == "lr":
@@ -487,9 +617,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         elif key in self._fixed(link):
             self._send_hyperparam(link, group, key, value)
 
-    def _push(self) -> None:
+    @staticmethod
+    def _too_late(key: str) -> RuntimeError:
+        return RuntimeError(
+            f"{key!r} changed after backward sent this iteration's gradients (overlap=True), "
+            "so their steps ran with the old value: change it before backward or after "
+            "step(), or use overlap=False"
+        )
+
+    def _push(self, frozen: bool = False) -> None:
         """Before a step: each server group's lr is its torch groups' (sent if it changed),
-        and nothing the server cannot change has changed."""
+        and nothing the server cannot change has changed. ``frozen``: steps of this
+        iteration ran already (overlap), so a change raises instead."""
         for link in self._links:
             lrs = {float(_plain(g["lr"])) for g in link.groups}
             if len(lrs) > 1:
@@ -517,8 +656,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                         f"{sorted(values)}"
                     )
                 if link.groups:
-                    self._send_hyperparam(link, None, key, link.groups[0].get(key))
+                    value = link.groups[0].get(key)
+                    if frozen and _canon(value) != _canon(link.hyperparams[key]):
+                        raise self._too_late(key)
+                    self._send_hyperparam(link, None, key, value)
             if lrs and (lr := lrs.pop()) != link.lr:
+                if frozen:
+                    raise self._too_late("lr")
                 link.remote.set_lr(lr)
                 link.lr = lr
 
@@ -542,48 +686,130 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not shared:
             _write_back(data, buf)
 
+    def _l2(self, group: _ParamGroup) -> float:
+        """The L2 decay added to the group's gradients here (0: none, or on the server)."""
+        l2 = float(_plain(group["weight_decay"])) if group.link.l2 else 0.0
+        if l2 and group.get("maximize") and "maximize" not in self._refused:
+            l2 = -l2  # the server negates what it gets: torch's -g + wd * p
+        return l2
+
+    def _item(
+        self,
+        link: _Link,
+        l2: float,
+        name: str,
+        p: torch.Tensor,
+        grad: torch.Tensor,
+        writebacks: list[tuple[torch.Tensor, np.ndarray]],
+    ) -> StepItem:
+        """``p``'s ``step_batch`` item; where ``p.data`` could not be lent as it is, the
+        buffer to copy back after the step goes into ``writebacks``."""
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise TypeError(
+                f"{name!r}: sparse gradients are not supported (layout {grad.layout}); "
+                "use a dense embedding (sparse=False)"
+            )
+        self._check_dtype(name, p)
+        segment = link.shared.get(p)
+        arrays = segment.arrays(p) if segment is not None and not l2 else None
+        if arrays is not None:  # in shared memory already: nothing to copy
+            return (name, tuple(p.shape), *arrays)
+        if l2:
+            grad = grad.add(p.detach(), alpha=l2)  # torch's NAdam: g + wd * p
+        g, _ = _numpy(grad.detach())  # in the model's precision: half the bytes
+        data = p.data
+        buf, shared = _numpy(data)
+        if not shared:
+            writebacks.append((data, buf))
+        return (name, tuple(p.shape), buf, g)
+
+    @torch.no_grad()
+    def _ready(self, p: torch.Tensor) -> None:
+        """``overlap=True``: autograd has accumulated ``p.grad`` in this backward."""
+        ov = self._overlap
+        grad = p.grad
+        if ov is None or ov.paused or self._closed or grad is None or p not in self._where:
+            return
+        link, name = self._where[p]
+        if p in ov.sent:
+            raise RuntimeError(
+                f"{name!r}: a gradient was accumulated again after overlap=True sent it this "
+                "iteration (its step has run): run the backward passes that accumulate "
+                "inside `with optimizer.no_sync():`, the last one outside, or use overlap=False"
+            )
+        if not ov.sent:  # the first of the iteration: the lr in force now is its steps'
+            self._push()
+        item = self._item(link, self._l2(self._group_of[p]), name, p, grad, ov.writebacks)
+        ov.sent[p] = (grad, grad._version)
+        ov.add(link, item)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes in this context send nothing (``overlap=True``): gradients
+        accumulated over several of them are sent by the last backward, outside it (DDP's
+        ``no_sync``). Nothing changes with ``overlap=False``."""
+        ov = self._overlap
+        if ov is not None:
+            ov.paused += 1
+        try:
+            yield
+        finally:
+            if ov is not None:
+                ov.paused -= 1
+
+    def _idle(self, what: str) -> None:
+        """Refuse ``what`` between a backward that sent gradients (overlap) and its step."""
+        if self._overlap is not None and self._overlap.sent:
+            raise RuntimeError(
+                f"{what} between backward and step() with overlap=True: backward has sent "
+                "this iteration's gradients and their steps have run; call step() first"
+            )
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One iteration: every parameter with a ``.grad`` is stepped, then the run's step
-        counter advances. Everything is checked before anything is sent."""
+        counter advances. Everything is checked before anything is sent (with
+        ``overlap=True``: what backward did not send)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches: dict[_Link, list[tuple[str, tuple[int, ...], np.ndarray, np.ndarray]]] = {}
-        writebacks = []
+        ov = self._overlap
+        sent: Mapping[torch.Tensor, Any] = {}
+        writebacks: list[tuple[torch.Tensor, np.ndarray]] = []
+        if ov is not None and ov.sent:
+            sent, writebacks = dict(ov.sent), list(ov.writebacks)
+            try:
+                ov.wait()
+            finally:  # the server's values (a failed bucket left its buffers as they were)
+                ov.reset()
+                for data, buf in writebacks:
+                    _write_back(data, buf)
+                writebacks = []
+            changed = [
+                self._where[p][1]
+                for p, (grad, version) in sent.items()
+                if p.grad is not grad or p.grad._version != version
+            ]
+            if changed:
+                raise RuntimeError(
+                    f"gradients of {', '.join(map(repr, changed[:3]))}"
+                    f"{' and others' if len(changed) > 3 else ''} changed after backward sent "
+                    "them (overlap=True), and their steps used them as backward left them: "
+                    "clip or unscale gradients with overlap=False"
+                )
+        batches: dict[_Link, list[StepItem]] = {}
         for group in self._groups():
             link, names, params = group.link, group._names, group["params"]
             if len(names) != len(params):
                 raise RuntimeError("a param group's 'params' changed: use add_param_group")
-            l2 = float(_plain(group["weight_decay"])) if link.l2 else 0.0
-            if l2 and group.get("maximize") and "maximize" not in self._refused:
-                l2 = -l2  # the server negates what it gets: torch's -g + wd * p
+            l2 = self._l2(group)
             items = batches.setdefault(link, [])
             for name, p in zip(names, params, strict=True):
                 grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise TypeError(
-                        f"{name!r}: sparse gradients are not supported (layout {grad.layout}); "
-                        "use a dense embedding (sparse=False)"
-                    )
-                self._check_dtype(name, p)
-                segment = link.shared.get(p)
-                arrays = segment.arrays(p) if segment is not None and not l2 else None
-                if arrays is not None:  # in shared memory already: nothing to copy
-                    items.append((name, tuple(p.shape), *arrays))
-                    continue
-                if l2:
-                    grad = grad.add(p.detach(), alpha=l2)  # torch's NAdam: g + wd * p
-                g, _ = _numpy(grad.detach())  # in the model's precision: half the bytes
-                data = p.data
-                buf, shared = _numpy(data)
-                if not shared:
-                    writebacks.append((data, buf))
-                items.append((name, tuple(p.shape), buf, g))
-        self._push()
+                if grad is not None and p not in sent:
+                    items.append(self._item(link, l2, name, p, grad, writebacks))
+        self._push(frozen=bool(sent))
         for link, items in batches.items():
             if items:
                 link.remote.step_batch(items)
@@ -606,6 +832,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ) -> None:
         """Pass Hessian-diagonal estimates (``{param: estimate}``, e.g. from
         :meth:`hutchinson`) for the next step (algorithm ``sophia``; others refuse it)."""
+        self._idle("update_hessian()")
         pairs = hessians.items() if isinstance(hessians, Mapping) else hessians
         checked = []
         for p, h in pairs:
@@ -643,6 +870,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         [ids]}]}``, ids numbering the parameters of all groups in order, slots under torch's
         names plus ``step``; and ``"stepd"``: the run's global step, algorithm and lr scales.
         Tensors and plain values only."""
+        self._idle("state_dict()")
         remote = {link: link.remote.state_dict() for link in self._links}
         global_step = int(remote[self._links[0]]["global_step"]) if self._links else 0
         state: dict[int, dict[str, Any]] = {}
@@ -676,7 +904,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 _mu_product(link.hyperparams, count), dtype=torch.float32
             )
         for slot, arr in entry["slots"].items():
-            out[slot] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+            # float32; 8-bit state's codes stay uint8 (torch.uint8, as bitsandbytes keeps them)
+            dtype = np.uint8 if arr.dtype == np.uint8 else np.float32
+            out[slot] = torch.from_numpy(np.array(arr, dtype=dtype, copy=True))
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -684,6 +914,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         optimizer of the same update. Groups must match in number and size (torch's rule);
         the groups' options are the saved ones, and those other than ``lr`` must equal this
         optimizer's (a server group cannot change them). Checked before anything is sent."""
+        self._idle("load_state_dict()")
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         meta = state_dict.get("stepd") or {}
@@ -742,7 +973,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                         raise TypeError(f"{name!r}: state {slot!r} must be a tensor")
                     if slot == "max_exp_avg_sq" and "amsgrad" in self._refused:
                         self._refuse("amsgrad", True)
-                    slots[slot] = value.detach().to("cpu", torch.float32).contiguous().numpy()
+                    # float32; uint8 is 8-bit state's codes
+                    wire_dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
+                    slots[slot] = value.detach().to("cpu", wire_dtype).contiguous().numpy()
                 count = int(_plain(entry["step"])) if "step" in entry else max(global_step, 1)
                 up["state"][name] = {"shape": list(p.shape), "count": count, "slots": slots}
                 frozen.append((link, name, p))
@@ -779,6 +1012,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; a gradient that lives in shared memory (shm://) is zeroed
         in place and stays, so the next backward accumulates straight into it."""
+        self._idle("zero_grad()")
         super().zero_grad(set_to_none)
         for link in self._links:
             for p, shared in link.shared.items():
@@ -792,6 +1026,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         self._closed = True
+        overlap: _Overlap | None = getattr(self, "_overlap", None)
+        if overlap is not None:
+            overlap.close()  # replies still due land first
         for link in getattr(self, "_links", []):
             for p, shared in link.shared.items():
                 if p.data.data_ptr() == shared.param.ctypes.data:

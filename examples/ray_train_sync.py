@@ -38,8 +38,8 @@ LR = 0.05
 def make_model() -> torch.nn.Module:
     """The same initial weights in every worker (the run keeps the first one's anyway).
 
-    Four tensors, so that 2 or 3 shards each own one: a shard that owns none of a sync run's
-    parameters has no sync group to wait in, and its global step runs ahead of the others'.
+    Four tensors, so that 2 or 3 shards each own one (a shard that owns none keeps the
+    run's step too: the workers announce their sync config when they connect).
     """
     torch.manual_seed(0)
     layers = [("hidden", torch.nn.Linear(IN, HIDDEN)), ("act", torch.nn.Tanh())]

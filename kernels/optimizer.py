@@ -36,7 +36,8 @@ _NO_ARGS = np.zeros(MAX_ARGS, np.float32)
 
 @dataclass
 class ParamState:
-    """A parameter's state: every slot is a float32 device array (what checkpoints save)."""
+    """A parameter's state: every slot is a device array (what checkpoints save), float32
+    unless the algorithm quantizes it (``Algorithm.slot_dtypes``)."""
 
     shape: tuple[int, ...]
     slots: dict[str, Any]
@@ -55,10 +56,10 @@ class _Plan:
     states: tuple[ParamState, ...]
     scales: tuple[float, ...]  # lr_scale per item (set_lr_scale drops every plan)
     sizes: tuple[int, ...]
-
-    @property
-    def uniform(self) -> bool:
-        return all(s == self.scales[0] for s in self.scales)
+    uniform: bool  # one lr_scale for all items
+    # Appended to by the params' weakref callbacks: once one is gone, its id may be reused,
+    # so the identity check by id (launch.bind) is off.
+    dead: list[bool]
 
 
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -102,9 +103,9 @@ class Optimizer:
         all of them); every item is validated before anything is written."""
         if not isinstance(items, (list, tuple)):
             items = list(items)
-        plan = self._plan(items)
-        if plan is not None:
-            return self._run_plan(plan, items)
+        found = self._plan(items)
+        if found is not None:
+            return self._run_plan(*found, items)
         checked = [self._check(*item) for item in items]
         names = [c[0] for c in checked]
         if len(set(names)) != len(names):
@@ -135,7 +136,7 @@ class Optimizer:
         """One algorithm step of ``items``: at the global step, or each at its own (an
         elementwise launch takes a step per tensor; others step each distinct t apart)."""
         t = self._global_step + 1
-        if isinstance(self.algorithm, ElementwiseAlgorithm):  # reads any gradient dtype
+        if self.algorithm.reads_any_grad:  # fused kernels widen in registers, per item's t
             self.algorithm.step(self.backend, items, t)
             return
         for it in items:  # the others compute in float32 throughout: widened once (exact)
@@ -271,8 +272,10 @@ class Optimizer:
             },
         }
 
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Replace all state with ``sd`` (from :meth:`state_dict`); validated first, atomic."""
+    def load_state_dict(self, sd: Mapping[str, Any], copy: bool = True) -> None:
+        """Replace all state with ``sd`` (from :meth:`state_dict`); validated first, atomic.
+        ``copy=False``: writable C-contiguous host arrays on a host backend are kept as they
+        are (a checkpoint read into fresh arrays is not copied a second time)."""
         if sd.get("algorithm") != self.algorithm.name:
             raise ValueError(
                 f"state_dict is for algorithm {sd.get('algorithm')!r}, this optimizer runs "
@@ -298,18 +301,26 @@ class Optimizer:
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"{name!r}: count must be an int >= 0, got {count!r}")
             want = algorithm.slot_shapes(shape)
+            dtypes = algorithm.slot_dtypes(shape)
             got = entry.get("slots", {})
             if set(got) != set(want):
                 raise ValueError(f"{name!r}: slots {sorted(got)} != expected {sorted(want)}")
             slots = {}
             for slot, slot_shape in want.items():
-                arr = got[slot]
-                if getattr(arr, "dtype", None) != np.float32 or tuple(arr.shape) != slot_shape:
+                arr, dtype = got[slot], dtypes[slot]
+                if getattr(arr, "dtype", None) != dtype or tuple(arr.shape) != slot_shape:
                     raise ValueError(
-                        f"{name!r}: slot {slot!r} must be float32 {slot_shape}, got "
+                        f"{name!r}: slot {slot!r} must be {dtype} {slot_shape}, got "
                         f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}"
                     )
-                slots[slot] = xp.array(arr, dtype=np.float32, order="C", copy=True)
+                keep = (
+                    not copy
+                    and xp is np
+                    and isinstance(arr, np.ndarray)
+                    and arr.flags.writeable
+                    and arr.flags.c_contiguous
+                )
+                slots[slot] = arr if keep else xp.array(arr, dtype=dtype, order="C", copy=True)
             states[name] = ParamState(shape, slots, count)
         self.algorithm = algorithm
         self._global_step = global_step
@@ -336,6 +347,12 @@ class Optimizer:
             op,
             [Launch(it.param, it.grad, [it.slots[s] for s in op.slots], _NO_ARGS) for it in items],
         )
+        dead: list[bool] = []
+
+        def died(_: object) -> None:
+            dead.append(True)
+
+        scales = tuple(self._lr_scales.get(it.name, 1.0) for it in items)
         if len(self._plans) >= MAX_PLANS:
             # The oldest goes. A server steps different names of one optimizer from several
             # threads, so take the keys in one (atomic) call and tolerate a racing eviction.
@@ -346,14 +363,17 @@ class Optimizer:
             launch,
             self.algorithm.args_row,
             tuple(it.shape for it in items),
-            tuple(weakref.ref(it.param) for it in items),
+            tuple(weakref.ref(it.param, died) for it in items),
             tuple(self._state[it.name] for it in items),
-            tuple(self._lr_scales.get(it.name, 1.0) for it in items),
+            scales,
             tuple(it.param.size for it in items),
+            all(s == scales[0] for s in scales),
+            dead,
         )
 
-    def _plan(self, items: Sequence[Any]) -> _Plan | None:
-        """The prepared launch for exactly these names, shapes and param arrays, if any."""
+    def _plan(self, items: Sequence[Any]) -> tuple[_Plan, bool] | None:
+        """The prepared launch for exactly these names, shapes and param arrays, if any, and
+        whether it is bound: the gradients checked and in its table already."""
         if not self._plans:
             return None
         try:
@@ -362,6 +382,11 @@ class Optimizer:
             return None
         if plan is None:
             return None
+        # Every check below, and the gradients' addresses, in one C loop (not for negated
+        # gradients: those are new arrays).
+        bind = getattr(plan.launch, "bind", None)
+        if bind and not plan.dead and not self.algorithm.hp.maximize and bind(items, plan.shapes):
+            return plan, True
         for item, shape, ref in zip(items, plan.shapes, plan.params, strict=True):
             param = ref()  # None once the prepared array is gone
             if param is None or len(item) != 4 or item[2] is not param or item[1] != shape:
@@ -370,28 +395,34 @@ class Optimizer:
                 return None
             if not param.flags.writeable:
                 return None
-        return plan
+        return plan, False
 
-    def _run_plan(self, plan: _Plan, items: Sequence[Any]) -> None:
-        for (name, shape, _, grad), size in zip(items, plan.sizes, strict=True):
-            self._check_array(name, "grad", grad, shape, size)
+    def _run_plan(self, plan: _Plan, bound: bool, items: Sequence[Any]) -> None:
+        if not bound:
+            for (name, shape, _, grad), size in zip(items, plan.sizes, strict=True):
+                self._check_array(name, "grad", grad, shape, size)
         hp = self.algorithm.hp
         row = plan.args_row
         lr = self._lr
         scales = plan.scales
         if hp.step_count == "per_param":
             ts = [st.count + 1 for st in plan.states]
+            same_t = all(t == ts[0] for t in ts)
         else:
             ts = [self._global_step + 1] * len(scales)
-        if plan.uniform and all(t == ts[0] for t in ts):
+            same_t = True
+        if plan.uniform and same_t:
             args, stride = row(ts[0], lr * scales[0], False), 0
         else:
             rows = [row(t, lr * s, False) for t, s in zip(ts, scales, strict=True)]
             args, stride = np.stack(rows), MAX_ARGS
-        grads = [item[3] for item in items]
-        if hp.maximize:
-            grads = [negated(np, g) for g in grads]
-        plan.launch.run(grads, args, stride)
+        if bound:
+            plan.launch.run_bound(args, stride)
+        else:
+            grads = [item[3] for item in items]
+            if hp.maximize:
+                grads = [negated(np, g) for g in grads]
+            plan.launch.run(grads, args, stride)
         for st in plan.states:
             st.count += 1
 
@@ -399,8 +430,9 @@ class Optimizer:
 
     def _new_state(self, shape: tuple[int, ...]) -> ParamState:
         xp = self.backend.xp
+        dtypes = self.algorithm.slot_dtypes(shape)
         slots = {
-            k: xp.zeros(s, dtype=np.float32) for k, s in self.algorithm.slot_shapes(shape).items()
+            k: xp.zeros(s, dtype=dtypes[k]) for k, s in self.algorithm.slot_shapes(shape).items()
         }
         return ParamState(shape, slots)
 

@@ -23,13 +23,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.applications import Starlette
 from stepd.kernels.backends import get_backend
 
 from stepd import __version__
 from stepd.wire import PROTOCOL, WireError
 
-from .api import checkpoints, dataplane, health, params, runs, training
+from .api import checkpoints, dataplane, health, pages, params, runs, training
+from .api.lean import StepsApp
 from .config import Settings, get_settings
 from .engine import Engine
 from .errors import StoreError, status_of
@@ -123,7 +123,7 @@ def banner(settings: Settings, engine: Engine, choice: DeviceChoice) -> list[str
     return [
         f"stepd {__version__} (wire protocol {PROTOCOL})",
         f"  device       {engine.device}, kernel backend {engine.backend_name} ({choice.reason})",
-        f"  http         http://{host}:{settings.port} (API at /docs)",
+        f"  http         http://{host}:{settings.port} (dashboard at /, API at /docs)",
         f"  shm          {shm}",
         f"  checkpoints  {Path(settings.checkpoint_dir).absolute()}",
         f"  memory       budget {budget:.1f} GiB ({source})",
@@ -136,14 +136,16 @@ def banner(settings: Settings, engine: Engine, choice: DeviceChoice) -> list[str
 class StepdApp:
     """The served ASGI app, the front door of every request.
 
-    It checks the bearer token (every path but ``/healthz``) before anything reads the body,
+    It checks the bearer token (every path but ``/healthz`` and the dashboard's page and
+    static files, which hold no data) before anything reads the body,
     and caps every body at ``max_body_bytes`` (413) — JSON included, which FastAPI would
-    otherwise read whole. Then the two step endpoints go straight to a bare Starlette app and
+    otherwise read whole. Then the two step endpoints go straight to a bare ASGI app (no
+    framework layer: :mod:`.api.lean`) and
     the rest to FastAPI: FastAPI's own per-request layers cost ~0.25 ms here even for a plain
     route — as much as a whole tiny step. Both apps share one ``state`` and the same exception
     handlers; FastAPI runs the lifespan and the docs."""
 
-    def __init__(self, api: FastAPI, fast: Starlette) -> None:
+    def __init__(self, api: FastAPI, fast: StepsApp) -> None:
         self.api, self.fast = api, fast
         fast.state = api.state
 
@@ -157,7 +159,8 @@ class StepdApp:
             return
         settings = self.api.state.settings
         headers = dict(scope["headers"])
-        if settings.token and scope["path"] != "/healthz":
+        path = scope["path"]
+        if settings.token and path != "/healthz" and not pages.is_public(path):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {settings.token}".encode()):
                 await _reply(send, 401, "missing or wrong bearer token", WWW_AUTHENTICATE)
@@ -176,7 +179,7 @@ class StepdApp:
         try:
             await app(scope, receive, send)
         except Exception:
-            # Starlette answered it already (a JSON 500: _internal) and re-raises so that the
+            # The app answered it already (a JSON 500: _internal) and re-raises so that the
             # server logs it; uvicorn would then close the keep-alive connection, and a pooled
             # client's next request on it would meet a reset. Logged here instead; a reply
             # left unstarted or unfinished is still uvicorn's to answer or cut.
@@ -264,8 +267,11 @@ def create_app(settings: Settings | None = None, device: DeviceChoice | None = N
         version=__version__,
         summary="An optimizer-step service: runs of named parameters and their optimizer state",
         lifespan=lifespan,
+        docs_url=None,  # served by pages, with their scripts from the package, not a CDN
+        redoc_url=None,
     )
     app.include_router(health.router)
+    pages.mount(app)
     # The token is checked once, in StepdApp, before any route (or body parsing) runs.
     for module in (runs, params, dataplane, training, checkpoints):
         app.include_router(module.router)
@@ -279,7 +285,7 @@ def create_app(settings: Settings | None = None, device: DeviceChoice | None = N
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
     handlers[HTTPException] = http_exception_handler
-    return StepdApp(app, Starlette(routes=dataplane.FAST_ROUTES, exception_handlers=handlers))
+    return StepdApp(app, StepsApp(handlers))
 
 
 async def _reap(engine: Engine, ttl: float) -> None:

@@ -16,6 +16,7 @@ reports it, with the reason, next to the valid ones. Listing reads each file's h
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import json
 import os
@@ -24,19 +25,22 @@ import secrets
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stepd.wire import MAX_HEADER_BYTES, WireError, dump_parts, parse
+from stepd.wire import MAX_HEADER_BYTES, STATE_CODES, WireError
 
 from .errors import Conflict, Invalid, NotFound, StorageFull
+from .tensorfile import Progress, no_progress, read_file, write_file
 
 SUFFIX = ".safetensors"
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 AUTO_PREFIX = "auto-"
+PARAM_PREFIX = "param/"  # the tensors screened for NaN and Inf as they are read
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,19 @@ class CheckpointInfo:
             "bytes": self.bytes,
             "created": self.created,
         }
+
+
+@dataclass
+class Activity:
+    """A save or restore under way: ``done`` of ``total`` bytes of checkpoint ``name``."""
+
+    action: str  # "save" or "restore"
+    name: str
+    done: int = 0
+    total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "name": self.name, "done": self.done, "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -83,17 +100,16 @@ def check_checkpoint_name(name: str) -> str:
     return name
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
-    """Stream ``tensors`` into ``path`` (the wire's safetensors layout, written straight from
-    the arrays: no in-memory copy of the whole file); fsynced. Returns the bytes written."""
-    size = 0
-    with open(path, "wb") as f:
-        for part in dump_parts(tensors, metadata):
-            f.write(part)
-            size += len(part) if isinstance(part, bytes) else part.nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    return size
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str],
+    progress: Progress = no_progress,
+) -> int:
+    """Write ``tensors`` into ``path`` (the wire's safetensors layout, straight from the
+    arrays' buffers in large writes: no copy of the file in memory); fsynced. Returns the
+    bytes written."""
+    return write_file(path, tensors, metadata, progress)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,6 +125,23 @@ class CheckpointDir:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.activity: Activity | None = None  # the latest save or restore under way
+
+    @contextlib.contextmanager
+    def _tracked(self, action: str, name: str, progress: Progress) -> Iterator[Progress]:
+        """A progress callback that also keeps :attr:`activity` up to date."""
+        activity = Activity(action, name)
+        self.activity = activity
+
+        def track(done: int, total: int) -> None:
+            activity.done, activity.total = done, total
+            progress(done, total)
+
+        try:
+            yield track
+        finally:
+            if self.activity is activity:
+                self.activity = None
 
     def path(self, name: str) -> Path:
         return self.root / f"{check_checkpoint_name(name)}{SUFFIX}"
@@ -124,14 +157,19 @@ class CheckpointDir:
         return removed
 
     def save(
-        self, tensors: dict[str, np.ndarray], meta: dict[str, Any], name: str | None
+        self,
+        tensors: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        name: str | None,
+        progress: Progress = no_progress,
     ) -> CheckpointInfo:
         name = check_checkpoint_name(name or f"step-{meta['global_step']:08d}-{int(time.time())}")
         final = self.path(name)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{name}.tmp-{secrets.token_hex(4)}"
         try:
-            size = write_safetensors(tmp, tensors, {"stepd": json.dumps(meta)})
+            with self._tracked("save", name, progress) as track:
+                size = write_safetensors(tmp, tensors, {"stepd": json.dumps(meta)}, track)
             os.replace(tmp, final)
         except OSError as exc:
             if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
@@ -153,10 +191,14 @@ class CheckpointDir:
         tensors, meta, _ = self.load_info(name)
         return tensors, meta
 
-    def load_info(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any], CheckpointInfo]:
-        """The whole file, read into memory and parsed, and its info, from one open file:
-        once it is open, a delete or a replacing save of ``name`` cannot change what this
-        returns, so a restore built on it is all or nothing."""
+    def load_info(
+        self, name: str, progress: Progress = no_progress
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any], CheckpointInfo]:
+        """The whole file, read and parsed, and its info, from one open file: once it is
+        open, a delete or a replacing save of ``name`` cannot change what this returns, so a
+        restore built on it is all or nothing. Each tensor is a new writable array of its
+        own (read straight into it); every ``param/`` tensor has been screened finite
+        (``Invalid`` otherwise)."""
         path = self.path(name)
         try:  # no symlink is followed, and a FIFO cannot make the open wait
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -168,14 +210,19 @@ class CheckpointDir:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise Invalid(f"checkpoint {name!r} is not a regular file")
-        with open(fd, "rb") as f:
-            data = np.empty(st.st_size, np.uint8)  # not zero-filled, unlike bytearray
-            if f.readinto(data.data) != data.size:
-                raise Invalid(f"checkpoint {name!r} changed while being read")
         try:
-            tensors, metadata = parse(data.data)
+            with self._tracked("restore", name, progress) as track:
+                tensors, metadata, bad = read_file(
+                    fd, st.st_size, lambda key: key.startswith(PARAM_PREFIX), track, STATE_CODES
+                )
         except WireError as exc:
             raise Invalid(f"checkpoint {name!r} is malformed: {exc}") from None
+        except EOFError:
+            raise Invalid(f"checkpoint {name!r} changed while being read") from None
+        finally:
+            os.close(fd)
+        if bad:
+            raise Invalid(f"checkpoint {name!r}: {min(bad)!r} has non-finite values")
         try:
             meta = json.loads(metadata["stepd"])
         except (KeyError, ValueError, RecursionError) as exc:  # ValueError: int digit limit

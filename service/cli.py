@@ -19,6 +19,7 @@ SERVE_FLAGS = (
     "shard_index",
     "shard_count",
     "log_level",
+    "history",
 )
 
 
@@ -107,6 +108,9 @@ def build_parser() -> Parser:
     serve.add_argument(
         "--access-log", action="store_true", help="log every request, steps included"
     )
+    serve.add_argument(
+        "--history", help="measurements each parameter keeps for its plots (default 256)"
+    )
 
     demo = sub.add_parser(
         "demo", help="a server and worker processes training a classifier together"
@@ -115,6 +119,12 @@ def build_parser() -> Parser:
         "--workers", type=int, default=3, choices=(2, 3, 4), help="worker processes (2-4)"
     )
     demo.add_argument("--iterations", type=_positive, default=60)
+    demo.add_argument(
+        "--mode",
+        default="sync",
+        choices=("sync", "async", "elastic"),
+        help="sync rounds, async with max_staleness, or sync with a worker leaving and rejoining",
+    )
     demo.add_argument("--keep-serving", action="store_true", help="keep the server up after")
 
     tour = sub.add_parser("tour", help="train a small classifier with each optimizer")
@@ -142,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(workers=args.workers, iterations=args.iterations, keep=args.keep_serving)
+        return run_demo(
+            workers=args.workers,
+            iterations=args.iterations,
+            keep=args.keep_serving,
+            mode=args.mode,
+        )
     from .operator import run_command
 
     return run_command(args)

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     # Measure a parameter's gradient and update norms (inspection API) on every Nth step of
     # it: each measurement costs a copy and two extra passes over the tensor.
     stats_every: int = Field(16, ge=0)
+    # Measurements each parameter keeps (and samples of each run's step rate and lr): the
+    # dashboard's plots and /history. 56 bytes a sample, counted in the memory budget.
+    history: int = Field(256, ge=0, le=1 << 20)
+    # /metrics: runs labelled by name (the first ones seen; the rest are summed under the
+    # label "_other"), and whether each parameter of those runs gets series of its own.
+    metrics_runs: int = Field(32, ge=0)
+    metrics_params: bool = False
     # Checkpoint automatically every K iterations (0: never), keeping the newest N of them.
     autosave_every: int = Field(0, ge=0)
     autosave_keep: int = Field(3, ge=1)
@@ -104,7 +111,9 @@ OTHER_VARIABLES = frozenset(
         "STEPD_TEST_FAKE_CUDA",
         "STEPD_REQUIRE_GPU",
         "STEPD_REQUIRE_CUDA_COMPILERS",
+        "STEPD_REQUIRE_BROWSER",
         "STEPD_SOAK",
+        "STEPD_HUGE_PAGES",  # stepd.hugepages: both ends of shm://
     }
 )
 SOCKET_PATH_MAX = 107  # sun_path's bytes on Linux, the terminating NUL excluded

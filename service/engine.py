@@ -46,12 +46,13 @@ from stepd.wire import (
     narrow,
 )
 
-from .checkpoints import AUTO_PREFIX, CheckpointDir, CheckpointInfo, InvalidCheckpoint
+from .checkpoints import AUTO_PREFIX, Activity, CheckpointDir, CheckpointInfo, InvalidCheckpoint
 from .config import Settings
 from .entries import Entry, StepOutcome
 from .errors import Conflict, Invalid, NotFound, OverBudget, Stale, StoreError, Unauthorized
 from .groups import check_group, committed_bytes, resolve_group
-from .metrics import Metrics
+from .history import history_bytes, ratio
+from .metrics import OTHER, Metrics
 from .runs import Run
 from .rwlock import WouldBlock
 from .store import ParamStore
@@ -64,8 +65,12 @@ def _in_precision(
     outcomes: list[StepOutcome], grads: Mapping[str, np.ndarray], dtype: np.dtype | None
 ) -> list[StepOutcome]:
     """Each read-back parameter in ``dtype``, else in its gradient's precision."""
-    if dtype is None and all(g.dtype == F32 for g in grads.values()):
-        return outcomes  # the common case: float32 throughout
+    if dtype is None:
+        for g in grads.values():  # a loop, not all(): no generator on every step's path
+            if g.dtype != F32:
+                break
+        else:
+            return outcomes  # the common case: float32 throughout
     return [
         o
         if o.param is None
@@ -103,7 +108,13 @@ class Engine:
         self.backend_name = get_backend(device).name
         self.budget = settings.memory_budget or default_budget(device)
         self._committed = 0  # over all runs; changed under _lock
-        self.metrics = Metrics(self.device_bytes, lambda: len(self._runs))
+        self.metrics = Metrics(
+            self.device_bytes,
+            lambda: len(self._runs),
+            max_runs=settings.metrics_runs,
+            per_param=settings.metrics_params,
+            live=lambda: list(self._runs.values()),
+        )
         self._step_seconds: dict[str, Any] = {}
 
     # -- the server ------------------------------------------------------------------------
@@ -175,8 +186,7 @@ class Engine:
             raise Invalid(f"a run's quota is a number of bytes >= 1, got {quota!r}")
         if name is not None and (not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name)):
             raise Invalid(f"invalid run name {name!r}: {RUN_NAME_RULE}")
-        if group is not None:
-            check_group(group)
+        workers = check_group(group).workers if group is not None else None
         anonymous = name is None
         with self._lock:
             if name is None:
@@ -185,6 +195,8 @@ class Engine:
             if existing is not None and existing.anonymous:
                 raise Conflict(f"run {name!r} is anonymous: it belongs to the client that made it")
             if existing is not None and not fresh:
+                if workers is not None:
+                    existing.store.declare_workers(workers)
                 existing.touch()
                 if worker is not None:
                     existing.workers.touch(worker)
@@ -192,11 +204,18 @@ class Engine:
             if existing is not None:
                 self._forget(existing)
             store = ParamStore(
-                self.device, self.settings.nonfinite, self.settings.stats_every, self.shard
+                self.device,
+                self.settings.nonfinite,
+                self.settings.stats_every,
+                self.shard,
+                history=self.settings.history,
             )
             run = Run(name, store, CheckpointDir(self.root / name), self.metrics, anonymous, quota)
             run.on_advance = partial(self._advanced_elsewhere, name)
+            if workers is not None:
+                store.declare_workers(workers)
             self._runs[name] = run
+            self.metrics.label(name)  # the first runs keep their names in /metrics
         if existing is not None:  # fresh: the old run's memory goes now, as on a delete
             with existing.store.lock.exclusive():
                 existing.store.clear()
@@ -281,7 +300,7 @@ class Engine:
         if not all(isinstance(d, int) and d >= 0 for d in dims):
             raise Invalid(f"{name!r}: invalid shape {list(dims)}")
         _, reference = resolve_group(algorithm, hyperparams, workers)
-        need = committed_bytes(reference, dims)
+        need = committed_bytes(reference, dims) + history_bytes(self.settings.history)
         with self._lock:  # registrations are rare: one at a time keeps the books exact
             if name not in r.store:
                 self._check_budget(r, name, dims, algorithm, need)
@@ -361,6 +380,58 @@ class Engine:
 
     def global_step(self, run: str) -> int:
         return self.run(run).store.global_step
+
+    # -- statistics and their history ------------------------------------------------------
+
+    def run_stats(self, run: str) -> dict[str, Any]:
+        """The run now: its step and step rate, its overall norms, and every parameter with
+        its last measured norms (taken every ``stats_every`` steps of it, no tensor read
+        here: cheap enough to poll)."""
+        r = self.run(run)
+        store = r.store
+        grad, update, param = r.norms()
+        return {
+            "name": r.name,
+            "global_step": store.global_step,
+            "steps_per_s": r.rate.per_second(),
+            "lr": store.first_lr(),
+            "grad_norm": grad,
+            "update_norm": update,
+            "param_norm": param,
+            "update_ratio": ratio(update, param),
+            "stats_every": self.settings.stats_every,
+            "params": [
+                {
+                    **self._param_info(store, e),
+                    "lr": store.effective_lr(e.name),
+                    "param_norm": e.last_param_norm,
+                    "last_grad_norm": e.last_grad_norm,
+                    "last_update_norm": e.last_update_norm,
+                    "update_ratio": ratio(e.last_update_norm, e.last_param_norm),
+                    "norms_at_version": e.norms_at_version,
+                }
+                for e in store.iter_entries()
+            ],
+        }
+
+    def param_history(self, run: str, name: str, after: int | None = None) -> dict[str, Any]:
+        """The parameter's kept measurements, oldest first; ``after``: only those taken at
+        a later version (a poller asks for what it does not have)."""
+        _check_after(after)
+        e = self.entry(run, name)
+        samples = [] if e.history is None else e.history.samples(after)
+        for sample in samples:
+            sample["update_ratio"] = ratio(sample["update_norm"], sample["param_norm"])
+        return {"name": name, "capacity": self.settings.history, "samples": samples}
+
+    def run_history(self, run: str, after: int | None = None) -> dict[str, Any]:
+        """The run's samples (step, time, lr, step rate, overall norms), oldest first;
+        ``after``: only those of later steps."""
+        _check_after(after)
+        samples = self.run(run).history.samples(after)
+        for sample in samples:
+            sample["update_ratio"] = ratio(sample["update_norm"], sample["param_norm"])
+        return {"name": run, "capacity": self.settings.history, "samples": samples}
 
     def adopt(self, run: str, name: str, storage: np.ndarray, created: bool) -> bool:
         """A same-host client lends ``storage`` (its shared-memory segment: the parameter's
@@ -542,14 +613,14 @@ class Engine:
     ) -> None:
         """A step's metrics and its worker's record."""
         if worker is not None:
-            r.workers.touch(worker, len(ordered))
+            r.workers.record(worker, ordered)
         for o in ordered:
             if o.replayed or o.stale:  # counted when applied; stale ones in _apply
                 continue
             if o.applied:
                 r.counter(entries[o.name].group.id).inc()
             else:
-                self.metrics.skipped.labels(r.name).inc()
+                self.metrics.skipped.labels(self.metrics.label(r.name)).inc()
         seconds = self._step_seconds.get(transport) or self._seconds(transport)
         seconds.observe(time.perf_counter() - start)
 
@@ -578,7 +649,7 @@ class Engine:
             # Not recorded under the request id: a resend is still stale (versions only
             # grow) and is answered the same way.
             now = r.store.current(list(grads), read_back, blocking)
-            self.metrics.stale_rejected.labels(r.name).inc()
+            self.metrics.stale_rejected.labels(self.metrics.label(r.name)).inc()
             return [
                 StepOutcome(n, version, False, value, stale=True)
                 for n, (version, value) in zip(grads, now, strict=True)
@@ -586,7 +657,7 @@ class Engine:
         if based_on is not None:
             for o in applied:
                 if o.staleness is not None:
-                    self.metrics.staleness.labels(r.name).observe(o.staleness)
+                    self.metrics.staleness.labels(self.metrics.label(r.name)).observe(o.staleness)
         return applied
 
     def _seconds(self, transport: str) -> Any:
@@ -629,8 +700,12 @@ class Engine:
         return Waiting.done(replace(self._iteration_ended(run, step), dropped=dropped))
 
     def _iteration_ended(self, run: str, step: int) -> IterationEnd:
-        """The run's step advanced to ``step``: the metrics, and the autosave if one is due."""
-        self.metrics.iterations.labels(run).set(step)
+        """The run's step advanced to ``step``: the metrics, its history, and the autosave if
+        one is due."""
+        self._show_step(run, step)
+        advanced = self._runs.get(run)
+        if advanced is not None:
+            advanced.iteration_ended(step, self.settings.stats_every or 1)
         every = self.settings.autosave_every
         if not (every and step % every == 0):
             return IterationEnd(step)
@@ -640,9 +715,14 @@ class Engine:
             r.checkpoints.prune_auto(self.settings.autosave_keep)
         except (StoreError, OSError) as exc:
             log.error("run %s: autosave at step %d failed: %s", run, step, exc)
-            self.metrics.autosave_failures.labels(run).inc()
+            self.metrics.autosave_failures.labels(self.metrics.label(run)).inc()
             return IterationEnd(step, autosave_error=str(exc))
         return IterationEnd(step, autosaved=info.name)
+
+    def _show_step(self, run: str, step: int) -> None:
+        label = self.metrics.label(run)
+        if label != OTHER:  # one gauge cannot hold the steps of several runs
+            self.metrics.iterations.labels(label).set(step)
 
     def _advanced_elsewhere(self, run: str, step: int) -> None:
         """A sync member dropped or leaving completed the barrier (not an end_iteration
@@ -732,7 +812,8 @@ class Engine:
 
         start = time.perf_counter()
         info = r.store.write_snapshot(write)
-        self.metrics.checkpoint_seconds.labels(run, "save").observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.metrics.checkpoint_seconds.labels(self.metrics.label(run), "save").observe(seconds)
         return info
 
     def restore_checkpoint(self, run: str, name: str) -> CheckpointInfo:
@@ -743,14 +824,15 @@ class Engine:
         # was read: a delete racing this restore gives a 404 with nothing changed, or a
         # full restore (never a restore answered with an error).
         tensors, meta, info = r.checkpoints.load_info(name)
-        r.store.restore(tensors, meta)
+        r.store.restore(tensors, meta, fresh=True)
         r.reset_rounds()
         with self._lock:  # the books follow what was brought back
             now = r.store.committed_bytes()
             self._committed += now - r.committed
             r.committed = now
-        self.metrics.checkpoint_seconds.labels(run, "restore").observe(time.perf_counter() - start)
-        self.metrics.iterations.labels(run).set(r.store.global_step)
+        seconds = time.perf_counter() - start
+        self.metrics.checkpoint_seconds.labels(self.metrics.label(run), "restore").observe(seconds)
+        self._show_step(run, r.store.global_step)
         return info
 
     def checkpoints(self, run: str) -> list[CheckpointInfo]:
@@ -763,6 +845,10 @@ class Engine:
         names no route can address — each with the reason."""
         return self.run(run).checkpoints.scan()[1]
 
+    def checkpoint_activity(self, run: str) -> Activity | None:
+        """The run's checkpoint save or restore under way, if any: its progress in bytes."""
+        return self.run(run).checkpoints.activity
+
     def delete_checkpoint(self, run: str, name: str) -> None:
         self.run(run).checkpoints.delete(name)
 
@@ -773,6 +859,11 @@ class Engine:
             for r in list(self._runs.values())
             if not r.anonymous and r.store.names()
         ]
+
+
+def _check_after(after: int | None) -> None:
+    if after is not None and after < 0:
+        raise Invalid(f"after is a version or step >= 0, got {after}")
 
 
 def default_budget(device: str) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .groups import Group
+from .history import History
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Entry:
     last_grad_norm: float | None = None
     last_update_norm: float | None = None
     norms_at_version: int | None = None
+    last_param_norm: float | None = None  # measured with the two norms above
+    history: History | None = None  # the measurements, newest --history of them
 
     @property
     def size(self) -> int:

@@ -93,7 +93,10 @@ def check_group(spec: Mapping[str, Any]) -> Group:
 
 
 def committed_bytes(reference: Optimizer, shape: tuple[int, ...]) -> int:
-    """The bytes a parameter of ``shape`` commits: itself and every state slot its algorithm
-    will allocate (factors, eigenbases and preconditioners included), all float32."""
-    slots = reference.algorithm.slot_shapes(shape)
-    return 4 * (math.prod(shape) + sum(math.prod(s) for s in slots.values()))
+    """The bytes a parameter of ``shape`` commits: itself (float32) and every state slot its
+    algorithm will allocate (factors, eigenbases and preconditioners included), each in its
+    dtype (float32; 8-bit state's codes one byte)."""
+    algorithm = reference.algorithm
+    slots, dtypes = algorithm.slot_shapes(shape), algorithm.slot_dtypes(shape)
+    state = sum(math.prod(s) * dtypes[k].itemsize for k, s in slots.items())
+    return 4 * math.prod(shape) + state

@@ -3,7 +3,8 @@
     stepd status                          the server: version, device, memory, limits
     stepd runs                            every run: step, parameters, bytes, idle time
     stepd params RUN                      the run's parameters
-    stepd inspect RUN NAME                a parameter's statistics, per state slot
+    stepd inspect RUN NAME                a parameter's statistics, per state slot, and
+                                          the trend of its measured norms (its history)
     stepd checkpoints RUN [list | save [NAME] | restore NAME | delete NAME]
 
 ``--url`` (default ``$STEPD_URL``, else http://127.0.0.1:8000) and ``--token`` (default
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -260,6 +262,49 @@ def inspect(api: Api, args: argparse.Namespace, out: TextIO) -> None:
     ]
     headers = ["TENSOR", "L2_NORM", "MIN", "MAX", "MEAN", "NONFINITE"]
     table(out, headers, rows, right=(1, 2, 3, 4, 5))
+    path = f"{_run_path(args.run)}/params/{quote(args.name, safe='')}/history"
+    history(out, api.call("GET", path))
+
+
+TREND = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None], width: int = 32) -> str:
+    """The values' shape in block characters, the newest ``width`` of them (gaps: spaces)."""
+    values = list(values)[-width:]
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    low, high = min(known), max(known)
+    span = high - low or 1.0
+    top = len(TREND) - 1
+    return "".join(" " if v is None else TREND[round((v - low) / span * top)] for v in values)
+
+
+def history(out: TextIO, h: dict[str, Any]) -> None:
+    samples = h["samples"]
+    if not samples:
+        print(f"\nno measurements kept yet (the server keeps {h['capacity']})", file=out)
+        return
+    first, last = samples[0], samples[-1]
+    print(
+        f"\nhistory: {len(samples)} measurements, versions {first['version']} to "
+        f"{last['version']} (the server keeps {h['capacity']})",
+        file=out,
+    )
+    rows = []
+    for key, label in (
+        ("grad_norm", "grad norm"),
+        ("update_norm", "update norm"),
+        ("update_ratio", "update/param"),
+        ("param_norm", "param norm"),
+        ("lr", "lr"),
+    ):
+        values = [s[key] for s in samples]
+        known = [v for v in values if v is not None]
+        low, high = (min(known), max(known)) if known else (None, None)
+        rows.append([label, number(values[-1]), number(low), number(high), sparkline(values)])
+    table(out, ["METRIC", "LAST", "MIN", "MAX", "TREND (oldest to newest)"], rows, right=(1, 2, 3))
 
 
 def checkpoints(api: Api, args: argparse.Namespace, out: TextIO) -> None:
@@ -283,10 +328,14 @@ def checkpoints(api: Api, args: argparse.Namespace, out: TextIO) -> None:
             print(f"not a checkpoint: {bad['name']} ({bad['reason']})", file=out)
         return
     if args.action == "save":
-        c = api.call("POST", base, json={"name": args.name} if args.name else None)
+        body = {"name": args.name} if args.name else None
+        c = with_progress(
+            api, base, "save", args.name, out, lambda: api.call("POST", base, json=body)
+        )
         verb = "saved"
     elif args.action == "restore":
-        c = api.call("POST", f"{base}/{quote(args.name, safe='')}/restore")
+        path = f"{base}/{quote(args.name, safe='')}/restore"
+        c = with_progress(api, base, "restore", args.name, out, lambda: api.call("POST", path))
         verb = "restored"
     else:
         api.call("DELETE", f"{base}/{quote(args.name, safe='')}")
@@ -297,6 +346,68 @@ def checkpoints(api: Api, args: argparse.Namespace, out: TextIO) -> None:
         f"(global step {c['global_step']}, {size(c['bytes'])})",
         file=out,
     )
+
+
+BAR_AFTER = 0.5  # seconds: a save or restore done sooner draws no bar
+
+
+def with_progress(
+    api: Api, base: str, action: str, name: str | None, out: TextIO, request: Callable[[], Any]
+) -> Any:
+    """``request()`` (a save or restore), with a progress bar on a terminal once it takes
+    longer than :data:`BAR_AFTER`: the server's ``.../checkpoints/activity``, polled."""
+    if not out.isatty():
+        return request()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = request()
+        except BaseException as exc:  # handed to the caller's thread below
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(BAR_AFTER)
+    if worker.is_alive():
+        _draw(api, base, action, name, out, worker)
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _draw(
+    api: Api, base: str, action: str, name: str | None, out: TextIO, worker: threading.Thread
+) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    more = (TransferSpeedColumn(), TimeRemainingColumn())
+    label = f"{'saving' if action == 'save' else 'restoring'} {name or 'checkpoint'}"
+    client = api.client
+    with (
+        httpx.Client(base_url=client.base_url, headers=client.headers, timeout=5) as poll,
+        Progress(*columns, *more, console=Console(file=out), transient=True) as bar,
+    ):
+        task = bar.add_task(label, total=None)
+        while worker.is_alive():
+            try:
+                now = poll.get(f"{base}/activity").json()
+            except (httpx.HTTPError, ValueError):  # an older server, or a busy one: no bar
+                now = None
+            ours = isinstance(now, dict) and now.get("action") == action and now.get("total")
+            if ours and (name is None or now.get("name") == name):
+                bar.update(task, total=now["total"], completed=now["done"])
+            worker.join(0.2)
 
 
 HANDLERS: dict[str, Callable[[Api, argparse.Namespace, TextIO], None]] = {

@@ -13,12 +13,14 @@ is reaped by the server once idle longer than ``STEPD_ANONYMOUS_RUN_TTL``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import CheckpointDir
+from .history import RUN_FIELDS, History, StepRate
 from .metrics import Metrics
 from .store import ParamStore
 from .workers import SyncRounds, WorkerRegistry, membership_options
@@ -42,9 +44,37 @@ class Run:
     # dropped or leaving completes the barrier): the engine's autosave and metrics
     on_advance: Callable[[int], None] | None = None
     _counters: dict[str, Any] = field(default_factory=dict)
+    rate: StepRate = field(default_factory=StepRate)  # iterations per second, recently
+    history: History = field(init=False)  # every stats_every iterations: RUN_FIELDS
 
     def __post_init__(self) -> None:
         self.sync = self._rounds()
+        self.history = History(self.store.history, RUN_FIELDS)
+
+    def iteration_ended(self, step: int, every: int) -> None:
+        """Count the iteration in the step rate; every ``every`` steps, a history sample."""
+        self.rate.tick()
+        if step % every:
+            return
+        grad, update, param = self.norms()
+        self.history.append(
+            step, time.time(), self.store.first_lr(), self.rate.per_second(), grad, update, param
+        )
+
+    def norms(self) -> tuple[float | None, float | None, float | None]:
+        """The run's gradient, update and parameter norms: the root of the sum of squares
+        of each parameter's last measured ones (None before any measurement)."""
+        sums = [0.0, 0.0, 0.0]
+        seen = False
+        for e in self.store.iter_entries():
+            if e.last_grad_norm is None:
+                continue
+            seen = True
+            for i, v in enumerate((e.last_grad_norm, e.last_update_norm, e.last_param_norm)):
+                sums[i] += (v or 0.0) ** 2
+        if not seen:
+            return None, None, None
+        return math.sqrt(sums[0]), math.sqrt(sums[1]), math.sqrt(sums[2])
 
     def _rounds(self) -> SyncRounds:
         return SyncRounds(self.store, self._sync_options, self._advanced)

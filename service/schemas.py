@@ -151,6 +151,15 @@ class Checkpoint(BaseModel):
     created: float
 
 
+class CheckpointActivity(BaseModel):
+    """A checkpoint save or restore under way."""
+
+    action: Literal["save", "restore"]
+    name: str = Field(description="the checkpoint")
+    done: int = Field(description="bytes written or read so far")
+    total: int = Field(description="bytes in all (0 until known)")
+
+
 class InvalidCheckpoint(BaseModel):
     """A ``*.safetensors`` entry of the run's folder that is not a checkpoint."""
 
@@ -217,3 +226,67 @@ class RunJoined(RunInfo):
     protocol: int
     limits: Limits
     shard: ShardView
+
+
+class ParamSample(BaseModel):
+    """One measurement of a parameter (taken every ``stats_every`` of its steps)."""
+
+    version: int = Field(description="the parameter's version right after the measured step")
+    step: int = Field(description="the run's global step then")
+    time: float = Field(description="when (seconds since the epoch)")
+    grad_norm: float | None
+    update_norm: float | None
+    param_norm: float | None
+    update_ratio: float | None = Field(description="update norm / parameter norm")
+    lr: float | None = Field(description="the lr the step used: the group's lr × lr_scale")
+
+
+class ParamHistory(BaseModel):
+    name: str
+    capacity: int = Field(description="the samples kept (STEPD_HISTORY); older ones are dropped")
+    samples: list[ParamSample] = Field(description="oldest first")
+
+
+class RunSample(BaseModel):
+    """One sample of a run (taken every ``stats_every`` iterations)."""
+
+    step: int
+    time: float = Field(description="when (seconds since the epoch)")
+    lr: float | None = Field(description="the lr of the run's first group")
+    steps_per_s: float | None = Field(description="iterations per second, recently")
+    grad_norm: float | None = Field(description="√Σ of each parameter's last gradient norm²")
+    update_norm: float | None
+    param_norm: float | None
+    update_ratio: float | None
+
+
+class RunHistory(BaseModel):
+    name: str
+    capacity: int = Field(description="the samples kept (STEPD_HISTORY); older ones are dropped")
+    samples: list[RunSample] = Field(description="oldest first")
+
+
+class ParamCurrent(ParamInfo):
+    """A parameter and its last measured norms."""
+
+    lr: float = Field(description="its effective lr: the group's lr × lr_scale")
+    param_norm: float | None
+    last_grad_norm: float | None
+    last_update_norm: float | None
+    update_ratio: float | None = Field(description="update norm / parameter norm")
+    norms_at_version: int | None = Field(description="the version the norms were measured at")
+
+
+class RunStats(BaseModel):
+    """A run's current statistics, every parameter's included (one request to poll)."""
+
+    name: str
+    global_step: int
+    steps_per_s: float = Field(description="iterations per second, recently (0: none lately)")
+    lr: float | None = Field(description="the lr of the run's first group")
+    grad_norm: float | None
+    update_norm: float | None
+    param_norm: float | None
+    update_ratio: float | None
+    stats_every: int = Field(description="norms are measured every this many steps (0: never)")
+    params: list[ParamCurrent]

@@ -11,7 +11,9 @@ into the segment. On a CPU store, the segment of the connection that registers a
 (outside sync groups) becomes the parameter's storage (:meth:`ParamStore.adopt`): the kernel
 updates it in place and no copy follows the step; other connections get copies. When that
 connection closes, the value moves back into the store's memory (``ParamStore.release``)
-before the segment is unmapped.
+before the segment is unmapped. Segments are mapped on huge pages where the host allows
+(:mod:`stepd.hugepages`; the collapse runs at REGISTER, for the bytes the budget admitted),
+and REGISTER's reply says which (``"pages"``).
 
 The wire format is :mod:`stepd.wire`'s (opcodes, layouts, statuses); every op calls the
 engine (``service/engine.py``), exactly as the HTTP routes do, so a rule holds the same on
@@ -60,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from stepd import hugepages
 from stepd.wire import (
     F32,
     F64,
@@ -68,8 +71,11 @@ from stepd.wire import (
     MAX_REQUEST_HEADER_BYTES,
     PROTOCOL,
     SLOT_VERSION,
+    ST_CODES,
+    STATE_CODES,
     STEP_REPLY,
     STEP_STALE,
+    U8,
     U32,
     U64,
     Op,
@@ -97,6 +103,8 @@ class Segment:
     name: str
     mm: mmap.mmap
     size: int
+    offset: int = 0  # where the file's byte 0 lies in ``mm`` (an aligned mapping's start)
+    pages: str = hugepages.SMALL  # thp or 4k (stepd.hugepages)
     pinned: int | None = None  # host address registered with CUDA, if any
 
 
@@ -374,7 +382,9 @@ class ShmServer:
                 gid = payload[4 : 4 + k].decode()
             except UnicodeDecodeError:
                 raise ProtocolError("LOAD_STATE: group id is not UTF-8") from None
-            tensors, meta = parse(memoryview(payload)[4 + k :], MAX_REQUEST_HEADER_BYTES)
+            tensors, meta = parse(
+                memoryview(payload)[4 + k :], MAX_REQUEST_HEADER_BYTES, STATE_CODES
+            )
             engine.load_group_state(run, gid, tensors, meta)
             return b""
         if op == Op.HESSIAN:  # the client wrote the estimate where a gradient goes
@@ -509,12 +519,15 @@ class ShmServer:
                 )
             if st.st_size != size:
                 raise Invalid(f"segment {name!r} has {st.st_size} bytes, expected {size}")
-            mm = mmap.mmap(fd, size)
+            if hugepages.is_hugetlb(fd):  # a hole punched in one, the pool empty: SIGBUS
+                raise Invalid(f"segment {name!r} is on hugetlbfs: only shmem memory files")
+            # aligned, for huge pages (collapsed at REGISTER): 4 KiB ones slow every step
+            mapped = hugepages.map_segment(fd, size)
         finally:
             os.close(fd)
-        seg = Segment(name, mm, size)
+        seg = Segment(name, mapped.mm, size, mapped.offset, mapped.pages)
         if self._pin:  # GPU store: page-locked host memory makes the copies run at full speed
-            seg.pinned = _pin(mm, size)
+            seg.pinned = _pin(seg.mm, seg.offset, size)
         conn.segments.append(seg)
         return len(conn.segments) - 1
 
@@ -545,12 +558,16 @@ class ShmServer:
         assert seg is not None
         if seg.size < 8 * size:
             raise Invalid(f"{name!r}: segment has {seg.size} bytes, needs {8 * size}")
-        param = np.frombuffer(seg.mm, F32, size, 0)
-        grad = np.frombuffer(seg.mm, F32, size, 4 * size)
+        param = np.frombuffer(seg.mm, F32, size, seg.offset)
+        grad = np.frombuffer(seg.mm, F32, size, seg.offset + 4 * size)
         engine, run = self.engine, conn.run
         entry, created = engine.register(
             run, name, shape, param, algorithm, hyperparams, lr_scale, workers, shard_view
         )
+        # Huge pages for the bytes the budget just admitted (a client's own collapse made
+        # this cheap; an older client's 4 KiB pages get copied once, here).
+        seg.pages = hugepages.collapse(hugepages.Mapped(seg.mm, seg.offset, seg.pages), 8 * size)
+        log.debug("%s: segment %s of %d bytes on %s pages", name, seg.name, seg.size, seg.pages)
         adopted = engine.adopt(run, name, param, created)
         conn.slots.append(Slot(name, param, grad, adopted))
         return {
@@ -558,6 +575,7 @@ class ShmServer:
             "group": entry.group.id,
             "slot": len(conn.slots) - 1,
             "version": entry.version,
+            "pages": seg.pages,
         }
 
     def _state(self, run: str, gid: str) -> bytes:
@@ -572,8 +590,13 @@ class ShmServer:
         for name, st in sd["state"].items():
             slots = {}
             for slot, arr in st["slots"].items():
-                arr = np.ascontiguousarray(arr, F32)
-                slots[slot] = {"shape": list(arr.shape), "offset": offset, "bytes": arr.nbytes}
+                arr = np.ascontiguousarray(arr, arr.dtype if arr.dtype == U8 else F32)
+                slots[slot] = {
+                    "shape": list(arr.shape),
+                    "dtype": ST_CODES[arr.dtype],  # F32, or U8: 8-bit state's codes
+                    "offset": offset,
+                    "bytes": arr.nbytes,
+                }
                 blobs.append(arr.tobytes())
                 offset += arr.nbytes
             state[name] = {"shape": st["shape"], "count": st["count"], "slots": slots}
@@ -643,10 +666,10 @@ def _json(payload: bytes) -> dict[str, Any]:
     return meta
 
 
-def _pin(mm: mmap.mmap, size: int) -> int:  # pragma: no cover - needs a GPU
+def _pin(mm: mmap.mmap, offset: int, size: int) -> int:  # pragma: no cover - needs a GPU
     import cupy
 
-    addr = np.frombuffer(mm, np.uint8, size).ctypes.data
+    addr = np.frombuffer(mm, np.uint8, size, offset).ctypes.data
     cupy.cuda.runtime.hostRegister(addr, size, 0)
     return addr
 

@@ -22,6 +22,7 @@ from stepd.kernels import Optimizer, create_optimizer
 from .entries import Entry
 from .errors import Conflict, Invalid, NotFound
 from .groups import Group, check_name, resolve_group
+from .history import PARAM_FIELDS, History
 from .requests import RequestLog
 from .rwlock import RWLock
 
@@ -38,6 +39,7 @@ class Snapshots:
     _meta: threading.Lock
     _entries: dict[str, Entry]
     _groups: dict[str, Optimizer]
+    history: int  # samples of its measured norms each parameter keeps
     _group_info: dict[str, Group]
     global_step: int
     requests: RequestLog
@@ -87,8 +89,16 @@ class Snapshots:
         }
         return tensors, meta
 
-    def restore(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        """Replace everything with a snapshot; validated fully before the swap."""
+    def new_history(self) -> History:
+        return History(self.history, PARAM_FIELDS)
+
+    def restore(
+        self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any], fresh: bool = False
+    ) -> None:
+        """Replace everything with a snapshot; validated fully before the swap. ``fresh``:
+        the tensors are new arrays of their own with every parameter screened finite (as
+        :meth:`CheckpointDir.load_info` reads them), kept as they are on the CPU: no copy,
+        no second screen."""
         try:
             global_step = meta["global_step"]
             if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
@@ -117,7 +127,8 @@ class Snapshots:
                         "lr": g["lr"],
                         "lr_scales": g["lr_scales"],
                         "state": state,
-                    }
+                    },
+                    copy=not fresh,
                 )
                 built[group.id] = opt
                 infos[group.id] = group
@@ -126,12 +137,22 @@ class Snapshots:
                 check_name(name)
                 value = tensors[f"param/{name}"]
                 shape = tuple(p["shape"])
-                if tuple(value.shape) != shape or p["group"] not in built:
+                bad_dtype = value.dtype != np.float32  # U8 is for 8-bit state only
+                if tuple(value.shape) != shape or p["group"] not in built or bad_dtype:
                     raise Invalid(f"checkpoint entry {name!r} is inconsistent")
-                if not self.backend.all_finite(np.ascontiguousarray(value, np.float32)):
+                if not fresh and not self.backend.all_finite(
+                    np.ascontiguousarray(value, np.float32)
+                ):
                     raise Invalid(f"checkpoint entry {name!r} has non-finite values")
-                param = self.xp.array(np.ascontiguousarray(value).reshape(-1), copy=True)
-                entries[name] = Entry(name, shape, infos[p["group"]], param, int(p["version"]))
+                param = _flat(self.xp, value, keep=fresh)
+                entries[name] = Entry(
+                    name,
+                    shape,
+                    infos[p["group"]],
+                    param,
+                    int(p["version"]),
+                    history=self.new_history(),
+                )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise Invalid(f"checkpoint is malformed: {exc!r}") from None
         with self.lock.exclusive(), self._meta:
@@ -173,7 +194,7 @@ class Snapshots:
             name, _, slot = key.partition("/")
             if name not in slots or not slot:
                 raise Invalid(f"state tensor {key!r} is not '<param>/<slot>' of a param in counts")
-            slots[name][slot] = np.ascontiguousarray(arr, np.float32)
+            slots[name][slot] = np.ascontiguousarray(arr)  # the algorithm checks each dtype
         with self.lock.exclusive(), self._meta:
             opt = self._groups.get(group_id)
             if opt is None:
@@ -237,6 +258,15 @@ class Snapshots:
             self._groups.update(others)
             self._groups[group_id] = built
             self.global_step = built.global_step
+
+
+def _flat(xp: Any, value: np.ndarray, keep: bool) -> Any:
+    """``value`` as a flat contiguous float32 array of ``xp``; ``keep``: the host array
+    itself where it already is one (a fresh array nobody else holds)."""
+    flags = value.flags
+    if keep and xp is np and value.dtype == np.float32 and flags.c_contiguous and flags.writeable:
+        return value.reshape(-1)
+    return xp.array(np.ascontiguousarray(value).reshape(-1), copy=True)
 
 
 def _decode_meta(meta: Mapping[str, str]) -> dict[str, Any]:

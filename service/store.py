@@ -13,10 +13,13 @@ request is validated completely before anything is written: a failed call change
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from stepd.kernels import Optimizer, create_optimizer, get_backend, l2_norm
@@ -32,6 +35,24 @@ from .rwlock import RWLock, WouldBlock
 from .snapshots import Snapshots
 from .workers import MEMBERSHIP_OPTIONS, membership_options
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_device(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a store method's device work on the backend's stream (a CUDA store; see
+    kernels/backends/cuda.py), whichever thread calls it: CuPy's current stream is per
+    thread, and requests come on many."""
+
+    @functools.wraps(method)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = args[0]
+        assert isinstance(store, ParamStore)
+        with store.device_stream:
+            return method(*args, **kwargs)
+
+    return wrapped
+
 
 class ParamStore(Snapshots):
     """One run's parameters and optimizers (see the module docstring)."""
@@ -42,13 +63,18 @@ class ParamStore(Snapshots):
         nonfinite: str = "reject",
         stats_every: int = 16,
         shard: tuple[int, int] = (0, 1),
+        history: int = 0,
     ) -> None:
         self.backend = get_backend(device)
         self.device = device
         self.nonfinite = nonfinite
         self.stats_every = stats_every
         self.shard = shard  # (index, count)
+        self.history = history  # samples of its measured norms each parameter keeps
         self.xp = self.backend.xp
+        # The stream the device work of this store is ordered on (CUDA; none on the CPU)
+        stream = getattr(self.backend, "stream", None)
+        self.device_stream: Any = contextlib.nullcontext() if stream is None else stream
         self.lock = RWLock()
         self._meta = threading.Lock()  # guards the dicts while sharing `lock`
         self._entries: dict[str, Entry] = {}
@@ -56,6 +82,9 @@ class ParamStore(Snapshots):
         self._group_info: dict[str, Group] = {}
         self.global_step = 0
         self.requests = RequestLog()  # step request ids already applied (service/requests.py)
+        # The workers config sync clients announced when they joined the run: a shard that
+        # holds none of the run's parameters (yet) is still a member of its iterations.
+        self._declared: Mapping[str, Any] | None = None
 
     # -- registration ----------------------------------------------------------------------
 
@@ -73,19 +102,34 @@ class ParamStore(Snapshots):
             )
 
     def sync_timeout(self) -> float:
+        declared = self._declared["timeout_s"] if self._declared is not None else 60.0
         return max(
             (g.workers["timeout_s"] for g in self._group_info.values() if "timeout_s" in g.workers),
-            default=60.0,
+            default=declared,
         )
 
     def sync_options(self) -> dict[str, Any] | None:
         """The membership options of this run's sync groups (they all share them: count,
-        lease_s, clip_grad_norm), if it has any."""
+        lease_s, clip_grad_norm), if it has any; else those its sync clients announced."""
         for g in list(self._group_info.values()):
             if g.workers["mode"] == "sync":
                 return membership_options(g.workers)
-        return None
+        return None if self._declared is None else membership_options(self._declared)
 
+    def declare_workers(self, workers: Mapping[str, Any]) -> None:
+        """A client joins the run with this (canonical) workers config. A sync one makes
+        ``end_iteration`` a barrier of the run's members even before any of its parameters
+        is registered here — without it, a shard that owns none of a sync run's parameters
+        would advance once per worker and run ahead of the others. Membership options that
+        differ from the run's are a Conflict now, as they would be at registration."""
+        if workers["mode"] != "sync":
+            return
+        with self._meta:
+            _check_membership("this run", self.sync_options(), workers)
+            if self._declared is None:
+                self._declared = dict(workers)
+
+    @_on_device
     def register(
         self,
         name: str,
@@ -139,21 +183,12 @@ class ParamStore(Snapshots):
                 check_effective_lr(current.lr, name, lr_scale)
             except ValueError as exc:
                 raise Invalid(str(exc)) from None
-            have = self.sync_options() if group.workers["mode"] == "sync" else None
-            want = membership_options(group.workers)
-            for key in MEMBERSHIP_OPTIONS:
-                if (
-                    have is not None and have[key] != want[key]
-                ):  # one membership per run: its options are one too
-                    what = "one worker count" if key == "count" else f"one {key}"
-                    raise Conflict(
-                        f"{name!r}: this server's sync groups have {key} {have[key]}; all sync "
-                        f"groups share {what}, got {want[key]}"
-                    )
+            if group.workers["mode"] == "sync":
+                _check_membership(repr(name), self.sync_options(), group.workers)
             opt = self._group(group)
             host = np.zeros(math.prod(shape), np.float32) if value is None else value
             param = self.xp.array(np.ascontiguousarray(host, np.float32).reshape(-1), copy=True)
-            entry = Entry(name, shape, group, param)
+            entry = Entry(name, shape, group, param, history=self.new_history())
             opt.set_lr_scale(name, lr_scale)
             self._entries[name] = entry
             return entry, True
@@ -176,6 +211,7 @@ class ParamStore(Snapshots):
         except KeyError:
             raise NotFound(f"parameter {name!r} is not registered") from None
 
+    @_on_device
     def step(
         self,
         grads: Mapping[str, np.ndarray],
@@ -303,11 +339,24 @@ class ParamStore(Snapshots):
         opt.step_batch([(e.name, e.shape, e.param, dev[e.name]) for e in members])
         for e in members:
             e.version += 1
+        now = time.time() if measure else 0.0
         for e in measure:
             e.last_grad_norm = _norm(widen(xp, dev[e.name]))  # bfloat16 arrives as its bits
             e.last_update_norm = _norm(e.param - before[e.name])
+            e.last_param_norm = _norm(e.param)  # the update's relative size needs it
             e.norms_at_version = e.version
+            if e.history is not None:
+                e.history.append(
+                    e.version,
+                    self.global_step,
+                    now,
+                    e.last_grad_norm,
+                    e.last_update_norm,
+                    e.last_param_norm,
+                    opt.lr * opt.lr_scale(e.name),
+                )
 
+    @_on_device
     def update_hessian(self, name: str, hessian: np.ndarray) -> None:
         with self.lock.shared():
             e = self.entry(name)
@@ -325,8 +374,9 @@ class ParamStore(Snapshots):
                 if self.xp is not np:
                     # From page-locked memory (an shm segment) the copy to the device is
                     # asynchronous: the caller may reuse that memory once this returns.
-                    self.xp.cuda.get_current_stream().synchronize()
+                    self.backend.stream.synchronize()
 
+    @_on_device
     def current(
         self, names: Sequence[str], values: bool = True, blocking: bool = True
     ) -> list[tuple[int, np.ndarray | None]]:
@@ -346,12 +396,14 @@ class ParamStore(Snapshots):
                     e.lock.release()
             return out
 
+    @_on_device
     def read(self, name: str) -> np.ndarray:
         """A consistent host copy of the parameter (never torn by a concurrent step)."""
         e = self.entry(name)
         with e.lock:
             return self._host(e.param).reshape(e.shape)
 
+    @_on_device
     def set_value(self, name: str, value: np.ndarray) -> int:
         with self.lock.shared():
             e = self.entry(name)
@@ -468,6 +520,16 @@ class ParamStore(Snapshots):
             for gid, g in self._group_info.items()
         ]
 
+    def effective_lr(self, name: str) -> float:
+        """The lr a step of ``name`` uses: its group's lr times its lr_scale."""
+        opt = self._groups[self.entry(name).group.id]
+        return opt.lr * opt.lr_scale(name)
+
+    def first_lr(self) -> float | None:
+        """The lr of the run's first group (the one a run's history plots)."""
+        opt = next(iter(list(self._groups.values())), None)
+        return None if opt is None else opt.lr
+
     def _count(self, gid: str) -> int:
         return sum(1 for e in self._entries.values() if e.group.id == gid)
 
@@ -482,6 +544,7 @@ class ParamStore(Snapshots):
     def device_bytes(self) -> int:
         return sum(int(e.param.nbytes) + self.state_bytes(e.name) for e in self._entries.values())
 
+    @_on_device
     def read_slot(self, name: str, slot: str) -> np.ndarray:
         e = self.entry(name)
         with e.lock:
@@ -492,35 +555,51 @@ class ParamStore(Snapshots):
                 )
             return self._host(slots[slot])
 
+    @_on_device
     def inspect(self, name: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
         """Host copies of the param and its slots, and its counters, taken atomically."""
         e = self.entry(name)
         with e.lock:
             param = self._host(e.param)
-            slots = {k: self._host(v) for k, v in self.slots(name).items()}
+            opt = self._groups[e.group.id]
+            # quantized state (8-bit codes) shown as the values it stands for
+            slots = opt.algorithm.dequantized(
+                np, {k: self._host(v) for k, v in self.slots(name).items()}
+            )
             counters = {
                 "version": e.version,
                 "last_grad_norm": e.last_grad_norm,
                 "last_update_norm": e.last_update_norm,
                 "norms_at_version": e.norms_at_version,
             }
-            opt = self._groups[e.group.id]
             counters["count"] = opt.state(name).count if name in opt.names() else None
         return param, slots, counters
 
     def _host(self, arr: Any) -> np.ndarray:
-        return np.array(arr.get() if hasattr(arr, "get") else arr, dtype=np.float32, copy=True)
+        """A host copy in the array's own dtype (float32; uint8 codes of 8-bit state)."""
+        return np.array(arr.get() if hasattr(arr, "get") else arr, copy=True)
 
     def iter_entries(self) -> Iterator[Entry]:
         return iter(list(self._entries.values()))
+
+    # Checkpoints, restores and state uploads (service/snapshots.py), on the stream too
+    write_snapshot = _on_device(Snapshots.write_snapshot)
+    restore = _on_device(Snapshots.restore)
+    load_group_state = _on_device(Snapshots.load_group_state)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
     def committed_bytes(self) -> int:
-        """The bytes every parameter and the state its algorithm allocates commit."""
-        return sum(committed_bytes(self._groups[e.group.id], e.shape) for e in self.iter_entries())
+        """The bytes every parameter, the state its algorithm allocates and its history
+        commit."""
+        return sum(
+            committed_bytes(self._groups[e.group.id], e.shape)
+            + (e.history.nbytes if e.history is not None else 0)
+            for e in self.iter_entries()
+        )
 
+    @_on_device
     def group_state(self, group_id: str) -> tuple[dict[str, Any], dict[str, int]]:
         """A group's optimizer ``state_dict`` (host copies) and its parameters' versions."""
         with self.lock.shared():
@@ -540,6 +619,22 @@ class ParamStore(Snapshots):
             self.requests = RequestLog()
 
 
+def _check_membership(
+    what: str, have: Mapping[str, Any] | None, workers: Mapping[str, Any]
+) -> None:
+    """One membership per run: its options are one too (Conflict otherwise)."""
+    if have is None:
+        return
+    want = membership_options(workers)
+    for key in MEMBERSHIP_OPTIONS:
+        if have[key] != want[key]:
+            shared = "one worker count" if key == "count" else f"one {key}"
+            raise Conflict(
+                f"{what}: this server's sync groups have {key} {have[key]}; all sync "
+                f"groups share {shared}, got {want[key]}"
+            )
+
+
 def _flat(xp: Any, g: np.ndarray) -> Any:
     """``g`` as a flat device array; a flat host array on a CPU store is used as it is."""
     return g if xp is np and g.ndim == 1 else xp.asarray(g).reshape(-1)
@@ -550,6 +645,4 @@ def _by_name(e: Entry) -> str:
 
 
 def _norm(x: Any) -> float:
-    if hasattr(x, "get"):  # cupy
-        x = x.get()
-    return l2_norm(x)
+    return l2_norm(x)  # a device array is reduced on the device: one scalar comes back

@@ -2,12 +2,15 @@
 
 Everything runs in process through ``stepd.kernels.create_optimizer``: the model keeps its
 parameters, the optimizer gets ``step(name, shape, param, grad)`` calls, exactly what a
-stepd client sends to a server.
+stepd client sends to a server. With ``--backend cuda`` the parameters live on the device
+(CuPy arrays, the CUDA backend's contract): the forward and backward pass run on a host copy
+and the gradients are uploaded, as a training loop that keeps its model on the host would.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from stepd.kernels import ALGORITHMS, create_optimizer, global_grad_clip_scale
@@ -29,6 +32,9 @@ CONFIGS: dict[str, dict] = {
     "kron": {"lr": 1e-2},
     "sophia": {"lr": 0.3, "rho": 0.05},  # fed a Hutchinson Hessian estimate every 10 steps
     "mars": {"lr": 1e-2, "lr_1d": 1e-2},
+    "adamw8bit": {"lr": 1e-2, "weight_decay": 1e-4},  # 8-bit blockwise-quantized moments
+    "lion8bit": {"lr": 3e-3, "weight_decay": 1e-3},
+    "sgd8bit": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
 }
 
 
@@ -92,6 +98,10 @@ def train(algorithm: str, steps: int, backend: str, seed: int) -> tuple[float, f
     x, y = spiral(200, 3, rng)
     params = init_params(rng, hidden=64, classes=3)
     opt = create_optimizer(algorithm, backend=backend, **CONFIGS[algorithm])
+    xp = opt.backend.xp  # numpy, or cupy: where the optimizer takes its arrays
+    device: dict[str, Any] = (
+        {k: xp.asarray(v) for k, v in params.items()} if xp is not np else params
+    )
     base_lr = opt.lr
     first: float | None = None
     start = time.perf_counter()
@@ -100,13 +110,18 @@ def train(algorithm: str, steps: int, backend: str, seed: int) -> tuple[float, f
         first = loss if first is None else first
         if ALGORITHMS[algorithm].takes_hessian and step % 10 == 0:
             for name, h in hutchinson(params, x, y, rng).items():
-                opt.update_hessian(name, params[name].shape, h)
+                opt.update_hessian(name, params[name].shape, xp.asarray(h))
         scale = global_grad_clip_scale(grads.values(), max_norm=5.0)
         opt.set_lr(base_lr * min(1.0, (step + 1) / 20))  # warm-up
         opt.step_batch(
-            [(name, p.shape, p, grads[name] * np.float32(scale)) for name, p in params.items()]
+            [
+                (name, p.shape, p, xp.asarray(grads[name] * np.float32(scale)))
+                for name, p in device.items()
+            ]
         )
         opt.end_iteration()
+        if device is not params:  # the host copy the next pass runs on
+            params = {k: v.get() for k, v in device.items()}
     loss, acc, _ = loss_and_grads(params, x, y)
     assert first is not None  # steps >= 1
     return first, loss, acc, time.perf_counter() - start

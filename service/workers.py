@@ -171,6 +171,9 @@ class WorkerInfo:
     first_seen: float
     last_seen: float
     gradients: int = 0
+    accepted: int = 0  # gradients applied (or averaged into a sync step)
+    refused: int = 0  # gradients not applied: stale (async) or non-finite
+    staleness: int | None = None  # async: the most versions its last step's gradients lagged
 
 
 class WorkerRegistry:
@@ -193,6 +196,22 @@ class WorkerRegistry:
                 self._seen.move_to_end(worker)
             info.last_seen = now
             info.gradients += gradients
+
+    def record(self, worker: str, outcomes: Sequence[StepOutcome]) -> None:
+        """``worker`` sent a step; what became of each of its gradients. A replayed request
+        counts once: when it was applied."""
+        fresh = [o for o in outcomes if not o.replayed]
+        self.touch(worker, len(outcomes))
+        lags = [o.staleness for o in fresh if o.staleness is not None]
+        with self._lock:
+            info = self._seen.get(worker)
+            if info is None:  # pushed out by newer workers meanwhile
+                return
+            ok = sum(o.applied for o in fresh)
+            info.accepted += ok
+            info.refused += len(fresh) - ok
+            if lags:
+                info.staleness = max(lags)
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -250,7 +269,7 @@ class Waiting(Generic[T]):
 
     @classmethod
     def done(cls, value: T) -> Waiting[T]:
-        return cls(None, lambda: value)
+        return _Done(value)
 
     def then(self, fn: Callable[[T], V]) -> Waiting[V]:
         """``fn`` of the result, once there."""
@@ -288,6 +307,24 @@ class Waiting(Generic[T]):
         if self._rounds is None:
             return cast(T, self._check())
         return await self._rounds.block_async(self._check)
+
+
+class _Done(Waiting[T]):
+    """A result that is there already (every plain step): no closure to build or call."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: T) -> None:
+        self._rounds, self._value = None, value
+
+    def _check(self) -> T:  # what gather() asks of each wait
+        return self._value
+
+    def wait(self) -> T:
+        return self._value
+
+    async def wait_async(self) -> T:
+        return self._value
 
 
 class SyncRounds:
@@ -488,8 +525,8 @@ class SyncRounds:
         deadline = time.monotonic() + timeout_s
 
         def check() -> Membership | None:  # holding _cond
-            if worker in self._members and self._current() >= target:
-                return self._membership(target)
+            if worker in self._members:  # from ``target``, or earlier (see _progress)
+                return self._membership(min(target, self._current()))
             if worker not in self._joining:  # its lease ran out, or it left meanwhile
                 raise Conflict(self._not_member(worker))
             self._renew(worker)
@@ -752,7 +789,14 @@ class SyncRounds:
                 self._apply(ready)
             else:
                 self._apply(ready[:1])
-        return self._maybe_advance()
+        advanced = self._maybe_advance()
+        if advanced is None and self._started and not self._active and not self._members:
+            # Every member left (or was dropped) before the iteration had any activity: it
+            # never began, so those joining are its members — nobody else could end it.
+            self._members, self._joining = set(self._joining), set()
+            self._maybe_start_next()
+            self._notify()
+        return advanced
 
     def _apply(self, rounds: list[tuple[str, _Round]]) -> None:
         """Average each round over its senders (with clipping: scale them all by the global

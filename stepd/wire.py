@@ -23,7 +23,7 @@ import re
 import struct
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,10 +40,13 @@ BF16 = np.dtype("<u2")
 F16 = np.dtype("<f2")
 DTYPE_NAMES: dict[np.dtype, str] = {F32: "float32", BF16: "bfloat16", F16: "float16"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+# Optimizer state is float32 too, except 8-bit state: uint8 codes (plus float32 scales).
+U8 = np.dtype("u1")
 # safetensors' dtype codes of the same
-ST_CODES: dict[np.dtype, str] = {F32: "F32", BF16: "BF16", F16: "F16"}
+ST_CODES: dict[np.dtype, str] = {F32: "F32", BF16: "BF16", F16: "F16", U8: "U8"}
 ST_DTYPES = {code: dtype for dtype, code in ST_CODES.items()}
 GRAD_CODES = ("F32", "BF16", "F16")  # what a step's gradients may be
+STATE_CODES = ("F32", "U8")  # what state slots may be (the algorithm says which is which)
 
 
 def dtype_named(name: str) -> np.dtype:
@@ -168,12 +171,12 @@ def dump_parts(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> list[bytes | memoryview]:
     """A safetensors buffer in pieces: the header, then each tensor's data as a view of the
-    array itself (no copy) where it is contiguous already. bfloat16 (uint16) and float16
-    arrays keep their precision; anything else is written as float32. Keys keep their
-    order."""
+    array itself (no copy) where it is contiguous already. bfloat16 (uint16), float16 and
+    uint8 (8-bit state's codes) arrays keep their type; anything else is written as float32.
+    Keys keep their order."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     arrays = [
-        np.ascontiguousarray(a, dtype=a.dtype if a.dtype in (BF16, F16) else F32)
+        np.ascontiguousarray(a, dtype=a.dtype if a.dtype in (BF16, F16, U8) else F32)
         for a in tensors.values()
     ]
     offset = 0
@@ -223,8 +226,33 @@ def parse(
         raise WireError(f"safetensors: header length {header_len} exceeds the body")
     if header_len > max_header:
         raise WireError(f"safetensors: header of {header_len} bytes, more than {max_header}")
+    data = view[8 + header_len :]
+    specs, metadata = parse_header(view[8 : 8 + header_len], len(data), codes)
+    tensors = {
+        s.name: np.frombuffer(data[s.begin : s.end], dtype=s.dtype).reshape(s.shape) for s in specs
+    }
+    return tensors, metadata
+
+
+class TensorSpec(NamedTuple):
+    """One tensor of a safetensors header: its data lies at ``[begin, end)`` of the data
+    section (after the 8 length bytes and the header)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_header(
+    raw: bytes | bytearray | memoryview, data_len: int, codes: tuple[str, ...] = ("F32",)
+) -> tuple[list[TensorSpec], dict[str, str]]:
+    """A safetensors JSON header checked as :func:`parse` checks it, against a data section
+    of ``data_len`` bytes: the tensors in header order, and the ``__metadata__``. For
+    readers that place the data themselves (a checkpoint read straight into its arrays)."""
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
+        header = json.loads(bytes(raw))
     except ValueError as exc:  # not UTF-8, not JSON, or an int past Python's digit limit
         raise WireError(f"safetensors: header is not JSON: {exc}") from None
     except RecursionError:
@@ -236,9 +264,7 @@ def parse(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise WireError("safetensors: __metadata__ must map strings to strings")
-    data = view[8 + header_len :]
-    tensors: dict[str, np.ndarray] = {}
-    spans = []
+    specs = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise WireError(f"safetensors: entry {name!r} needs dtype, shape and data_offsets")
@@ -257,7 +283,7 @@ def parse(
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= len(data)
+            and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise WireError(f"safetensors: {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
@@ -266,13 +292,12 @@ def parse(
                 f"safetensors: {name!r} spans {end - begin} bytes, shape {shape} needs "
                 f"{math.prod(shape) * dtype.itemsize}"
             )
-        spans.append((begin, end))
-        tensors[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
-    spans.sort()
+        specs.append(TensorSpec(name, dtype, tuple(shape), begin, end))
+    spans = sorted((s.begin, s.end) for s in specs)
     for (_, end_a), (begin_b, _) in itertools.pairwise(spans):
         if begin_b < end_a:
             raise WireError("safetensors: tensor data regions overlap")
-    return tensors, metadata
+    return specs, metadata
 
 
 # -- shm:// ----------------------------------------------------------------------------------
@@ -291,7 +316,8 @@ class Op(IntEnum):
     """shm:// requests; the payload, then ``->`` the reply's payload."""
 
     ATTACH = 1  # JSON {"segment": name, "bytes": n} -> u32 segment handle
-    # JSON {name, shape, group, lr_scale, segment, shard} -> JSON {created, group, slot, version}
+    # JSON {name, shape, group, lr_scale, segment, shard} -> JSON {created, group, slot, version,
+    # pages}; pages: how the server maps the segment, thp | 4k (stepd.hugepages)
     REGISTER = 2
     STEP = 3  # u32 slot -> STEP_REPLY
     STEP_BATCH = 4  # u32 n, n x u32 slot -> n x STEP_REPLY

@@ -43,6 +43,9 @@ class Algorithm(ABC):
     # False: a step costs more than its element count says (matrix factors, eigenbases,
     # Newton–Schulz), so even a small one may take seconds: a server never runs it inline.
     linear_cost: ClassVar[bool] = True
+    # True: step() takes gradients as they arrive (float32, bfloat16 or float16), its kernels
+    # widen them; False: the optimizer widens them to float32 first.
+    reads_any_grad: ClassVar[bool] = False
 
     def __init__(self, hp: Hyperparams) -> None:
         if not isinstance(hp, self.hyperparams):
@@ -52,6 +55,15 @@ class Algorithm(ABC):
     @abstractmethod
     def slot_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """State buffers (name → shape) a parameter of ``shape`` needs, in a fixed order."""
+
+    def slot_dtypes(self, shape: tuple[int, ...]) -> dict[str, np.dtype]:
+        """Each slot's dtype: float32 unless the algorithm stores its state narrower."""
+        return {slot: np.dtype(np.float32) for slot in self.slot_shapes(shape)}
+
+    def dequantized(self, xp: Any, slots: Mapping[str, Any]) -> dict[str, Any]:
+        """The slots as the float32 values they stand for (what inspection shows); the
+        slots themselves unless the state is quantized."""
+        return dict(slots)
 
     @abstractmethod
     def step(self, backend: Any, items: Sequence[StepItem], t: int) -> None:
@@ -64,6 +76,8 @@ class Algorithm(ABC):
 
 class ElementwiseAlgorithm(Algorithm):
     """An algorithm whose update is one fused per-element op plus host scalars."""
+
+    reads_any_grad = True
 
     # args_row's cache: {t: {(lr, fresh): packed row}} for the few current steps (one, unless
     # parameters count their own steps); set on first use.

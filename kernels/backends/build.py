@@ -106,3 +106,32 @@ def build_cpu_library() -> Path:
         os.unlink(tmp)
         errors.append(f"$ {' '.join(cmd)}\n{proc.stderr.strip()}")
     raise KernelBuildError("compiling the CPU kernels failed:\n" + "\n".join(errors))
+
+
+def build_bind_library() -> Path | None:
+    """Path of ``csrc/bind.cpp`` compiled against this Python's headers (cached like the
+    kernels), or None where it cannot be built: it is an optional speed-up, and the
+    Python path does the same work."""
+    import sysconfig
+
+    compiler = find_compiler()
+    include = sysconfig.get_paths().get("include")
+    if compiler is None or not include or not (Path(include) / "Python.h").is_file():
+        return None
+    source = CSRC / "bind.cpp"
+    flags = ("-O2", "-std=c++17", "-fPIC", "-shared", f"-I{include}")
+    h = hashlib.sha256(source.read_bytes())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    h.update(" ".join((version, *flags, str(sysconfig.get_config_var("SOABI")))).encode())
+    target = cache_dir() / f"libstepd_bind-{h.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    proc = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        return None
+    os.replace(tmp, target)
+    return target

@@ -5,12 +5,16 @@ from __future__ import annotations
 import ctypes
 from _ctypes import CFuncPtr  # the type of a loaded C function (ctypes._CFuncPtr)
 from collections.abc import Sequence
+from functools import cache
+from typing import Any
 
 import numpy as np
 
+from .. import blockwise
+from ..blockwise import BlockwiseOp
 from ..ops import MAX_ARGS, MAX_SLOTS, Launch, Op, by_grad_dtype
 from ..precision import EXPONENT_MASK, F32, SUFFIX
-from .build import build_cpu_library
+from .build import build_bind_library, build_cpu_library
 
 
 def _addr(a: np.ndarray) -> int:
@@ -22,6 +26,20 @@ def _addr(a: np.ndarray) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(a))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return a.ctypes.data
+
+
+@cache
+def _binder() -> Any:
+    """``stepd_bind_grads`` of ``csrc/bind.cpp`` (called with the GIL held), or None where it
+    cannot be built."""
+    path = build_bind_library()
+    if path is None:
+        return None
+    fn = ctypes.PyDLL(str(path)).stepd_bind_grads
+    fn.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.c_int64, ctypes.py_object]
+    fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_ssize_t
+    return fn
 
 
 class CpuBackend:
@@ -40,6 +58,7 @@ class CpuBackend:
         self._all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         self._all_finite_16 = self._lib.stepd_all_finite_16
         self._all_finite_16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint16]
+        _binder()  # built now, with the kernels, not in the middle of a later step
 
     def all_finite(self, x: np.ndarray) -> bool:
         """True when no element of the contiguous array ``x`` (float32, or bfloat16/float16
@@ -92,6 +111,48 @@ class CpuBackend:
         rows = np.array(table, dtype=np.int64)
         fn(len(items), _addr(rows), _addr(args), stride)
 
+    def launch_blockwise(self, op: BlockwiseOp, items: Sequence[Launch]) -> None:
+        """An 8-bit step (``csrc/blockwise8.cuh``): each item's slots are ``op.slots``
+        (uint8 codes per state, then float32 absmax per state)."""
+        dtype = items[0].grad.dtype
+        if any(it.grad.dtype != dtype for it in items):
+            for group in by_grad_dtype(items):
+                self.launch_blockwise(op, group)
+            return
+        fn = self._blockwise_fn(op, dtype)
+        k = len(op.states)
+        table: list[int] = []
+        for it in items:  # {p, g, code0, code1, absmax0, absmax1, n}; absent states are 0
+            codes, absmax = list(map(_addr, it.slots[:k])), list(map(_addr, it.slots[k:]))
+            pad = [0] * (2 - k)
+            table += (_addr(it.param), _addr(it.grad), *codes, *pad, *absmax, *pad)
+            table.append(it.param.size)
+        shared = items[0].args
+        if all(it.args is shared for it in items):
+            args, stride = shared, 0
+        else:
+            args, stride = np.stack([it.args for it in items]), MAX_ARGS
+        rows = np.array(table, dtype=np.int64)
+        fn(len(items), _addr(rows), self._tables_addr, _addr(args), stride)
+
+    def _blockwise_fn(self, op: BlockwiseOp, grad_dtype: np.dtype) -> CFuncPtr:
+        key = op.name + SUFFIX[grad_dtype]
+        fn = self._fns.get(key)
+        if fn is None:
+            nargs = getattr(self._lib, f"stepd_{op.name}_nargs")()
+            nstates = getattr(self._lib, f"stepd_{op.name}_nslots")()
+            if (nargs, nstates) != (len(op.args), len(op.states)):
+                raise RuntimeError(f"op {op.name}: the C++ struct disagrees with Python")
+            tables = blockwise.tables()  # cached for the process: its address stays valid
+            if self._lib.stepd_quant_tables_bytes() != tables.size:
+                raise RuntimeError("QuantTables' layout differs from kernels/blockwise.py")
+            self._tables_addr = tables.ctypes.data
+            fn = getattr(self._lib, f"stepd_{key}")
+            fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int64]
+            fn.restype = None
+            self._fns[key] = fn
+        return fn
+
 
 class PreparedLaunch:
     """The pointer table of one launch, kept: per call only the gradients and the scalars
@@ -110,6 +171,27 @@ class PreparedLaunch:
         self._table = np.array(rows, dtype=np.int64)
         self._grads = self._table[:, 1]
         self._table_addr = _addr(self._table)
+        # what bind() checks items against: the params' identities and element counts
+        self._ids = np.array([id(it.param) for it in items], dtype=np.int64)
+        self._sizes = self._table[:, -1].copy()
+        self._binder = _binder()
+
+    def bind(self, items: Sequence[Any], shapes: tuple[tuple[int, ...], ...]) -> bool:
+        """Take step_batch's ``items`` (name, shape, param, grad) for :meth:`run_bound`: True
+        when each is the very param prepared (alive: the caller knows), writable, of the
+        prepared shape (a tuple of ints), with a contiguous float32 gradient of its size,
+        both plain ``numpy.ndarray``; checked and the gradients' addresses taken in one C
+        loop (``csrc/bind.cpp``). False (nothing concluded: the Python checks decide) where
+        that is not built or an item differs."""
+        if self._binder is None:
+            return False
+        ids, sizes, width = _addr(self._ids), _addr(self._sizes), self._table.shape[1]
+        miss = self._binder(items, np.ndarray, ids, shapes, sizes, self._table_addr, width, 1)
+        return miss < 0
+
+    def run_bound(self, args: np.ndarray, stride: int) -> None:
+        """:meth:`run` with the gradients :meth:`bind` took."""
+        self._fn(self._count, self._table_addr, _addr(args), stride)
 
     def run(self, grads: Sequence[np.ndarray], args: np.ndarray, stride: int) -> None:
         """``grads`` in the order of the prepared items (contiguous float32, checked by the

@@ -6,6 +6,12 @@ appends ``-ftz=true``), cached on disk and loaded once with ``cupy.RawModule(pat
 single float32 tensor is stepped with its scalars as kernel parameters; a list of tensors
 (and any low-precision gradient) goes in one chunked multi-tensor launch: a device-side
 table of tensors and one of fixed-size chunks over all of them, one block per chunk.
+
+Work is ordered on an explicit stream of the backend (one per process and device:
+``get_backend`` is cached), never on whatever stream is current: launches enter it, and the
+store runs its device work inside it (``with backend.stream:``). It is a *blocking* stream
+(``non_blocking=False``): a host read left on the legacy default stream (``.get()`` outside
+the store) still waits for its work, so a path that forgets the stream is slow, not wrong.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import precision
+from .. import blockwise, precision
+from ..blockwise import BlockwiseOp
 from ..ops import MAX_SLOTS, Launch, Op, by_grad_dtype
 from ..precision import F32, SUFFIX
 from .cuda_source import build_module, cuda_source, device_arch
@@ -28,6 +35,10 @@ _THREADS = 256
 CHUNK = 1 << 14
 _MAX_GRID_X = 2**31 - 1
 _HOST_CHUNK = 1 << 22  # elements per pass of a host-side finiteness check (bounds its temp)
+# Device tables kept for layouts stepped again (a model's step_batch each iteration): the
+# newest this many of each kind. A work table has a row per CHUNK elements: MBs for a large
+# model, uploaded once rather than every step.
+_TABLES_KEPT = 8
 
 
 @cache
@@ -46,9 +57,10 @@ def _blocks(n: int, cap: int) -> int:
 def entry_points() -> list[str]:
     """Every kernel of the module, by name (as ``csrc/cuda.cu`` declares them)."""
     ops = re.findall(r"^STEPD_OP\((\w+),", cuda_source(), re.M)
+    blockwise_ops = re.findall(r"^STEPD_BLOCKWISE_OP\((\w+),", cuda_source(), re.M)
     return [
         f"stepd_{op}{kind}" for op in ops for kind in ("", *(f"_multi{s}" for s in SUFFIX.values()))
-    ]
+    ] + [f"stepd_{op}{s}" for op in blockwise_ops for s in SUFFIX.values()]
 
 
 def chunk_table(sizes: np.ndarray, chunk: int) -> np.ndarray:
@@ -73,6 +85,22 @@ def host_all_finite(x: np.ndarray) -> bool:
     return True
 
 
+def _kept(tables: dict[bytes, Any], key: bytes, make: Any) -> Any:
+    """The device table stored under ``key``, made and kept (the newest _TABLES_KEPT) if new.
+    A table is never written after its upload, so launches (and threads) share it; evicting
+    one that a queued launch still reads is safe: CuPy's pool reuses freed memory in stream
+    order, and every launch is on the backend's stream."""
+    table = tables.get(key)
+    if table is None:
+        table = tables[key] = make()
+        while len(tables) > _TABLES_KEPT:
+            try:  # the oldest goes (another thread may be evicting too)
+                tables.pop(next(iter(tables)), None)
+            except (StopIteration, RuntimeError):
+                break
+    return table
+
+
 class CudaBackend:
     name = "cuda"
 
@@ -85,6 +113,11 @@ class CudaBackend:
         self._max_blocks = dev.attributes["MultiProcessorCount"] * 8
         self._module = _module()
         self._kernels: dict[str, Any] = {}
+        self.stream = cupy.cuda.Stream(non_blocking=False)
+        # prepared layouts: the work table by the tensors' sizes, the pointer table by its
+        # bytes (the same params, slots and gradient buffers as a step before)
+        self._work: dict[bytes, Any] = {}
+        self._tensors: dict[bytes, Any] = {}
 
     def all_finite(self, x: Any) -> bool:
         """No NaN or ±Inf in ``x``: a device array, or a host array (a gradient, value or
@@ -135,10 +168,14 @@ class CudaBackend:
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 
     def launch(self, op: Op, items: Sequence[Launch]) -> None:
+        with self.stream:
+            self._launch(op, items)
+
+    def _launch(self, op: Op, items: Sequence[Launch]) -> None:
         dtype = items[0].grad.dtype
         if any(it.grad.dtype != dtype for it in items):  # one kernel per gradient dtype
             for group in by_grad_dtype(items):
-                self.launch(op, group)
+                self._launch(op, group)
             return
         if len(items) == 1 and dtype == F32:
             it = items[0]
@@ -164,8 +201,7 @@ class CudaBackend:
     def _launch_multi(self, op: Op, items: Sequence[Launch]) -> None:
         cp = self._cupy
         sizes = np.fromiter((it.param.size for it in items), np.int64, len(items))
-        work = chunk_table(sizes, CHUNK)
-        if len(work) == 0:  # only empty tensors
+        if not sizes.any():  # only empty tensors
             return
         tensors = np.zeros((len(items), 3 + MAX_SLOTS), dtype=np.int64)
         for k, it in enumerate(items):
@@ -176,7 +212,49 @@ class CudaBackend:
         tensors[:, 2 + MAX_SLOTS] = sizes
         args = np.stack([it.args for it in items])
         kernel = self._kernel(f"stepd_{op.name}_multi{SUFFIX[items[0].grad.dtype]}")
-        tensors_dev, args_dev, work_dev = cp.asarray(tensors), cp.asarray(args), cp.asarray(work)
-        for lo in range(0, len(work), _MAX_GRID_X):
+        work_dev = _kept(self._work, sizes.tobytes(), lambda: cp.asarray(chunk_table(sizes, CHUNK)))
+        tensors_dev = _kept(self._tensors, tensors.tobytes(), lambda: cp.asarray(tensors))
+        args_dev = cp.asarray(args)  # the step's scalars: new every step
+        for lo in range(0, len(work_dev), _MAX_GRID_X):
             part = work_dev[lo : lo + _MAX_GRID_X]
             kernel((len(part),), (_THREADS,), (tensors_dev, part, args_dev, np.int64(CHUNK)))
+
+    def launch_blockwise(self, op: BlockwiseOp, items: Sequence[Launch]) -> None:
+        """An 8-bit step (``csrc/blockwise8.cuh``): one CUDA block per quantization block of
+        every tensor, each tensor's rows {p, g, code0, code1, absmax0, absmax1, n}."""
+        with self.stream:
+            self._launch_blockwise(op, items)
+
+    def _launch_blockwise(self, op: BlockwiseOp, items: Sequence[Launch]) -> None:
+        dtype = items[0].grad.dtype
+        if any(it.grad.dtype != dtype for it in items):
+            for group in by_grad_dtype(items):
+                self._launch_blockwise(op, group)
+            return
+        cp = self._cupy
+        sizes = np.fromiter((it.param.size for it in items), np.int64, len(items))
+        work = chunk_table(sizes, blockwise.BLOCK)  # (tensor, first element) per block
+        if len(work) == 0:
+            return
+        work[:, 1] //= blockwise.BLOCK  # the kernel takes the block index
+        k = len(op.states)
+        tensors = np.zeros((len(items), 7), dtype=np.int64)
+        for row, it in zip(tensors, items, strict=True):
+            row[0], row[1] = it.param.data.ptr, it.grad.data.ptr
+            for j in range(k):
+                row[2 + j] = it.slots[j].data.ptr
+                row[4 + j] = it.slots[k + j].data.ptr
+        tensors[:, 6] = sizes
+        args = np.stack([it.args for it in items])
+        kernel = self._kernel(f"stepd_{op.name}{SUFFIX[dtype]}")
+        tensors_dev, args_dev, work_dev = cp.asarray(tensors), cp.asarray(args), cp.asarray(work)
+        tables = self._quant_tables()
+        for lo in range(0, len(work), _MAX_GRID_X):
+            part = work_dev[lo : lo + _MAX_GRID_X]
+            kernel((len(part),), (blockwise.BLOCK,), (tensors_dev, part, tables, args_dev))
+
+    def _quant_tables(self) -> Any:
+        tables = getattr(self, "_tables", None)
+        if tables is None:  # uploaded once, read by every 8-bit launch
+            tables = self._tables = self._cupy.asarray(blockwise.tables())
+        return tables

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import precision
+from ..blockwise import BlockwiseOp
 from ..ops import Launch, Op
 from ..precision import F32
 
@@ -29,3 +30,9 @@ class ReferenceBackend:
             slots = [s.reshape(-1) for s in it.slots]
             grad = precision.widen(np, it.grad.reshape(-1))  # exact: the same bits as fused
             op.reference(it.param.reshape(-1), grad, slots, op.unpack(it.args))
+
+    def launch_blockwise(self, op: BlockwiseOp, items: Sequence[Launch]) -> None:
+        for it in items:
+            arrays = [s.reshape(-1) for s in it.slots]
+            grad = precision.widen(np, it.grad.reshape(-1))
+            op.reference(it.param.reshape(-1), grad, arrays, op.unpack(it.args))

@@ -134,3 +134,91 @@ int stepd_max_args() { return stepd::kMaxArgs; }
 #undef STEPD_OP
 
 }  // extern "C"
+
+// Blockwise 8-bit state (blockwise8.cuh): a table row per tensor {p, g, code0, code1,
+// absmax0, absmax1, n}; the threads split all tensors' quantization blocks evenly, and a
+// thread steps each of its blocks whole, so no block's absmax is shared between threads
+// (through one BlockStepper, which holds what it prepares once per thread).
+#include "blockwise8.cuh"
+
+namespace stepd {
+
+constexpr int kRow8 = 7;
+
+template <class Op, class G>
+static void run_blockwise(int64_t n_tensors, const int64_t* table, const QuantTables* tables,
+                          const float* args, int64_t args_stride) {
+  static_assert(sizeof(typename Op::Args) <= kMaxArgs * sizeof(float), "too many args");
+  int64_t total = 0, blocks = 0;
+  for (int64_t k = 0; k < n_tensors; ++k) {
+    const int64_t n = table[k * kRow8 + kRow8 - 1];
+    total += n;
+    blocks += (n + kQuantBlock - 1) / kQuantBlock;
+  }
+  const int n_threads = total >= kParallelMin ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t tid = omp_get_thread_num();
+    const int64_t per = (blocks + nt - 1) / nt;
+    BlockStepper<Op, G> stepper(*tables);
+    int64_t lo = per * tid < blocks ? per * tid : blocks;
+    const int64_t hi = per * (tid + 1) < blocks ? per * (tid + 1) : blocks;
+    int64_t base = 0;  // flat index of tensor k's first block
+    for (int64_t k = 0; k < n_tensors && lo < hi; ++k) {
+      const int64_t* row = table + k * kRow8;
+      const int64_t n = row[kRow8 - 1];
+      const int64_t end = base + (n + kQuantBlock - 1) / kQuantBlock;
+      if (end > lo) {
+        typename Op::Args a;
+        std::memcpy(&a, args + k * args_stride, sizeof(a));
+        float* p = reinterpret_cast<float*>(row[0]);
+        const G* g = reinterpret_cast<const G*>(row[1]);
+        for (int64_t blk = lo - base; blk < (end < hi ? end : hi) - base; ++blk) {
+          const int64_t first = blk * kQuantBlock;
+          Block8 b;
+          for (int j = 0; j < 2; ++j) {
+            b.code[j] = reinterpret_cast<unsigned char*>(row[2 + j]) + first;
+            b.absmax[j] = reinterpret_cast<float*>(row[4 + j]) + blk;
+          }
+          const int64_t len = n - first < kQuantBlock ? n - first : kQuantBlock;
+          stepper.step(p + first, g + first, b, static_cast<int>(len), a);
+        }
+        lo = end < hi ? end : hi;
+      }
+      base = end;
+    }
+  }
+}
+
+}  // namespace stepd
+
+extern "C" {
+
+int stepd_quant_tables_bytes() { return static_cast<int>(sizeof(stepd::QuantTables)); }
+
+#define STEPD_BLOCKWISE_OP(name, Op)                                                        \
+  int stepd_##name##_nargs() { return static_cast<int>(sizeof(Op::Args) / sizeof(float)); } \
+  int stepd_##name##_nslots() { return Op::kStates; }                                       \
+  void stepd_##name(int64_t n_tensors, const int64_t* table, const void* tables,            \
+                    const float* args, int64_t args_stride) {                               \
+    stepd::run_blockwise<Op, float>(n_tensors, table,                                       \
+                                    static_cast<const stepd::QuantTables*>(tables), args,   \
+                                    args_stride);                                           \
+  }                                                                                         \
+  void stepd_##name##_bf16(int64_t n_tensors, const int64_t* table, const void* tables,     \
+                           const float* args, int64_t args_stride) {                        \
+    stepd::run_blockwise<Op, stepd::Bf16>(n_tensors, table,                                 \
+                                          static_cast<const stepd::QuantTables*>(tables),   \
+                                          args, args_stride);                               \
+  }                                                                                         \
+  void stepd_##name##_f16(int64_t n_tensors, const int64_t* table, const void* tables,      \
+                          const float* args, int64_t args_stride) {                         \
+    stepd::run_blockwise<Op, stepd::F16>(n_tensors, table,                                  \
+                                         static_cast<const stepd::QuantTables*>(tables),    \
+                                         args, args_stride);                                \
+  }
+#include "blockwise_ops.cuh"
+#undef STEPD_BLOCKWISE_OP
+
+}  // extern "C"

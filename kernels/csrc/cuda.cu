@@ -100,3 +100,56 @@ __device__ __forceinline__ void run_chunk(const TensorEntry* tensors, const Chun
 #include "ops.cuh"
 #undef STEPD_OP
 #undef STEPD_MULTI_PARAMS
+
+// Blockwise 8-bit ops (blockwise8.cuh): one CUDA block of kQuantBlock threads per
+// quantization block. `tensors` holds a row per tensor {p, g, code0, code1, absmax0,
+// absmax1, n} and `work` one (tensor, first block) row per CUDA block; `tables` is the
+// host-built QuantTables on the device.
+#include "blockwise8.cuh"
+
+namespace stepd {
+
+struct Tensor8 {  // mirrors the int64 rows the host uploads
+  float* p;
+  const void* g;
+  unsigned char* code[2];
+  float* absmax[2];
+  long long n;
+};
+
+template <class Op, class G>
+__device__ __forceinline__ void run_blockwise(const Tensor8* tensors, const ChunkEntry* work,
+                                              const QuantTables* tables, const float* args) {
+  const ChunkEntry w = work[blockIdx.x];
+  const Tensor8 e = tensors[w.tensor];
+  const typename Op::Args a = unpack<Op>(args + w.tensor * kMaxArgs);
+  const long long first = w.start * kQuantBlock;
+  Block8 b;
+  for (int j = 0; j < 2; ++j) {
+    b.code[j] = e.code[j] + first;
+    b.absmax[j] = e.absmax[j] + w.start;
+  }
+  const long long left = e.n - first;
+  step_block_device<Op, G>(e.p + first, static_cast<const G*>(e.g) + first, b,
+                           left < kQuantBlock ? left : kQuantBlock, *tables, a);
+}
+
+}  // namespace stepd
+
+#define STEPD_BLOCKWISE_PARAMS                                                              \
+  const stepd::Tensor8 *tensors, const stepd::ChunkEntry *work,                            \
+      const stepd::QuantTables *tables, const float *args
+
+#define STEPD_BLOCKWISE_OP(name, Op)                                                        \
+  extern "C" __global__ void stepd_##name(STEPD_BLOCKWISE_PARAMS) {                         \
+    stepd::run_blockwise<Op, float>(tensors, work, tables, args);                           \
+  }                                                                                         \
+  extern "C" __global__ void stepd_##name##_bf16(STEPD_BLOCKWISE_PARAMS) {                  \
+    stepd::run_blockwise<Op, stepd::Bf16>(tensors, work, tables, args);                     \
+  }                                                                                         \
+  extern "C" __global__ void stepd_##name##_f16(STEPD_BLOCKWISE_PARAMS) {                   \
+    stepd::run_blockwise<Op, stepd::F16>(tensors, work, tables, args);                      \
+  }
+#include "blockwise_ops.cuh"
+#undef STEPD_BLOCKWISE_OP
+#undef STEPD_BLOCKWISE_PARAMS

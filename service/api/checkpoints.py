@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from ..schemas import Checkpoint, CheckpointRequest, InvalidCheckpoint
+from ..schemas import Checkpoint, CheckpointActivity, CheckpointRequest, InvalidCheckpoint
 from .deps import ERRORS, EngineDep
 
 router = APIRouter(prefix="/v1/runs/{run}/checkpoints", tags=["checkpoints"], responses=ERRORS)
@@ -36,6 +36,15 @@ async def list_invalid(run: str, engine: EngineDep) -> list[InvalidCheckpoint]:
     (a save's temporaries) and other suffixes are not reported."""
     invalid = await run_in_threadpool(engine.invalid_checkpoints, run)
     return [InvalidCheckpoint(**i.to_dict()) for i in invalid]
+
+
+@router.get("/activity", response_model=CheckpointActivity | None)
+async def activity(run: str, engine: EngineDep) -> CheckpointActivity | None:
+    """The save or restore of one of the run's checkpoints under way, with its progress in
+    bytes (``null`` when none is): what ``stepd checkpoints RUN save|restore`` draws its
+    progress bar from."""
+    now = engine.checkpoint_activity(run)
+    return None if now is None else CheckpointActivity(**now.to_dict())
 
 
 @router.post("/{name}/restore", response_model=Checkpoint)

@@ -1,23 +1,25 @@
 """The data plane: stepping one parameter (raw bytes) or many (safetensors).
 
-These two endpoints carry every training step, so they are served by a bare Starlette app in
-front of FastAPI (``stepd.service.app.StepdApp``): FastAPI's per-request machinery costs about
-a quarter of a millisecond here, as much as the rest of a tiny step. The FastAPI routes below
-describe the same endpoints in the OpenAPI schema and call the same code, so behaviour cannot
-drift; the error bodies are the same as everywhere else (the token is checked by StepdApp).
+These two endpoints carry every training step, so they are served by a bare ASGI app in
+front of FastAPI (:mod:`.lean`, mounted by ``stepd.service.app.StepdApp``): FastAPI's and
+Starlette's per-request layers cost more than the rest of a tiny step. Each front reads its
+request into a :class:`Call` and sends the :class:`Reply`; the FastAPI routes below describe
+the same endpoints in the OpenAPI schema and call the same code, so behaviour cannot drift;
+the error bodies are the same as everywhere else (the token is checked by StepdApp).
 The rules of a step (worker modes, replays, staleness, metrics) are the engine's.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from starlette.routing import Route
 
 from stepd.wire import (
     APPLIED_HEADER,
@@ -47,25 +49,64 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+@dataclass(frozen=True)
+class Call:
+    """What a step reads of its request, the same from either front: the bare ASGI app of
+    :mod:`.lean` or FastAPI's route (:meth:`of`). ``headers``: lower-case names."""
+
+    engine: Engine
+    run: str
+    name: str | None
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+
+    @classmethod
+    def of(cls, request: Request) -> Call:
+        params = request.path_params
+        return cls(
+            request.app.state.engine,
+            params["run"],
+            params.get("name"),
+            request.query_params,
+            request.headers,
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A step's answer, for its front to send: ``payload`` bytes, or an array whose bytes
+    are sent as they lie (no copy of a large parameter into a bytes object)."""
+
+    status: int
+    headers: dict[str, str]
+    payload: bytes | np.ndarray = b""
+    media_type: str | None = None
+
+    def response(self) -> Response:
+        payload = self.payload
+        body = payload if isinstance(payload, bytes) else payload.reshape(-1).data
+        return Response(body, self.status, self.headers, self.media_type)
+
+
+Body = Callable[[], Awaitable[bytes | memoryview]]  # the request body, read when called
+
+
 async def apply(
-    request: Request, grads: dict[str, np.ndarray], read_back: bool, versions: dict[str, int]
+    call: Call, grads: dict[str, np.ndarray], read_back: bool, versions: dict[str, int]
 ) -> list[StepOutcome]:
-    engine: Engine = request.app.state.engine
-    worker = request.query_params.get("worker")
-    iteration = _int(request, "iteration")
-    request_id = request.headers.get(REQUEST_ID_HEADER)
-    return_dtype = request.query_params.get("return_dtype")
+    engine, query = call.engine, call.query
+    return_dtype = query.get("return_dtype")
     step = partial(
         engine.start_step,
-        request.path_params["run"],
+        call.run,
         grads,
-        worker=worker,
-        iteration=iteration,
+        worker=query.get("worker"),
+        iteration=_int(query, "iteration"),
         versions=versions,
         read_back=read_back,
-        request_id=request_id,
+        request_id=call.headers.get(REQUEST_ID_HEADER),
         return_dtype=None if return_dtype is None else _dtype(return_dtype, "return_dtype"),
-        last=_flag(request, "last", "false"),
+        last=_flag(query, "last", "false"),
     )
     try:  # on the event loop when the engine knows it is cheap: a thread hop costs more
         waiting = step(blocking=False)
@@ -82,8 +123,8 @@ def _dtype(value: str, what: str) -> np.dtype:
         raise Invalid(f"{what}: {exc}") from None
 
 
-def _int(request: Request, name: str) -> int | None:
-    value = request.query_params.get(name)
+def _int(query: Mapping[str, str], name: str) -> int | None:
+    value = query.get(name)
     if value is None:
         return None
     digits = value.removeprefix("-")
@@ -92,30 +133,29 @@ def _int(request: Request, name: str) -> int | None:
     return int(value)
 
 
-def _flag(request: Request, name: str, default: str = "true") -> bool:
-    value = request.query_params.get(name, default).lower()
+def _flag(query: Mapping[str, str], name: str, default: str = "true") -> bool:
+    value = query.get(name, default).lower()
     if value in _TRUE or value in _FALSE:
         return value in _TRUE
     raise HTTPException(422, f"query parameter {name!r} must be a boolean, got {value!r}")
 
 
-def _count_bytes(request: Request, body: int, out: int) -> None:
-    m = request.app.state.engine.metrics
-    m.bytes_in.inc(body)
-    m.bytes_out.inc(out)
+def _count_bytes(engine: Engine, body: int, out: int) -> None:
+    engine.metrics.bytes_in.inc(body)
+    engine.metrics.bytes_out.inc(out)
 
 
-async def step_one(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    run, name = request.path_params["run"], request.path_params["name"]
-    return_param = _flag(request, "return_param")
-    entry = engine.entry(run, name)
-    body = await read_body(request, engine.settings.max_body_bytes)
-    dtype = _dtype(request.headers.get(DTYPE_HEADER, "float32"), DTYPE_HEADER)
+async def step_one(call: Call, read: Body) -> Reply:
+    engine, name = call.engine, call.name
+    assert name is not None
+    return_param = _flag(call.query, "return_param")
+    entry = engine.entry(call.run, name)
+    body = await read()
+    dtype = _dtype(call.headers.get(DTYPE_HEADER, "float32"), DTYPE_HEADER)
     grad = from_bytes(body, entry.shape, f"{name!r} gradient", dtype)
-    version = _int(request, "version")
+    version = _int(call.query, "version")
     [outcome] = await apply(
-        request, {name: grad}, return_param, {} if version is None else {name: version}
+        call, {name: grad}, return_param, {} if version is None else {name: version}
     )
     headers = {
         VERSION_HEADER: str(outcome.version),
@@ -126,23 +166,26 @@ async def step_one(request: Request) -> Response:
     if outcome.dropped:
         headers[DROPPED_HEADER] = ",".join(outcome.dropped)
     if not return_param:
-        _count_bytes(request, len(body), 0)
-        return Response(status_code=204, headers=headers)
-    assert outcome.param is not None
-    payload = outcome.param.tobytes()
-    _count_bytes(request, len(body), len(payload))
-    return Response(payload, media_type=OCTET, headers=headers)
+        _count_bytes(engine, len(body), 0)
+        return Reply(204, headers)
+    param = outcome.param
+    assert param is not None
+    # The outcome's array is this reply's own copy (read under the step's lock): its bytes
+    # go out as they lie, C-contiguous in its dtype, with no second copy.
+    payload = param if param.flags.c_contiguous else np.ascontiguousarray(param)
+    _count_bytes(engine, len(body), payload.nbytes)
+    return Reply(200, headers, payload, OCTET)
 
 
-async def step_many(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    engine.run(request.path_params["run"])  # an unknown run is a 404 before the body is read
-    return_params = _flag(request, "return_params")
-    body = await read_body(request, engine.settings.max_body_bytes)
+async def step_many(call: Call, read: Body) -> Reply:
+    engine = call.engine
+    engine.run(call.run)  # an unknown run is a 404 before the body is read
+    return_params = _flag(call.query, "return_params")
+    body = await read()
     grads, metadata = await parse_tensors(body, GRAD_CODES)
     if not grads:
         raise Invalid("the safetensors body holds no gradients")
-    outcomes = await apply(request, grads, return_params, _versions(metadata))
+    outcomes = await apply(call, grads, return_params, _versions(metadata))
     meta: dict[str, Any] = {
         "versions": {o.name: o.version for o in outcomes},
         "skipped": [o.name for o in outcomes if not o.applied and not o.stale],
@@ -154,12 +197,12 @@ async def step_many(request: Request) -> Response:
     if dropped:  # sync groups whose iteration went on without a worker: absent otherwise
         meta["dropped"] = dropped
     if not return_params:
-        _count_bytes(request, len(body), 0)
-        return Response(json.dumps(meta), media_type="application/json")
+        _count_bytes(engine, len(body), 0)
+        return Reply(200, {}, json.dumps(meta).encode(), "application/json")
     params = {o.name: o.param for o in outcomes if o.param is not None}
     payload = dump(params, {k: json.dumps(v) for k, v in meta.items()})
-    _count_bytes(request, len(body), len(payload))
-    return Response(payload, media_type=SAFETENSORS)
+    _count_bytes(engine, len(body), len(payload))
+    return Reply(200, {}, payload, SAFETENSORS)
 
 
 def _versions(metadata: dict[str, str]) -> dict[str, int]:
@@ -173,11 +216,6 @@ def _versions(metadata: dict[str, str]) -> dict[str, int]:
     except (ValueError, TypeError, AttributeError, RecursionError):  # ValueError: a huge int
         raise Invalid("safetensors metadata 'versions' must be a JSON object of ints") from None
 
-
-FAST_ROUTES = [
-    Route("/v1/runs/{run}/params/{name}/step", step_one, methods=["POST"]),
-    Route("/v1/runs/{run}/step", step_many, methods=["POST"]),
-]
 
 # The OpenAPI description of the same endpoints (and a fallback that calls the same code).
 router = APIRouter(prefix="/v1/runs/{run}", tags=["steps"], responses=ERRORS)
@@ -235,7 +273,8 @@ async def step(
     sync round): the reply carries the versions and applied flags recorded for the first
     delivery and the parameters' current values — for a single client, exactly the first
     reply. An id reused for other parameters is a 409."""
-    return await step_one(request)
+    limit = request.app.state.engine.settings.max_body_bytes
+    return (await step_one(Call.of(request), lambda: read_body(request, limit))).response()
 
 
 @router.post(
@@ -272,7 +311,8 @@ async def step_batch(
     delivery and the parameters' current values — for a single client, exactly the first
     reply. An id reused for other parameters is a 409.
     """
-    return await step_many(request)
+    limit = request.app.state.engine.settings.max_body_bytes
+    return (await step_many(Call.of(request), lambda: read_body(request, limit))).response()
 
 
 @router.post(

@@ -63,7 +63,7 @@ INLINE_HEADER_BYTES = 64 * 1024
 
 
 async def parse_tensors(
-    body: bytes, codes: tuple[str, ...] = ("F32",)
+    body: bytes | memoryview, codes: tuple[str, ...] = ("F32",)
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """A request's safetensors body (header capped at ``MAX_REQUEST_HEADER_BYTES``; tensors
     of the dtype ``codes``: a step's gradients may be in the model's precision)."""

@@ -14,7 +14,14 @@ from stepd.kernels import l2_norm
 from stepd.wire import OCTET, SAFETENSORS, SHAPE_HEADER, dump, from_bytes
 
 from ..errors import Invalid
-from ..schemas import LrScale, ParamInfo, ParamStats, RegisterRequest, TensorStats
+from ..schemas import (
+    LrScale,
+    ParamHistory,
+    ParamInfo,
+    ParamStats,
+    RegisterRequest,
+    TensorStats,
+)
 from .deps import ERRORS, EngineDep, read_body
 
 router = APIRouter(prefix="/v1/runs/{run}/params", tags=["params"], responses=ERRORS)
@@ -137,3 +144,10 @@ async def stats(run: str, name: str, engine: EngineDep) -> ParamStats:
         )
 
     return await run_in_threadpool(collect)
+
+
+@router.get("/{name}/history", response_model=ParamHistory)
+async def history(run: str, name: str, engine: EngineDep, after: int | None = None) -> ParamHistory:
+    """The parameter's last measurements (norms, update/param ratio, lr), oldest first; with
+    ``after``, only those taken at a later version."""
+    return ParamHistory(**engine.param_history(run, name, after))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from ..schemas import RunInfo, RunJoined, RunRequest, Status
+from ..schemas import RunHistory, RunInfo, RunJoined, RunRequest, RunStats, Status
 from .deps import ERRORS, EngineDep
 
 router = APIRouter(prefix="/v1", tags=["runs"], responses=ERRORS)
@@ -54,3 +54,16 @@ async def delete_run(run: str, engine: EngineDep) -> Response:
     of the same name sees them again); an anonymous run's go too."""
     await run_in_threadpool(engine.delete_run, run)
     return Response(status_code=204)
+
+
+@router.get("/runs/{run}/stats", response_model=RunStats)
+async def run_stats(run: str, engine: EngineDep) -> RunStats:
+    """The run's step, step rate and lr, and every parameter with its last measured norms."""
+    return RunStats(**engine.run_stats(run))
+
+
+@router.get("/runs/{run}/history", response_model=RunHistory)
+async def run_history(run: str, engine: EngineDep, after: int | None = None) -> RunHistory:
+    """The run's samples (lr, step rate, overall norms), oldest first; with ``after``, only
+    those of later steps."""
+    return RunHistory(**engine.run_history(run, after))

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from stepd.wire import STATE_CODES
+
 from ..schemas import Iteration, LrRequest, Membership
 from .deps import ERRORS, EngineDep, parse_tensors, read_body
 
@@ -113,6 +115,6 @@ async def load_group_state(
     slot of the algorithm's shape for it (422). Parameter values and versions are untouched.
     Validated completely before anything changes; 204 on success."""
     body = await read_body(request, engine.settings.max_body_bytes)
-    tensors, meta = await parse_tensors(body)
+    tensors, meta = await parse_tensors(body, STATE_CODES)  # 8-bit state: uint8 codes
     await run_in_threadpool(engine.load_group_state, run, group_id, tensors, meta)
     return Response(status_code=204)

@@ -6,6 +6,10 @@ leg starts at step 0); each call's outcome is recorded — its value (arrays bit
 its exception's type and message (a server's refusal: its status and detail) — and the
 records must be equal. Whatever the script asks, a rule lives in one place: the session for
 http:// and shm://, the numeric core (answering as the server would) for local://.
+
+The server legs run twice: on a CPU store, and on a CUDA store over the CuPy stand-in
+(tests/support/fakecupy: the host/device handling of the CUDA path, NOT a GPU run), whose
+results must equal the in-process CPU ones bit for bit as well.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 from stepd.client import ServerError, connect
+
+from tests.support import fakecuda
+from tests.support.server import ShmServer
 
 TRANSPORTS = ["local", "http", "shm"]
 
@@ -141,12 +148,32 @@ def records(shm_server) -> dict[str, list[tuple[str, tuple]]]:
     return {kind: script(_url(kind, shm_server), "adamw", hp) for kind in TRANSPORTS}
 
 
+@pytest.fixture(scope="module")
+def cuda_records(records) -> dict[str, list[tuple[str, tuple]]]:
+    """The server legs again, on a CUDA store over the stand-in."""
+    reason = fakecuda.nvrtc_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    hp = {"lr": 1e-2, "weight_decay": 0.01}
+    with ShmServer(device="cuda", **fakecuda.server_env()) as srv:
+        return {kind: script(_url(kind, srv), "adamw", hp) for kind in ("http", "shm")}
+
+
 @pytest.mark.parametrize("kind", ["http", "shm"])
 def test_every_call_and_every_error_is_the_same_as_in_process(records, kind) -> None:
     want, got = records["local"], records[kind]
     assert [what for what, _ in got] == [what for what, _ in want]
     for (what, a), (_, b) in zip(want, got, strict=True):
         assert b == a, f"{kind}: {what}"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["http", "shm"])
+def test_a_cuda_store_answers_every_call_as_in_process(records, cuda_records, kind) -> None:
+    want, got = records["local"], cuda_records[kind]
+    assert [what for what, _ in got] == [what for what, _ in want]
+    for (what, a), (_, b) in zip(want, got, strict=True):
+        assert b == a, f"{kind} on a CUDA store: {what}"
 
 
 def test_the_script_exercises_refusals_and_moves(records) -> None:

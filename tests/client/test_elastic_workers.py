@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +47,10 @@ def test_join_leave_drop_and_rejoin_through_the_client(transport) -> None:
     mode = {"mode": "sync", "count": 2, "lease_s": 1.0, "timeout_s": 20}
     with ShmServer() as srv:
         url = srv.url if transport == "http" else srv.shm_url
+        # c stands for a worker whose process hangs: only its requests renew its lease
         opts = {
-            w: connect_shared(url, "sgd", lr=1.0, worker=w, workers=mode) for w in ("a", "b", "c")
+            w: connect_shared(url, "sgd", lr=1.0, worker=w, workers=mode, heartbeat=w != "c")
+            for w in ("a", "b", "c")
         }
         params = {w: np.zeros(2, np.float32) for w in opts}
         try:
@@ -152,3 +155,39 @@ def test_last_lets_unused_parameters_go_on_without_the_worker(transport) -> None
     np.testing.assert_array_equal(out["a"]["p"], p0 - np.float32(0.5) * np.float32(2.0))
     np.testing.assert_array_equal(out["b"]["p"], out["a"]["p"])
     np.testing.assert_array_equal(out["a"]["q"], q0 - np.float32(0.5) * ga["q"])  # a's alone
+
+
+@pytest.mark.parametrize("transport", ["http", "shm"])
+def test_an_idle_worker_keeps_its_lease_by_heartbeats(transport) -> None:
+    """After iteration 1 the workers go idle for 2.5 leases: a and b stay members, their
+    sessions heartbeat while idle; c, connected with ``heartbeat=False`` (a hung worker), is
+    dropped — the lease is real — and a and b go on without it."""
+    mode = {"mode": "sync", "lease_s": 1.0, "timeout_s": 20}
+    with ShmServer() as srv:
+        url = srv.url if transport == "http" else srv.shm_url
+        opts = {
+            w: connect_shared(url, "sgd", lr=1.0, worker=w, workers=mode, heartbeat=w != "c")
+            for w in "abc"
+        }
+        params = {w: np.zeros(2, np.float32) for w in opts}
+        try:
+
+            def iteration(w: str) -> int:
+                opts[w].step("p", (2,), params[w], np.ones(2, np.float32))
+                return opts[w].end_iteration()
+
+            for opt in opts.values():
+                assert opt.join()["member_from"] == 1
+            assert _parallel(iteration, list(opts)) == {"a": 1, "b": 1, "c": 1}
+            time.sleep(2.5)  # idle: longer than the lease, twice over
+            info = httpx.get(f"{srv.url}/v1/runs/t/membership").json()
+            assert info["members"] == ["a", "b"]
+            assert info["dropped"] == ["c"]
+            assert _parallel(iteration, ["a", "b"]) == {"a": 2, "b": 2}
+            assert opts["a"].dropped == ("c",)
+            np.testing.assert_array_equal(params["a"], [-2, -2])
+        finally:
+            for opt in opts.values():
+                opt.close()
+        time.sleep(2.0)  # closed: the heartbeats stopped, and the leases ran out
+        assert httpx.get(f"{srv.url}/v1/runs/t/membership").json()["members"] == []

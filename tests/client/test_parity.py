@@ -34,6 +34,9 @@ FAMILIES = {
     "mars": {"lr": 1e-2},
     # beta2 and rho chosen so the Hessian matters (the step is not all clipped sign descent)
     "sophia": {"lr": 1e-2, "betas": (0.9, 0.5), "rho": 1.0, "weight_decay": 0.01},
+    "adamw8bit": {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1},
+    "lion8bit": {"lr": 1e-3, "weight_decay": 0.1},
+    "sgd8bit": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
 }
 HESSIAN_EVERY = 3
 

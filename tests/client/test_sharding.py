@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import httpx
 import numpy as np
@@ -90,5 +91,63 @@ def test_three_servers_train_like_one(tmp_path) -> None:
         with connect_shared(urls[0], "adamw") as lone, pytest.raises(ConflictError):
             lone.step(foreign, (1,), np.zeros(1, np.float32), np.ones(1, np.float32))
     finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"mode": "sync", "count": 2, "timeout_s": 20},
+        {"mode": "sync", "lease_s": 10.0, "timeout_s": 20},  # no count: members by join()
+    ],
+    ids=["count", "joined"],
+)
+def test_a_shard_without_parameters_of_the_iteration_keeps_step(tmp_path, mode) -> None:
+    # Shard 1 owns none of the parameters until iteration 3 (an expert first used then): it
+    # has no sync group before, yet its end_iteration must be the run's barrier, not advance
+    # once per worker and run ahead of shard 0 ("the shards disagree on the global step").
+    early = [n for n in NAMES if shard_of(n, 2) == 0][:2]
+    late = next(n for n in NAMES if shard_of(n, 2) == 1)
+    servers = [
+        Server(tmp_path / f"s{i}", STEPD_SHARD_INDEX=str(i), STEPD_SHARD_COUNT="2")
+        for i in range(2)
+    ]
+    opts = {}
+    try:
+        urls = [s.url for s in servers]
+        for w in ("a", "b"):
+            opts[w] = connect_shared(urls, "sgd", lr=1.0, worker=w, workers=mode)
+            if "count" not in mode:
+                assert [m["member_from"] for m in opts[w].join()] == [1, 1]
+        params = {w: {n: np.zeros(2, np.float32) for n in [*early, late]} for w in opts}
+        steps: dict[str, list[int]] = {w: [] for w in opts}
+
+        def work(w: str) -> None:
+            for it in range(4):
+                names = early + ([late] if it >= 2 else [])
+                g = np.full(2, 1.0 if w == "a" else 3.0, np.float32)
+                opts[w].step_batch([(n, (2,), params[w][n], g) for n in names])
+                steps[w].append(opts[w].end_iteration())
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in opts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert steps == {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]}
+        for w in opts:  # the mean gradient 2, four times for early, twice for late
+            for n in early:
+                np.testing.assert_array_equal(params[w][n], [-8, -8])
+            np.testing.assert_array_equal(params[w][late], [-4, -4])
+        for s in servers:
+            assert httpx.get(f"{s.url}/v1/runs/t").json()["global_step"] == 4
+        # a worker announcing another count is refused when it connects, not mid-run
+        if "count" in mode:
+            with pytest.raises(ConflictError, match="share one worker count"):
+                connect_shared(urls, "sgd", lr=1.0, worker="c", workers={**mode, "count": 3})
+    finally:
+        for opt in opts.values():
+            opt.close()
         for s in servers:
             s.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from stepd.client import AuthError, ConflictError, StepdOptimizer, TransportError, connect
 from stepd.client.session import Session
 from stepd.client.shm import ShmTransport
+from stepd.kernels import create_optimizer
 
 from tests.support import fakecuda
 from tests.support.clients import connect_shared
@@ -216,6 +218,46 @@ def test_a_client_that_just_exits_leaves_nothing_behind(srv) -> None:
 
 def _value(srv, name: str) -> np.ndarray:
     return np.frombuffer(httpx.get(f"{srv.url}/v1/runs/t/params/{name}/value").content, np.float32)
+
+
+def _pmd_kb(pid: int, label: str) -> int:
+    """kB of the memory file ``label`` that process ``pid`` maps with 2 MiB entries."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = f"/memfd:{label} " in line or line.endswith(f"/memfd:{label}")
+        elif inside and line.startswith("ShmemPmdMapped:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(fakecuda.ENABLED, reason="a CUDA store keeps params on the device")
+def test_large_segments_report_their_pages_and_step_exactly(srv) -> None:
+    """A segment of whole 2 MiB extents goes on transparent huge pages where the host allows
+    (MADV_COLLAPSE): the page mode the server reports is what its page tables show, and
+    steps over it equal the in-process kernel bit for bit."""
+    n = 1 << 20  # 8 MiB: param and gradient
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(n, dtype=np.float32)
+    grads = [rng.standard_normal(n, dtype=np.float32) for _ in range(3)]
+    local = create_optimizer("adamw", backend="cpu", lr=1e-2)
+    want = p0.copy()
+    with connect_shared(srv.shm_url, "adamw", lr=1e-2) as opt:
+        assert isinstance(opt.transport, ShmTransport)
+        bp, bg = opt.buffers("huge.p", (n,), p0)
+        pages = opt.transport.pages("huge.p")
+        assert pages in ("thp", "4k")
+        label = opt.transport._segments["huge.p"].name
+        for g in grads:
+            bg[...] = g
+            opt.step("huge.p", (n,), bp, bg)
+            local.step("huge.p", (n,), want, g)
+        np.testing.assert_array_equal(bp, want)
+        if pages == "thp":  # the server's mapping, and ours, hold 2 MiB entries
+            assert _pmd_kb(srv.proc.pid, label) == 8 * n // 1024
+            assert _pmd_kb(os.getpid(), label) == 8 * n // 1024
+        elif pages == "4k":
+            assert _pmd_kb(srv.proc.pid, label) == 0
 
 
 def _sgd(p: np.ndarray, g: np.ndarray, lr: float = 0.1) -> None:

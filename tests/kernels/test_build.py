@@ -22,6 +22,20 @@ def test_build_is_cached_by_source_hash(tmp_path, monkeypatch) -> None:
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp files left
 
 
+def test_bind_helper_is_cached_and_optional(tmp_path, monkeypatch) -> None:
+    """csrc/bind.cpp (prepared step_batch layouts checked in C) is built once, like the
+    kernels; without a compiler it is simply absent."""
+    monkeypatch.setenv("STEPD_CACHE_DIR", str(tmp_path))
+    first = build.build_bind_library()
+    if first is None:
+        pytest.skip("no Python.h here: prepared layouts are checked in Python")
+    assert build.build_bind_library() == first
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
+    assert hasattr(ctypes.PyDLL(str(first)), "stepd_bind_grads")
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    assert build.build_bind_library() is None
+
+
 def test_missing_compiler_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(build, "find_compiler", lambda: None)
     with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler found"):

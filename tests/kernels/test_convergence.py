@@ -29,6 +29,9 @@ ROSENBROCK: dict[str, tuple[dict, int]] = {  # algorithm -> (hparams, steps)
     # lr = 1: the unclipped step m / h is Newton's; rho caps it per coordinate.
     "sophia": ({"lr": 1.0, "rho": 0.05}, 2000),
     "soap": ({"lr": 2e-2, "weight_decay": 0.0}, 2000),
+    "adamw8bit": ({"lr": 5e-2, "betas": (0.9, 0.99), "weight_decay": 0.0}, 2000),
+    "lion8bit": ({"lr": 1e-2}, 2000),
+    "sgd8bit": ({"lr": 1.5e-3, "momentum": 0.98, "nesterov": True}, 4000),
 }
 ROSENBROCK_LOSS = 1e-3
 
@@ -47,6 +50,9 @@ DIGITS: dict[str, dict] = {  # algorithm -> hparams, 300 full-batch steps
     "kron": {"lr": 1e-2},  # biases: clipped momentum SGD
     "sophia": {"lr": 0.3, "rho": 0.05},
     "soap": {"lr": 1e-2},
+    "adamw8bit": {"lr": 1e-2},
+    "lion8bit": {"lr": 5e-3},
+    "sgd8bit": {"lr": 0.1, "momentum": 0.9},
 }
 DIGITS_LOSS = 0.15  # train cross-entropy (it starts at ~2.3); held-out accuracy >= 90 %
 

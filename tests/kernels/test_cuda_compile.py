@@ -26,6 +26,7 @@ from stepd.kernels.backends.cuda_source import (
 
 REQUIRED = os.environ.get("STEPD_REQUIRE_CUDA_COMPILERS") == "1"
 OPS = re.findall(r"^STEPD_OP\((\w+),", cuda_source(), re.M)
+BLOCKWISE_OPS = re.findall(r"^STEPD_BLOCKWISE_OP\((\w+),", cuda_source(), re.M)
 
 
 def _unavailable(why: str) -> None:
@@ -36,7 +37,8 @@ def _unavailable(why: str) -> None:
 
 def _expected_entries() -> set[str]:
     tables = {f"stepd_{op}_multi{suffix}" for op in OPS for suffix in ("", "_bf16", "_f16")}
-    return {f"stepd_{op}" for op in OPS} | tables
+    blockwise = {f"stepd_{op}{suffix}" for op in BLOCKWISE_OPS for suffix in ("", "_bf16", "_f16")}
+    return {f"stepd_{op}" for op in OPS} | tables | blockwise
 
 
 def _entries(ptx: str) -> set[str]:
@@ -45,6 +47,7 @@ def _entries(ptx: str) -> set[str]:
 
 def test_source_lists_ops() -> None:
     assert "adam" in OPS
+    assert "adam8" in BLOCKWISE_OPS  # the 8-bit ops' list is in the source too
     assert '#include "' not in cuda_source()  # self-contained: one cache key covers it all
 
 

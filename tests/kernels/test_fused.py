@@ -27,6 +27,11 @@ CONFIGS = [
     ("radam", {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True}),
     ("qhadamw", {"lr": 1e-2, "nus": (0.7, 0.9), "weight_decay": 0.1}),
     ("lion", {"lr": 1e-3, "weight_decay": 0.1}),
+    # 8-bit state (blockwise kernels): test_cuda.py runs this table on a GPU too
+    ("adamw8bit", {"lr": 1e-2, "weight_decay": 0.1}),
+    ("lion8bit", {"lr": 1e-3, "weight_decay": 0.1}),
+    ("sgd8bit", {"lr": 0.05, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01}),
+    ("sgd8bit", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
 ]
 # Sizes around the vector width (16 floats with AVX-512) and the parallel threshold (32768).
 SIZES = [1, 15, 16, 17, 1000, 40_003]

@@ -4,7 +4,9 @@ change that could make a kept table stale must be noticed."""
 
 from __future__ import annotations
 
+import array
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -107,6 +109,10 @@ BAD = [
     ("float64 grad", lambda g: g.astype(np.float64), TypeError, "grad must be float32"),
     ("strided grad", lambda g: np.repeat(g, 2, axis=1)[:, ::2], ValueError, "C-contiguous"),
     ("list grad", lambda g: g.tolist(), TypeError, "grad must be a numpy.ndarray"),
+    # float32 buffers that are not float32 ndarrays: the C check of a bound layout refuses
+    # them as the Python one does
+    ("array grad", lambda g: array.array("f", g.ravel()), TypeError, "numpy.ndarray"),
+    ("byte-swapped grad", lambda g: g.astype(">f4"), TypeError, "grad must be float32"),
 ]
 
 
@@ -237,3 +243,47 @@ def test_a_none_param_after_the_prepared_array_is_gone_is_refused_as_bad_input()
     gc.collect()
     with pytest.raises(TypeError, match=r"param must be a numpy\.ndarray"):
         opt.step("w", (8,), None, np.ones(8, np.float32))
+
+
+class Sub(np.ndarray):
+    pass
+
+
+def test_bound_layouts_step_exactly_as_the_python_checks_do() -> None:
+    """A prepared layout checks its items and takes the gradients' addresses in C
+    (csrc/bind.cpp) where that is built: the same results, bit for bit, as the Python path
+    (list items too), and a layout whose param died is never bound by a reused id."""
+    bound, plain = create_optimizer("adamw", backend="cpu"), create_optimizer("adamw")
+    pb, pp = _params(), _params()
+    rng = np.random.default_rng(7)
+    for step in range(6):
+        g = _grads(rng)
+        batch = _batch(pb, g)
+        if step % 2:
+            batch = [list(item) for item in batch]
+        bound.step_batch(batch)
+        for plan in plain._plans.values():
+            plan.launch._binder = None  # the Python loop
+        plain.step_batch(_batch(pp, g))
+    for k in SHAPES:
+        np.testing.assert_array_equal(pb[k], pp[k])
+    (plan,) = bound._plans.values()
+    if plan.launch._binder is None:
+        pytest.skip("csrc/bind.cpp could not be built here (no compiler or Python.h)")
+    assert plan.launch.bind(_batch(pb, _grads(rng)), plan.shapes)
+    assert not plan.launch.bind(_batch(pb, _grads(rng))[::-1], plan.shapes)
+    # what C leaves to Python (a subclass's buffer may run Python code) still steps right
+    g = _grads(rng)
+    odd = {k: v.view(Sub) for k, v in g.items()}
+    assert not plan.launch.bind(_batch(pb, odd), plan.shapes)
+    bound.step_batch(_batch(pb, odd))
+    plain.step_batch(_batch(pp, g))
+    for k in SHAPES:
+        np.testing.assert_array_equal(pb[k], pp[k])
+    assert not plan.dead
+    del pb["b"], batch
+    gc.collect()
+    assert plan.dead  # its id may now be another array's: the Python checks decide
+    pb["b"] = np.zeros(7, np.float32)
+    bound.step_batch(_batch(pb, _grads(rng)))
+    assert bound._plans[tuple(SHAPES)] is not plan

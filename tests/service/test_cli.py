@@ -26,6 +26,37 @@ def test_demo_runs_a_server_and_workers_end_to_end() -> None:
     assert "/docs" in proc.stdout
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["async", "elastic"])
+def test_demo_shows_async_and_elastic_workers(mode: str) -> None:
+    proc = subprocess.run(
+        [*_stepd(), "demo", "--workers", "3", "--mode", mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # held-out accuracy >= 85%
+    lines = proc.stdout.splitlines()
+    assert "60/60" in proc.stdout
+    if mode == "async":
+        shares = [line for line in lines if "% accepted, " in line]
+        assert [line.split(":")[0].strip() for line in shares] == [
+            "worker-0",
+            "worker-1",
+            "worker-2",
+        ]
+        for line in shares:  # each worker's accepted and stale fractions add up
+            accepted, stale = (int(part.split("%")[0].split()[-1]) for part in line.split(","))
+            assert accepted + stale == 100, line
+    else:
+        members = next(line for line in lines if line.startswith("workers per iteration: "))
+        spans = dict(part.split(": ") for part in members.split(": ", 1)[1].split(", "))
+        # worker-2 is away from after iteration 20 until it joins again after 40
+        assert spans[next(s for s in spans if s.startswith("1-"))] == "3", members
+        assert "2" in spans.values(), members
+        assert list(spans.values())[-1] == "3", members
+
+
 def test_tour_trains_every_algorithm() -> None:
     proc = subprocess.run(
         [*_stepd(), "tour", "--steps", "150"], capture_output=True, text=True, timeout=300

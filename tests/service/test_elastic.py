@@ -187,6 +187,24 @@ def test_members_join_and_leave_between_iterations(engine) -> None:
     engine.leave("t", "b")  # leaving twice is harmless
 
 
+def test_joiners_take_over_an_iteration_its_members_left_before_it_began(engine) -> None:
+    # Iteration 2 starts with a alone the moment iteration 1 ends; b joins for iteration 3.
+    # a then leaves (its training is over) before iteration 2 saw any activity: nobody could
+    # end it, so b is a member of it at once instead of waiting for ever.
+    _register(engine, {"p": (2,)}, {"mode": "sync", "lease_s": 5})
+    one = np.ones(2, np.float32)
+    engine.join("t", "a").wait()
+    engine.step("t", {"p": one}, worker="a")
+    assert engine.end_iteration("t", "a").step == 1
+    late = engine.join("t", "b")
+    assert engine.membership("t").joining == ("b",)
+    engine.leave("t", "a")
+    assert late.wait().member_from == 2
+    assert engine.membership("t").members == ("b",)
+    engine.step("t", {"p": one}, worker="b")
+    assert engine.end_iteration("t", "b").step == 2
+
+
 def test_a_member_whose_lease_runs_out_is_dropped_and_may_rejoin(engine) -> None:
     # a 1 s lease: heartbeats every 0.2 s below keep a member in with room for a slow machine
     _register(engine, {"p": (2,)}, {"mode": "sync", "count": 2, "lease_s": 1.0})

@@ -94,6 +94,14 @@ def refused(proc: subprocess.CompletedProcess[str]) -> str:
             {"STEPD_NONFINITE": "ignore"},
             "STEPD_NONFINITE=ignore: must be one of reject, skip",
         ),
+        (["--history", "-1"], {}, "--history -1: must be an integer from 0 to 1048576"),
+        ([], {"STEPD_HISTORY": "lots"}, "STEPD_HISTORY=lots: must be an integer from 0 to 1048576"),
+        (
+            [],
+            {"STEPD_METRICS_RUNS": "-2"},
+            "STEPD_METRICS_RUNS=-2: must be an integer of at least 0",
+        ),
+        ([], {"STEPD_METRICS_PARAMS": "some"}, "STEPD_METRICS_PARAMS=some: must be true or false"),
         (
             ["--shm-socket", "/nonexistent-stepd/s.sock"],
             {},
@@ -221,7 +229,8 @@ def test_only_loopback_hosts_go_without_the_token_warning() -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from stepd.client import connect
 
-    with Server(tmp_path_factory.mktemp("ckpt"), run="exp", STEPD_TOKEN=TOKEN) as srv:
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    with Server(ckpt, run="exp", STEPD_TOKEN=TOKEN, STEPD_STATS_EVERY="1") as srv:
         with connect(srv.url, "adamw", run="exp", token=TOKEN, lr=0.1) as opt:
             w = np.ones((4, 3), np.float32)
             for _ in range(2):
@@ -247,7 +256,8 @@ def test_status_runs_params_and_inspect(server: Server) -> None:
     assert proc.returncode == 0, proc.stderr
     header, row = proc.stdout.splitlines()
     assert header.split() == ["RUN", "KIND", "STEP", "PARAMS", "COMMITTED", "QUOTA", "IDLE"]
-    assert row.split()[:7] == ["exp", "named", "2", "1", "144", "B", "-"]
+    # 144 bytes of w and its two slots, 14,336 of its history (256 samples of 7 float64)
+    assert row.split()[:7] == ["exp", "named", "2", "1", "14.1", "KiB", "-"]
 
     proc = op(server, "params", "exp")
     assert proc.returncode == 0, proc.stderr
@@ -263,8 +273,14 @@ def test_status_runs_params_and_inspect(server: Server) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0] == "w in run exp: version 2, 2 steps in its state"
     assert lines[2].split() == ["TENSOR", "L2_NORM", "MIN", "MAX", "MEAN", "NONFINITE"]
-    assert [line.split()[0] for line in lines[3:]] == ["param", "exp_avg", "exp_avg_sq"]
+    assert [line.split()[0] for line in lines[3:6]] == ["param", "exp_avg", "exp_avg_sq"]
     assert lines[3].split()[-1] == "0.00%"
+    assert lines[6:8] == ["", "history: 2 measurements, versions 1 to 2 (the server keeps 256)"]
+    assert lines[8].split() == ["METRIC", "LAST", "MIN", "MAX", "TREND", "(oldest", "to", "newest)"]
+    trend = {line[:12].strip(): line.split() for line in lines[9:]}
+    assert list(trend) == ["grad norm", "update norm", "update/param", "param norm", "lr"]
+    assert trend["grad norm"][2:] == ["1.732"] * 3 + ["▁▁"]  # √(12 × 0.5²)
+    assert trend["lr"][1:] == ["0.1", "0.1", "0.1", "▁▁"]
     assert not any(line != line.rstrip() or "\x1b" in line for line in lines)
 
 
@@ -332,9 +348,46 @@ def test_the_banner_says_what_the_server_is(tmp_path: Path) -> None:
     assert f"INFO:     stepd {__version__} (wire protocol " in text
     assert "device       cpu, kernel backend " in text
     assert "(--device cpu)" in text
-    assert f"http         http://[::1]:{port} (API at /docs)" in text
+    assert f"http         http://[::1]:{port} (dashboard at /, API at /docs)" in text
     assert f"checkpoints  {tmp_path / 'c'}" in text
     assert "memory       budget 3.0 GiB (STEPD_MEMORY_BUDGET)" in text
     assert "token        off" in text
     assert "access log   off (--access-log)" in text
     assert "WARNING" not in text  # loopback: no warning about the missing token
+
+
+@pytest.mark.e2e
+def test_a_save_and_a_restore_on_a_terminal_draw_a_progress_bar(
+    server: Server, monkeypatch
+) -> None:
+    """The bar follows the server's ``.../checkpoints/activity`` (null when idle); off a
+    terminal the same command prints its one line and nothing else."""
+    import argparse
+
+    import httpx
+    from stepd.service import operator
+
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    idle = httpx.get(f"{server.url}/v1/runs/exp/checkpoints/activity", headers=headers)
+    assert (idle.status_code, idle.json()) == (200, None)
+    monkeypatch.setattr(operator, "BAR_AFTER", 0.0)  # the checkpoint is tiny: draw at once
+    for action, out, line, label in (
+        ("save", Terminal(), "saved checkpoint barred", "saving barred"),
+        ("restore", Terminal(), "restored checkpoint barred", "restoring barred"),
+        ("restore", io.StringIO(), "restored checkpoint barred", None),
+    ):
+        args = argparse.Namespace(
+            command="checkpoints",
+            url=server.url,
+            token=TOKEN,
+            run="exp",
+            action=action,
+            name="barred",
+        )
+        assert operator.run_command(args, out) == 0
+        text = out.getvalue()
+        assert line in text
+        if label is None:
+            assert text.count("\n") == 1, text
+        else:
+            assert label in text, text

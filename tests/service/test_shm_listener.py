@@ -168,6 +168,70 @@ def test_only_sealed_memory_files_are_mapped(listener) -> None:
         os.close(fd)
 
 
+def test_hugetlb_memory_files_are_refused(listener) -> None:
+    """A hole punched in a hugetlbfs file (fallocate) while the pool is empty makes the next
+    touch of that page a SIGBUS, whatever the seals: the server maps only shmem files."""
+    import fcntl
+    import os
+
+    _, path = listener
+    huge = 2 << 20
+    try:
+        fd = os.memfd_create("stepd-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    except OSError as exc:  # no hugetlbfs in this kernel
+        pytest.skip(f"no MFD_HUGETLB here: {exc}")
+    try:
+        os.ftruncate(fd, huge)  # no page is taken until one is touched
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        c = Conn(path)
+        assert c.ask(Op.HELLO, json.dumps({"run": "r"}).encode())[0] == Status.OK
+        status, detail = _attach(c, [fd], huge)
+        assert status == Status.INVALID
+        assert b"hugetlbfs" in detail
+    finally:
+        os.close(fd)
+
+
+def test_large_segments_register_on_huge_pages_where_the_host_allows(listener) -> None:
+    """REGISTER collapses the bytes it admitted into transparent huge pages and says so."""
+    import fcntl
+    import os
+
+    from stepd import hugepages
+
+    _, path = listener
+    n = 1 << 20  # 8 MiB: whole 2 MiB extents
+    fd = _memfd(8 * n, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    try:
+        c = Conn(path)
+        assert c.ask(Op.HELLO, json.dumps({"run": "r"}).encode())[0] == Status.OK
+        status, handle = _attach(c, [fd], 8 * n)
+        assert status == Status.OK
+        body = {"name": "w", "shape": [n], "group": {"algorithm": "sgd"}}
+        body["segment"] = U32.unpack(handle)[0]
+        status, reply = c.ask(Op.REGISTER, json.dumps(body).encode())
+        assert status == Status.OK
+        pages = json.loads(reply)["pages"]
+        # what this process gets for a segment of its own is what the server got for ours
+        own, mapped = hugepages.create_segment("stepd-test-own", 8 * n, fcntl.F_SEAL_SEAL)
+        os.close(own)
+        mapped.mm.close()
+        assert pages == mapped.pages
+        assert pages in (hugepages.THP, hugepages.SMALL)
+        if pages == hugepages.THP:  # the server (this process) maps it with 2 MiB entries
+            smaps = Path("/proc/self/smaps").read_text().split("\n")
+            at = [i for i, line in enumerate(smaps) if "/memfd:stepd-test (deleted)" in line]
+            pmd = [
+                int(line.split()[1])
+                for i in at
+                for line in smaps[i : i + 30]
+                if line.startswith("ShmemPmdMapped:")
+            ]
+            assert max(pmd) == 8 * n // 1024
+    finally:
+        os.close(fd)
+
+
 def test_shm_registrations_keep_the_same_limits_as_http(tmp_path) -> None:
     """With STEPD_MAX_BODY_BYTES=64MiB HTTP refused a 128 MiB parameter but shm:// took it."""
     import fcntl

@@ -38,6 +38,25 @@ def activate() -> None:
     assert cupy.IS_STAND_IN, cupy.__file__
 
 
+def server_env() -> dict[str, str]:
+    """The environment of a ``stepd serve --device cuda`` process that runs on the stand-in,
+    whatever this test run's switch (for a test that wants a CUDA store in any run)."""
+    return {
+        "PYTHONPATH": os.pathsep.join([str(FOLDER), *filter(None, [os.environ.get("PYTHONPATH")])])
+    }
+
+
+def nvrtc_missing() -> str | None:
+    """Why the stand-in cannot load the kernels here (it loads NVRTC-built PTX), if so."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # the binding or libnvrtc missing
+        return f"the stand-in loads NVRTC-built kernels: NVRTC unavailable: {exc}"
+    return None
+
+
 def is_stand_in(module: object) -> bool:
     return bool(getattr(module, "IS_STAND_IN", False))
 

@@ -34,7 +34,9 @@ def wait_until(cond, timeout: float = 10.0) -> bool:
 
 
 class Server:
-    def __init__(self, checkpoint_dir: Path, run: str | None = "t", **env: str) -> None:
+    def __init__(
+        self, checkpoint_dir: Path, run: str | None = "t", device: str | None = None, **env: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -45,7 +47,7 @@ class Server:
             "--port",
             str(self.port),
             "--device",
-            fakecuda.STORE_DEVICE,
+            device or fakecuda.STORE_DEVICE,
             "--checkpoint-dir",
             str(checkpoint_dir),
             "--log-level",
@@ -93,10 +95,10 @@ class Server:
 class ShmServer(Server):
     """A server that also serves shm:// on a socket in a short temporary folder."""
 
-    def __init__(self, **env: str) -> None:
+    def __init__(self, device: str | None = None, **env: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="stepd-test-"))  # short: sun_path <= 107
         self.socket = self.dir / "stepd.sock"
-        super().__init__(self.dir / "ckpt", STEPD_SHM_SOCKET=str(self.socket), **env)
+        super().__init__(self.dir / "ckpt", device=device, STEPD_SHM_SOCKET=str(self.socket), **env)
         self.shm_url = f"shm://{self.socket}"
 
     def stop(self, *args, **kw) -> int:

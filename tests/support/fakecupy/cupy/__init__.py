@@ -24,6 +24,11 @@ The rules it enforces, as CuPy does:
 - ``RawModule(path=...)`` loads only the entry points a PTX/cubin file has; a launch
   resolves every pointer (``.data.ptr``, table entries) through a registry of live
   allocations and refuses one that points outside them.
+- Streams: ``with stream:`` makes a stream current for the calling thread only (CuPy's
+  rule); :data:`EVENTS` records, per kernel launch, host-to-device copy, device-to-host
+  copy and stream synchronisation, the stream it happened on (``Stream.null``: the legacy
+  default stream), so a test can check what was ordered where; :data:`TO_HOST` the bytes
+  each device-to-host copy moved.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -174,6 +180,8 @@ class ndarray:
         )
 
     def get(self, stream: Any = None, order: str = "C", out: np.ndarray | None = None) -> Any:
+        _record("d2h", stream)
+        TO_HOST.append(self._a.nbytes)
         if out is not None:
             np.copyto(out, self._a)
             return out
@@ -183,9 +191,11 @@ class ndarray:
         np.copyto(self._a, arr)
 
     def tolist(self) -> Any:
+        TO_HOST.append(self._a.nbytes)
         return self._a.tolist()
 
     def item(self) -> Any:
+        TO_HOST.append(self._a.nbytes)
         return self._a.item()
 
     # NumPy functions on device arrays dispatch here (as CuPy's do); asarray does not.
@@ -224,12 +234,15 @@ class ndarray:
 
     # scalars out of 0-d arrays (CuPy syncs and allows these)
     def __bool__(self) -> bool:
+        TO_HOST.append(self._a.nbytes)
         return bool(self._a)
 
     def __float__(self) -> float:
+        TO_HOST.append(self._a.nbytes)
         return float(self._a)
 
     def __int__(self) -> int:
+        TO_HOST.append(self._a.nbytes)
         return int(self._a)
 
     def __index__(self) -> int:
@@ -335,6 +348,7 @@ def _host_to_device(obj: Any, dtype_: Any, copy: bool, order: str = "K") -> ndar
     if isinstance(obj, ndarray):
         a = obj._a.astype(dtype_ or obj._a.dtype, order=order, copy=copy)
         return obj if (a is obj._a and not copy) else ndarray._of(a)
+    _record("h2d")
     return ndarray._of(np.array(obj, dtype=dtype_, order=order, copy=True))
 
 
@@ -465,11 +479,44 @@ class _Device:
 class _Stream:
     null: Any = None
 
+    def __init__(self, null: bool = False, non_blocking: bool = False, **_: Any) -> None:
+        self.non_blocking = non_blocking
+
     def synchronize(self) -> None:
-        pass
+        _record("sync", self)
+
+    def __enter__(self) -> _Stream:
+        _current().append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        stack = _current()
+        if not stack or stack[-1] is not self:
+            raise RuntimeError("stream context exited out of order")
+        stack.pop()
 
 
 _Stream.null = _Stream()
+_streams = threading.local()
+# (what, stream): "launch", "h2d", "d2h" or "sync", and the stream it was ordered on
+EVENTS: list[tuple[str, _Stream]] = []
+TO_HOST: list[int] = []  # the bytes of every device-to-host copy (scalars out of 0-d included)
+
+
+def _current() -> list[_Stream]:
+    stack = getattr(_streams, "stack", None)
+    if stack is None:
+        stack = _streams.stack = []
+    return stack
+
+
+def get_current_stream() -> _Stream:
+    stack = _current()
+    return stack[-1] if stack else _Stream.null
+
+
+def _record(what: str, stream: Any = None) -> None:
+    EVENTS.append((what, stream if stream is not None else get_current_stream()))
 
 
 class CUDADriverError(RuntimeError):
@@ -483,7 +530,7 @@ def _device_count() -> int:
 cuda = SimpleNamespace(
     Device=_Device,
     Stream=_Stream,
-    get_current_stream=lambda: _Stream.null,
+    get_current_stream=get_current_stream,
     runtime=SimpleNamespace(
         getDeviceCount=_device_count,
         deviceSynchronize=lambda: None,
@@ -505,13 +552,14 @@ def _ops() -> dict[str, Any]:
     import pkgutil
 
     import stepd.kernels.algorithms as algorithms
+    from stepd.kernels.blockwise import BlockwiseOp
     from stepd.kernels.ops import Op
 
     found: dict[str, Any] = {}
     for info in pkgutil.iter_modules(algorithms.__path__):
         mod = importlib.import_module(f"{algorithms.__name__}.{info.name}")
         for value in vars(mod).values():
-            if isinstance(value, Op):
+            if isinstance(value, (Op, BlockwiseOp)):
                 found[value.name] = value
     return found
 
@@ -565,9 +613,12 @@ class RawKernel:
             raise CUDADriverError(f"no reference for kernel {name}")
         self.op = ops[self.op_name]
 
-    def __call__(self, grid: tuple, block: tuple, args: tuple, **_: Any) -> None:
+    def __call__(
+        self, grid: tuple, block: tuple, args: tuple, stream: Any = None, **_: Any
+    ) -> None:
         if PROBE_FAILS:
             raise CUDADriverError(PROBE_FAILS.pop(0))
+        _record("launch", stream)
         for a in args:
             if isinstance(a, np.ndarray):
                 raise _unsupported(a)
@@ -576,10 +627,56 @@ class RawKernel:
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         if grid[0] < 1 or grid[0] > 2**31 - 1 or grid[1] > 65535 or grid[2] > 65535:
             raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: grid {grid}")
-        if self.multi:
+        from stepd.kernels.blockwise import BlockwiseOp
+
+        if isinstance(self.op, BlockwiseOp):
+            self._blockwise(grid, block, args)
+        elif self.multi:
             self._table(grid, args)
         else:
             self._single(args)
+
+    def _blockwise(self, grid: tuple, block: tuple, args: tuple) -> None:
+        """csrc/cuda.cu's 8-bit launch: block b steps quantization block ``work[b]`` (tensor
+        index, block index) of ``tensors`` rows {p, g, code0, code1, absmax0, absmax1, n}
+        with the uploaded QuantTables; it runs as the op's reference on that block."""
+        from stepd.kernels import blockwise
+        from stepd.kernels.ops import MAX_ARGS
+
+        from stepd.wire import widen
+
+        if len(args) != 4:
+            raise CUDADriverError(f"{self.name}: {len(args)} arguments, expected 4")
+        tensors, work, tables, scalars = args
+        for a in args:
+            if not isinstance(a, ndarray):
+                raise _unsupported(a)
+        if tensors.dtype != np.int64 or work.dtype != np.int64 or scalars.dtype != np.float32:
+            raise CUDADriverError(f"{self.name}: table dtypes")
+        if tables._a.tobytes() != blockwise.tables().tobytes():
+            raise CUDADriverError(f"{self.name}: not the host's QuantTables")
+        if tuple(block)[:1] != (blockwise.BLOCK,):
+            raise CUDADriverError(f"{self.name}: {block} threads per block")
+        table, rows, chunks = tensors._a.reshape(-1, 7), scalars._a.reshape(-1, MAX_ARGS), work._a
+        chunks = chunks.reshape(-1, 2)
+        if grid[0] > len(chunks) or grid[1] != 1:
+            raise CUDADriverError(f"{self.name}: grid {grid} for {len(chunks)} blocks")
+        LAUNCHES.append((self.name, grid, len(table)))
+        op, k = self.op, len(self.op.states)
+        for b in range(grid[0]):
+            t, blk = int(chunks[b, 0]), int(chunks[b, 1])
+            p, g, c0, c1, a0, a1, n = (int(x) for x in table[t])
+            lo, hi = blk * blockwise.BLOCK, min((blk + 1) * blockwise.BLOCK, n)
+            if not 0 <= lo < hi:
+                raise CUDADriverError(f"{self.name}: block {b} = ({t}, {blk}) of {n} elements")
+            if k == 1 and (c1 or a1):
+                raise CUDADriverError(f"{self.name}: unused state pointers must be 0")
+            blocks = -(-n // blockwise.BLOCK)
+            codes = [resolve(c, n, np.uint8)[lo:hi] for c in (c0, c1)[:k]]
+            absmax = [resolve(a, blocks, np.float32)[blk : blk + 1] for a in (a0, a1)[:k]]
+            param = resolve(p, n, np.float32)[lo:hi]
+            grad = widen(np, resolve(g, n, self.grad_dtype)[lo:hi])
+            op.reference(param, grad, [*codes, *absmax], op.unpack(rows[t]))
 
     def _single(self, args: tuple) -> None:
         from stepd.kernels.ops import MAX_ARGS, MAX_SLOTS
