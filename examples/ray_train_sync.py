@@ -79,6 +79,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     # the same in every worker: one sync group, one step per iteration on the shards
     print(f"rank {rank}: final weights sum {weights.double().sum().item():.9f}", flush=True)
+    if config.get("out"):  # raw float32 bytes, one file per rank (the test compares them)
+        weights.numpy().tofile(f"{config['out']}/rank{rank}.f32")
+
+
+def train(workers: int, shards: int, steps: int, checkpoints: str, out: str | None = None) -> None:
+    """Start the shards on the connected Ray cluster, train, stop the shards."""
+    cluster = StepdCluster.start(
+        "ray-train-example",
+        shards,
+        checkpoints,
+        resources_per_shard={"num_cpus": 0.25},
+        device="cpu",
+    )
+    try:
+        print("stepd shards:", cluster.urls(), flush=True)
+        config = {"cluster": cluster.name, "run": "ray-train", "steps": steps, "out": out}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.25}),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        print("trained", flush=True)
+    finally:
+        cluster.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,29 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     ray.init(address=args.address)
-    checkpoints = args.checkpoint_dir or tempfile.mkdtemp(prefix="stepd-ray-")
-    cluster = StepdCluster.start(
-        "ray-train-example",
-        args.shards,
-        checkpoints,
-        resources_per_shard={"num_cpus": 0.25},
-        device="cpu",
-    )
     try:
-        print("stepd shards:", cluster.urls(), flush=True)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cluster": cluster.name, "run": "ray-train", "steps": args.steps},
-            scaling_config=ScalingConfig(
-                num_workers=args.workers, resources_per_worker={"CPU": 0.25}
-            ),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        print("trained", flush=True)
+        checkpoints = args.checkpoint_dir or tempfile.mkdtemp(prefix="stepd-ray-")
+        train(args.workers, args.shards, args.steps, checkpoints)
     finally:
-        cluster.shutdown()
         ray.shutdown()
     return 0
 
