@@ -37,7 +37,9 @@ RUN pip install ".[server]"
 # resolves to the venv's copy, whose sources are what the cache key hashes).
 WORKDIR /
 RUN python -c "from stepd.kernels import get_backend; print(get_backend('cpu').library_path)" \
-    && cp /opt/stepd/cache/kernels/libstepd_cpu-*.so /opt/stepd/libstepd_cpu.so
+    && cp /opt/stepd/cache/kernels/libstepd_cpu-*.so /opt/stepd/libstepd_cpu.so \
+    && python -c "from stepd.kernels.backends.build import build_bind_library as b; print(b())" \
+    && cp /opt/stepd/cache/kernels/libstepd_bind-*.so /opt/stepd/libstepd_bind.so
 
 # ---------------------------------------------------------------------------------------------
 # cuda: `--target cuda`. The runtime image has the driver interface but no CUDA headers, and
@@ -91,11 +93,13 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin stepd \
     && chown -R stepd:stepd /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/stepd/libstepd_cpu.so /opt/stepd/libstepd_cpu.so
+COPY --from=build /opt/stepd/libstepd_bind.so /opt/stepd/libstepd_bind.so
 COPY examples /opt/stepd/examples
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    STEPD_CPU_LIBRARY=/opt/stepd/libstepd_cpu.so
+    STEPD_CPU_LIBRARY=/opt/stepd/libstepd_cpu.so \
+    STEPD_BIND_LIBRARY=/opt/stepd/libstepd_bind.so
 USER stepd
 WORKDIR /data
 VOLUME ["/data"]

@@ -65,8 +65,10 @@ def run_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     token = args.token or os.environ.get("STEPD_TOKEN") or None
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    # a save or restore takes as long as its bytes take to reach the disk: no read timeout
+    timeout = httpx.Timeout(60.0, read=None) if args.command == "checkpoints" else 60.0
     try:
-        with httpx.Client(base_url=args.url, headers=headers, timeout=60) as client:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=timeout) as client:
             HANDLERS[args.command](Api(client, args.url), args, out)
     except OperatorError as exc:
         print(f"stepd {args.command}: error: {exc}", file=sys.stderr)

@@ -111,9 +111,13 @@ def build_cpu_library() -> Path:
 def build_bind_library() -> Path | None:
     """Path of ``csrc/bind.cpp`` compiled against this Python's headers (cached like the
     kernels), or None where it cannot be built: it is an optional speed-up, and the
-    Python path does the same work."""
+    Python path does the same work. ``$STEPD_BIND_LIBRARY`` names one built beforehand
+    (an image without a compiler)."""
     import sysconfig
 
+    prebuilt = os.environ.get("STEPD_BIND_LIBRARY")
+    if prebuilt:
+        return Path(prebuilt) if Path(prebuilt).is_file() else None
     compiler = find_compiler()
     include = sysconfig.get_paths().get("include")
     if compiler is None or not include or not (Path(include) / "Python.h").is_file():

@@ -101,3 +101,15 @@ def test_a_prebuilt_library_needs_no_compiler(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("STEPD_CPU_LIBRARY", str(tmp_path / "missing.so"))
     with pytest.raises(KernelBuildError, match="is not a file"):
         build_cpu_library()
+
+
+def test_a_prebuilt_bind_library_needs_no_compiler(monkeypatch, tmp_path) -> None:
+    built = build.build_bind_library()
+    if built is None:
+        pytest.skip("no compiler or Python headers here to build the bind helper")
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    monkeypatch.setenv("STEPD_BIND_LIBRARY", str(built))
+    assert build.build_bind_library() == built
+    # a missing one is no error: the Python path binds instead
+    monkeypatch.setenv("STEPD_BIND_LIBRARY", str(tmp_path / "missing.so"))
+    assert build.build_bind_library() is None

@@ -77,7 +77,12 @@ def test_dockerfile_stages() -> None:
     assert cuda.startswith("FROM ${CUDA_IMAGE}")
     for needle in ("g++", '".[server]"', "get_backend('cpu')"):  # kernels compiled at build
         assert needle in build, needle
-    for needle in ("libgomp1", "COPY --from=build /opt/venv", "STEPD_CPU_LIBRARY"):
+    for needle in (
+        "libgomp1",
+        "COPY --from=build /opt/venv",
+        "STEPD_CPU_LIBRARY",
+        "STEPD_BIND_LIBRARY",
+    ):
         assert needle in runtime, needle
     assert "g++" not in runtime  # no compiler in the default image
     assert '".[server,gpu]"' in cuda
