@@ -103,11 +103,7 @@ class CpuBackend:
         for it in items:
             table += (_addr(it.param), _addr(it.grad), *map(_addr, it.slots), *pad)
             table.append(it.param.size)
-        shared = items[0].args
-        if all(it.args is shared for it in items):
-            args, stride = shared, 0
-        else:
-            args, stride = np.stack([it.args for it in items]), MAX_ARGS
+        args, stride = _args_table(items)
         rows = np.array(table, dtype=np.int64)
         fn(len(items), _addr(rows), _addr(args), stride)
 
@@ -127,11 +123,7 @@ class CpuBackend:
             pad = [0] * (2 - k)
             table += (_addr(it.param), _addr(it.grad), *codes, *pad, *absmax, *pad)
             table.append(it.param.size)
-        shared = items[0].args
-        if all(it.args is shared for it in items):
-            args, stride = shared, 0
-        else:
-            args, stride = np.stack([it.args for it in items]), MAX_ARGS
+        args, stride = _args_table(items)
         rows = np.array(table, dtype=np.int64)
         fn(len(items), _addr(rows), self._tables_addr, _addr(args), stride)
 
@@ -198,3 +190,11 @@ class PreparedLaunch:
         caller); ``args`` one row (``stride`` 0) or one row per item (``MAX_ARGS``)."""
         self._grads[:] = [_addr(g) for g in grads]
         self._fn(self._count, self._table_addr, _addr(args), stride)
+
+
+def _args_table(items: Sequence[Launch]) -> tuple[np.ndarray, int]:
+    """The kernel arguments of a launch: one row all items share (stride 0), or a row each."""
+    shared = items[0].args
+    if all(it.args is shared for it in items):
+        return shared, 0
+    return np.stack([it.args for it in items]), MAX_ARGS
