@@ -244,18 +244,23 @@ class Optimizer:
 
     # -- state_dict ----------------------------------------------------------------------
 
-    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True, live: bool = False) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit-identically.
 
         Arrays are host copies; with ``copy=False`` host arrays are the live buffers (as
         torch's ``state_dict`` returns them), valid until the next step: for writing a
-        checkpoint without doubling memory.
+        checkpoint without doubling memory. ``live``: every backend's own arrays, device
+        arrays included (a streamed checkpoint copies them to the host piece by piece).
         """
-        xp = self.backend.xp
-        if copy:
-            to_host = getattr(xp, "asnumpy", lambda a: np.array(a, copy=True))
-        else:
-            to_host = getattr(xp, "asnumpy", lambda a: a)
+        asnumpy = getattr(self.backend.xp, "asnumpy", None)
+
+        def to_host(a: Any) -> Any:
+            if live:
+                return a
+            if asnumpy is not None:
+                return asnumpy(a)
+            return np.array(a, copy=True) if copy else a
+
         return {
             "algorithm": self.algorithm.name,
             "hyperparams": self.algorithm.hp.to_dict(),
@@ -274,8 +279,9 @@ class Optimizer:
 
     def load_state_dict(self, sd: Mapping[str, Any], copy: bool = True) -> None:
         """Replace all state with ``sd`` (from :meth:`state_dict`); validated first, atomic.
-        ``copy=False``: writable C-contiguous host arrays on a host backend are kept as they
-        are (a checkpoint read into fresh arrays is not copied a second time)."""
+        ``copy=False``: C-contiguous arrays of the backend's own kind (writable, on the host)
+        are kept as they are (a checkpoint read into fresh arrays, host or device, is not
+        copied a second time)."""
         if sd.get("algorithm") != self.algorithm.name:
             raise ValueError(
                 f"state_dict is for algorithm {sd.get('algorithm')!r}, this optimizer runs "
@@ -315,9 +321,8 @@ class Optimizer:
                     )
                 keep = (
                     not copy
-                    and xp is np
-                    and isinstance(arr, np.ndarray)
-                    and arr.flags.writeable
+                    and isinstance(arr, xp.ndarray)
+                    and (xp is not np or arr.flags.writeable)  # device arrays: always
                     and arr.flags.c_contiguous
                 )
                 slots[slot] = arr if keep else xp.array(arr, dtype=dtype, order="C", copy=True)

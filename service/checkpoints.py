@@ -102,13 +102,13 @@ def check_checkpoint_name(name: str) -> str:
 
 def write_safetensors(
     path: Path,
-    tensors: dict[str, np.ndarray],
+    tensors: dict[str, Any],
     metadata: dict[str, str],
     progress: Progress = no_progress,
 ) -> int:
     """Write ``tensors`` into ``path`` (the wire's safetensors layout, straight from the
-    arrays' buffers in large writes: no copy of the file in memory); fsynced. Returns the
-    bytes written."""
+    arrays' buffers in large writes: no copy of the file in memory; device arrays through
+    a bounded host staging buffer); fsynced. Returns the bytes written."""
     return write_file(path, tensors, metadata, progress)
 
 
@@ -158,7 +158,7 @@ class CheckpointDir:
 
     def save(
         self,
-        tensors: dict[str, np.ndarray],
+        tensors: dict[str, Any],
         meta: dict[str, Any],
         name: str | None,
         progress: Progress = no_progress,
@@ -192,13 +192,15 @@ class CheckpointDir:
         return tensors, meta
 
     def load_info(
-        self, name: str, progress: Progress = no_progress
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any], CheckpointInfo]:
+        self, name: str, progress: Progress = no_progress, xp: Any = np
+    ) -> tuple[dict[str, Any], dict[str, Any], CheckpointInfo]:
         """The whole file, read and parsed, and its info, from one open file: once it is
         open, a delete or a replacing save of ``name`` cannot change what this returns, so a
         restore built on it is all or nothing. Each tensor is a new writable array of its
         own (read straight into it); every ``param/`` tensor has been screened finite
-        (``Invalid`` otherwise)."""
+        (``Invalid`` otherwise). ``xp`` CuPy: new device arrays, on the current stream,
+        each uploaded through a bounded host staging buffer as it is read (see
+        ``tensorfile.read_file``): the file is never whole in host memory."""
         path = self.path(name)
         try:  # no symlink is followed, and a FIFO cannot make the open wait
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -213,7 +215,12 @@ class CheckpointDir:
         try:
             with self._tracked("restore", name, progress) as track:
                 tensors, metadata, bad = read_file(
-                    fd, st.st_size, lambda key: key.startswith(PARAM_PREFIX), track, STATE_CODES
+                    fd,
+                    st.st_size,
+                    lambda key: key.startswith(PARAM_PREFIX),
+                    track,
+                    STATE_CODES,
+                    xp,
                 )
         except WireError as exc:
             raise Invalid(f"checkpoint {name!r} is malformed: {exc}") from None

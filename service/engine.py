@@ -806,12 +806,12 @@ class Engine:
         if name is not None:
             r.checkpoints.path(name)  # validate before the (possibly long) snapshot
 
-        def write(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> CheckpointInfo:
+        def write(tensors: dict[str, Any], meta: dict[str, Any]) -> CheckpointInfo:
             chosen = f"{AUTO_PREFIX}{meta['global_step']:08d}" if auto else name
             return r.checkpoints.save(tensors, meta, chosen)
 
         start = time.perf_counter()
-        info = r.store.write_snapshot(write)
+        info = r.store.write_snapshot(write, device=True)  # a CUDA store's: streamed
         seconds = time.perf_counter() - start
         self.metrics.checkpoint_seconds.labels(self.metrics.label(run), "save").observe(seconds)
         return info
@@ -823,7 +823,9 @@ class Engine:
         # The whole file is read and parsed before anything changes, and the reply is what
         # was read: a delete racing this restore gives a 404 with nothing changed, or a
         # full restore (never a restore answered with an error).
-        tensors, meta, info = r.checkpoints.load_info(name)
+        # A CUDA store's tensors come as new device arrays, uploaded on its stream as read
+        with r.store.device_stream:
+            tensors, meta, info = r.checkpoints.load_info(name, xp=r.store.xp)
         r.store.restore(tensors, meta, fresh=True)
         r.reset_rounds()
         with self._lock:  # the books follow what was brought back

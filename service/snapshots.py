@@ -53,22 +53,28 @@ class Snapshots:
     def _host(self, arr: Any) -> np.ndarray:
         raise NotImplementedError
 
-    def write_snapshot(self, write: Callable[[dict[str, np.ndarray], dict[str, Any]], T]) -> T:
+    def write_snapshot(
+        self, write: Callable[[dict[str, Any], dict[str, Any]], T], device: bool = False
+    ) -> T:
         """Call ``write(tensors, meta)`` with steps held off: on the CPU the tensors are the
-        live buffers themselves, so a checkpoint costs no copy and no extra memory."""
+        live buffers themselves, so a checkpoint costs no copy and no extra memory. On a
+        CUDA store they are host copies, or with ``device`` the live device arrays: for a
+        writer that streams them to the host a piece at a time (``tensorfile.write_file``),
+        so host memory stays bounded whatever the state's size."""
         with self.lock.exclusive():
-            return write(*self._snapshot(copy=False))
+            return write(*self._snapshot(copy=False, live=device))
 
-    def _snapshot(self, copy: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors: dict[str, np.ndarray] = {}
+    def _snapshot(self, copy: bool, live: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        tensors: dict[str, Any] = {}
         params = {}
         for e in self._entries.values():
-            value = self._host(e.param) if copy or self.xp is not np else e.param
+            on_host = not live and self.xp is not np
+            value = self._host(e.param) if copy or on_host else e.param
             tensors[f"param/{e.name}"] = value.reshape(e.shape)
             params[e.name] = {"shape": list(e.shape), "group": e.group.id, "version": e.version}
         groups = {}
         for gid, opt in self._groups.items():
-            sd = opt.state_dict(copy=copy)
+            sd = opt.state_dict(copy=copy, live=live and not copy)
             for name, st in sd["state"].items():
                 for slot, arr in st["slots"].items():
                     tensors[f"state/{name}/{slot}"] = arr
@@ -97,8 +103,15 @@ class Snapshots:
     ) -> None:
         """Replace everything with a snapshot; validated fully before the swap. ``fresh``:
         the tensors are new arrays of their own with every parameter screened finite (as
-        :meth:`CheckpointDir.load_info` reads them), kept as they are on the CPU: no copy,
-        no second screen."""
+        :meth:`CheckpointDir.load_info` reads them), kept as they are where they are this
+        store's kind of array (host arrays on the CPU; device arrays a CUDA store's load
+        uploaded, piece by piece through a bounded host buffer): no copy, no second screen.
+
+        All or nothing: the new arrays exist before the old ones are dropped, so a restore
+        needs room for both on the device for a moment; a failure before the swap (a bad
+        snapshot, a device allocation) leaves the store as it was. Restoring in place instead
+        would bound the device memory but could leave half a state behind after a failure
+        part way (a read error, the file changed between passes), so it is not done."""
         try:
             global_step = meta["global_step"]
             if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
@@ -113,8 +126,8 @@ class Snapshots:
                 for name, p in meta["params"].items():
                     if p["group"] != gid or "count" not in p:
                         continue
-                    slots = {
-                        k.rsplit("/", 1)[1]: np.ascontiguousarray(v)
+                    slots = {  # device arrays stay on the device
+                        k.rsplit("/", 1)[1]: _host_or_own(self.xp, v)
                         for k, v in tensors.items()
                         if k.startswith(f"state/{name}/")
                     }
@@ -260,13 +273,19 @@ class Snapshots:
             self.global_step = built.global_step
 
 
-def _flat(xp: Any, value: np.ndarray, keep: bool) -> Any:
-    """``value`` as a flat contiguous float32 array of ``xp``; ``keep``: the host array
-    itself where it already is one (a fresh array nobody else holds)."""
-    flags = value.flags
-    if keep and xp is np and value.dtype == np.float32 and flags.c_contiguous and flags.writeable:
-        return value.reshape(-1)
-    return xp.array(np.ascontiguousarray(value).reshape(-1), copy=True)
+def _host_or_own(xp: Any, value: Any) -> Any:
+    """``value`` itself if it is an ``xp`` array already, else a contiguous host array."""
+    return value if isinstance(value, xp.ndarray) else np.ascontiguousarray(value)
+
+
+def _flat(xp: Any, value: Any, keep: bool) -> Any:
+    """``value`` as a flat contiguous float32 array of ``xp``; ``keep``: the array itself
+    where it already is one of ``xp`` (a fresh array nobody else holds)."""
+    if keep and isinstance(value, xp.ndarray) and value.dtype == np.float32:
+        flags = value.flags
+        if flags.c_contiguous and (xp is not np or flags.writeable):
+            return value.reshape(-1)
+    return xp.array(_host_or_own(xp, value).reshape(-1), copy=True)
 
 
 def _decode_meta(meta: Mapping[str, str]) -> dict[str, Any]:

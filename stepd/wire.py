@@ -21,7 +21,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -174,27 +174,45 @@ def dump_parts(
     array itself (no copy) where it is contiguous already. bfloat16 (uint16), float16 and
     uint8 (8-bit state's codes) arrays keep their type; anything else is written as float32.
     Keys keep their order."""
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    arrays = [
-        np.ascontiguousarray(a, dtype=a.dtype if a.dtype in (BF16, F16, U8) else F32)
-        for a in tensors.values()
-    ]
-    offset = 0
-    for name, arr in zip(tensors, arrays, strict=True):
-        size = arr.nbytes
-        span = [offset, offset + size]
-        header[name] = {
-            "dtype": ST_CODES[arr.dtype],
-            "shape": list(arr.shape),
-            "data_offsets": span,
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
+    arrays = [np.ascontiguousarray(a, dtype=file_dtype(a.dtype)) for a in tensors.values()]
+    head = header_entries([(n, a.dtype, a.shape) for n, a in zip(tensors, arrays, strict=True)])
+    parts: list[bytes | memoryview] = [dump_header(head, metadata)]
     for a in arrays:
         parts.append(a.reshape(-1).data.cast("B") if a.size else b"")
     return parts
+
+
+def file_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype an array of ``dtype`` is written as (see :func:`dump_parts`)."""
+    return dtype if dtype in (BF16, F16, U8) else F32
+
+
+def header_entries(
+    entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+) -> dict[str, Any]:
+    """The header's tensor entries for ``(name, dtype, shape)`` laid out back to back, in
+    order: known from shapes alone, before any byte of data is at hand."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": ST_CODES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    return header
+
+
+def dump_header(entries: Mapping[str, Any], metadata: Mapping[str, str] | None) -> bytes:
+    """The file's first bytes: the header length, then the JSON header (``entries`` from
+    :func:`header_entries`), padded so the data starts 8-byte aligned."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header.update(entries)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -28,7 +28,7 @@ The rules it enforces, as CuPy does:
   rule); :data:`EVENTS` records, per kernel launch, host-to-device copy, device-to-host
   copy and stream synchronisation, the stream it happened on (``Stream.null``: the legacy
   default stream), so a test can check what was ordered where; :data:`TO_HOST` the bytes
-  each device-to-host copy moved.
+  each device-to-host copy moved, :data:`TO_DEVICE` each host-to-device copy's.
 """
 
 from __future__ import annotations
@@ -188,6 +188,8 @@ class ndarray:
         return np.array(self._a, order=order, copy=True)
 
     def set(self, arr: np.ndarray, stream: Any = None) -> None:
+        _record("h2d", stream)
+        TO_DEVICE.append(np.asarray(arr).nbytes)
         np.copyto(self._a, arr)
 
     def tolist(self) -> Any:
@@ -349,7 +351,9 @@ def _host_to_device(obj: Any, dtype_: Any, copy: bool, order: str = "K") -> ndar
         a = obj._a.astype(dtype_ or obj._a.dtype, order=order, copy=copy)
         return obj if (a is obj._a and not copy) else ndarray._of(a)
     _record("h2d")
-    return ndarray._of(np.array(obj, dtype=dtype_, order=order, copy=True))
+    a = np.array(obj, dtype=dtype_, order=order, copy=True)
+    TO_DEVICE.append(a.nbytes)
+    return ndarray._of(a)
 
 
 def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", **_: Any) -> ndarray:
@@ -501,6 +505,7 @@ _streams = threading.local()
 # (what, stream): "launch", "h2d", "d2h" or "sync", and the stream it was ordered on
 EVENTS: list[tuple[str, _Stream]] = []
 TO_HOST: list[int] = []  # the bytes of every device-to-host copy (scalars out of 0-d included)
+TO_DEVICE: list[int] = []  # the bytes of every host-to-device copy
 
 
 def _current() -> list[_Stream]:
