@@ -10,7 +10,6 @@ import ipaddress
 import json
 import logging
 import math
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from stepd import __version__
 from stepd.wire import PROTOCOL, WireError
 
 from .api import checkpoints, dataplane, health, pages, params, runs, training
+from .api.lean import ROUTE as STEP_ROUTE
 from .api.lean import StepsApp
 from .config import Settings, get_settings
 from .engine import Engine
@@ -173,7 +173,7 @@ class StepdApp:
         receive = _capped(receive, limit)
         app = (
             self.fast
-            if scope["method"] == "POST" and FAST_PATH.fullmatch(scope["path"])
+            if scope["method"] == "POST" and STEP_ROUTE.fullmatch(scope["path"])
             else self.api
         )
         try:
@@ -213,9 +213,6 @@ def _capped(receive: Any, limit: int) -> Any:
         return message
 
     return capped
-
-
-FAST_PATH = re.compile(r"^/v1/runs/[^/]+/(?:step|params/[^/]+/step)$")
 
 
 def create_app(settings: Settings | None = None, device: DeviceChoice | None = None) -> StepdApp:
