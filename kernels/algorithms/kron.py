@@ -131,9 +131,19 @@ def probe_noise(xp: Any, seed: int, name: str, t: int, shape: tuple[int, ...]) -
 
     A function of ``(seed, name, t)`` only, so resuming from a checkpoint draws the same
     probes. NumPy and CuPy generators differ, so CPU and GPU runs draw different probes.
+
+    On CuPy the generator is a counter-based Philox keyed by the same triple: CuPy's default
+    (XORWOW) sets up each of its ~10^5 cuRAND states by skip-ahead, per matrix per step;
+    Philox sets each up in constant time. Keyed per draw (not one generator per step), a
+    matrix's probe does not depend on which others are stepped with it, in what order or on
+    which shard.
     """
     name_key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
-    rng = xp.random.default_rng([seed, name_key, t])
+    key = [seed, name_key, t]
+    if xp is np:
+        rng = np.random.default_rng(key)
+    else:  # seeded through a SeedSequence, as default_rng is
+        rng = xp.random.Generator(xp.random.Philox4x3210(key))
     return rng.standard_normal(shape, dtype=np.float32)
 
 

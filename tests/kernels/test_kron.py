@@ -386,3 +386,31 @@ def test_cuda_matches_reference(precond_lr: float, monkeypatch: pytest.MonkeyPat
         opt.step("w", w.shape, w, cp.asarray(rng.standard_normal(w.shape), dtype=cp.float32))
         opt.end_iteration()
     assert bool(cp.isfinite(w).all())
+
+
+def test_probe_noise_on_cupy_is_a_keyed_philox_draw(fake_cupy, monkeypatch) -> None:
+    """On CuPy each probe comes from a Philox generator keyed by (seed, name, t): cheap to set
+    up (XORWOW's states are set up by skip-ahead) and independent of what else is stepped."""
+    keys: list[list[int]] = []
+    philox = fake_cupy.random.Philox4x3210
+
+    def recording(key: list[int]) -> object:
+        keys.append(list(key))
+        return philox(key)
+
+    monkeypatch.setattr(fake_cupy.random, "Philox4x3210", recording)
+    monkeypatch.setattr(
+        fake_cupy.random, "default_rng", lambda *a: pytest.fail("XORWOW generator made")
+    )
+    a = probe_noise(fake_cupy, 0, "w", 3, (4, 5))
+    assert isinstance(a, fake_cupy.ndarray)
+    assert (a.dtype, a.shape) == (np.float32, (4, 5))
+    np.testing.assert_array_equal(a.get(), probe_noise(fake_cupy, 0, "w", 3, (4, 5)).get())
+    for other in (
+        probe_noise(fake_cupy, 1, "w", 3, (4, 5)),
+        probe_noise(fake_cupy, 0, "v", 3, (4, 5)),
+        probe_noise(fake_cupy, 0, "w", 4, (4, 5)),
+    ):
+        assert not np.array_equal(a.get(), other.get())
+    assert len(keys) == 5
+    assert (keys[0][0], keys[0][2]) == (0, 3)  # seed, name's key, step

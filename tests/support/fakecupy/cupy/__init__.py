@@ -454,7 +454,21 @@ class _Generator:
         return ndarray._of(np.asarray(self._g.random(size, dtype=dtype)))
 
 
-random = SimpleNamespace(default_rng=_Generator)
+class _Philox4x3210:
+    """CuPy's counter-based bit generator: here NumPy's Philox (another variant, 4x64), so
+    the stand-in's draws are deterministic in the seed as CuPy's are, not equal to them."""
+
+    def __init__(self, seed: Any) -> None:
+        self.seed = seed
+
+
+def _generator(bit_generator: _Philox4x3210) -> _Generator:
+    g = _Generator(None)
+    g._g = np.random.Generator(np.random.Philox(bit_generator.seed))
+    return g
+
+
+random = SimpleNamespace(default_rng=_Generator, Generator=_generator, Philox4x3210=_Philox4x3210)
 
 
 # -- the device, streams, memory ------------------------------------------------------------
