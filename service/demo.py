@@ -372,6 +372,7 @@ def run_demo(
         print("where to look:")
         run = f"{url}/v1/runs/{RUN}"
         places = [
+            (f"{url}/", "the dashboard"),
             (f"{url}/docs", "the API"),
             (f"{run}/params", "what the run holds"),
             (f"{run}/params/fc1.weight/stats", "per-slot statistics"),

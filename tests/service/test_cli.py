@@ -24,6 +24,8 @@ def test_demo_runs_a_server_and_workers_end_to_end() -> None:
     accuracy = next(line for line in proc.stdout.splitlines() if "held-out accuracy" in line)
     assert float(accuracy.split(": ")[1].split("%")[0]) >= 85.0
     assert "/docs" in proc.stdout
+    dashboard = next(line for line in proc.stdout.splitlines() if "the dashboard" in line)
+    assert dashboard.split()[0].endswith("/")  # the server's root
 
 
 @pytest.mark.e2e
