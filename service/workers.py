@@ -185,33 +185,35 @@ class WorkerRegistry:
         self._seen: OrderedDict[str, WorkerInfo] = OrderedDict()
 
     def touch(self, worker: str, gradients: int = 0) -> None:
-        now = time.time()
         with self._lock:
-            info = self._seen.get(worker)
-            if info is None:
-                info = self._seen[worker] = WorkerInfo(worker, now, now)
-                while len(self._seen) > self.capacity:  # the longest unseen goes first
-                    self._seen.popitem(last=False)
-            else:
-                self._seen.move_to_end(worker)
-            info.last_seen = now
-            info.gradients += gradients
+            self._touch(worker, gradients)
 
     def record(self, worker: str, outcomes: Sequence[StepOutcome]) -> None:
         """``worker`` sent a step; what became of each of its gradients. A replayed request
         counts once: when it was applied."""
         fresh = [o for o in outcomes if not o.replayed]
-        self.touch(worker, len(outcomes))
         lags = [o.staleness for o in fresh if o.staleness is not None]
+        ok = sum(o.applied for o in fresh)
         with self._lock:
-            info = self._seen.get(worker)
-            if info is None:  # pushed out by newer workers meanwhile
-                return
-            ok = sum(o.applied for o in fresh)
+            info = self._touch(worker, len(outcomes))
             info.accepted += ok
             info.refused += len(fresh) - ok
             if lags:
                 info.staleness = max(lags)
+
+    def _touch(self, worker: str, gradients: int) -> WorkerInfo:
+        """``worker`` seen now (the lock held): its record, made if new."""
+        now = time.time()
+        info = self._seen.get(worker)
+        if info is None:
+            info = self._seen[worker] = WorkerInfo(worker, now, now)
+            while len(self._seen) > self.capacity:  # the longest unseen goes first
+                self._seen.popitem(last=False)
+        else:
+            self._seen.move_to_end(worker)
+        info.last_seen = now
+        info.gradients += gradients
+        return info
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
