@@ -62,6 +62,11 @@ class _Plan:
     dead: list[bool]
 
 
+def _writeable(param: Any) -> bool:
+    """A NumPy array may be read-only; a CuPy array (no ``writeable`` flag) never is."""
+    return bool(getattr(param.flags, "writeable", True))
+
+
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
     if type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape):
         return shape  # already canonical (the per-step common case)
@@ -345,13 +350,15 @@ class Optimizer:
         prepare = getattr(self.backend, "prepare", None)
         if prepare is None or not isinstance(self.algorithm, ElementwiseAlgorithm):
             return
-        if not all(isinstance(it.param, np.ndarray) and it.param.flags.writeable for it in items):
+        if not all(_writeable(it.param) for it in items):
             return
         op = self.algorithm.op()
         launch = prepare(
             op,
             [Launch(it.param, it.grad, [it.slots[s] for s in op.slots], _NO_ARGS) for it in items],
         )
+        if launch is None:  # nothing worth keeping for this layout
+            return
         dead: list[bool] = []
 
         def died(_: object) -> None:
@@ -398,7 +405,7 @@ class Optimizer:
                 return None
             if getattr(item[3], "dtype", None) != _F32:  # prepared for float32 gradients
                 return None
-            if not param.flags.writeable:
+            if not _writeable(param):
                 return None
         return plan, False
 
@@ -426,7 +433,7 @@ class Optimizer:
         else:
             grads = [item[3] for item in items]
             if hp.maximize:
-                grads = [negated(np, g) for g in grads]
+                grads = [negated(self.backend.xp, g) for g in grads]
             plan.launch.run(grads, args, stride)
         for st in plan.states:
             st.count += 1

@@ -110,6 +110,7 @@ def worker(
     batch: int,
     losses: Any,
     mode: str = "sync",
+    rejoined: Any = None,
 ) -> None:
     """One data-parallel worker: its slice of each batch, one step per iteration. Puts
     ``(rank, iteration, loss)`` per iteration, then ``(rank, -1, stale gradients)``."""
@@ -130,7 +131,7 @@ def worker(
         url, "adamw", run=RUN, worker=f"worker-{rank}", workers=workers, **hyperparams
     ) as opt:
         if mode == "elastic":
-            _elastic(opt, params, x, y, rank, count, iterations, batch, losses)
+            _elastic(opt, params, x, y, rank, count, iterations, batch, losses, rejoined)
         else:
             for it in range(iterations):
                 loss, _, grads = forward(params, *_rows(x, y, it, batch, rank, count))
@@ -158,9 +159,12 @@ def _elastic(
     iterations: int,
     batch: int,
     losses: Any,
+    rejoined: Any,
 ) -> None:
     """The run's global step says which batch comes next; the last worker leaves after a
-    third of the iterations and joins again at two thirds."""
+    third of the iterations and joins again at two thirds. The others hold at two thirds
+    until it has (``rejoined``, an event): otherwise, on a fast machine, they could finish
+    before it sees the step it waits for."""
     leaver = rank == count - 1
     away: tuple[int, int] = (iterations // 3, 2 * iterations // 3)
     info = opt.join()
@@ -177,8 +181,11 @@ def _elastic(
             while _global_step(opt) < away[1]:  # the others train meanwhile
                 time.sleep(0.05)
             it = opt.join()["member_from"] - 1
+            rejoined.set()
             opt.pull_all()  # its copy is old: continue from the run's parameters
             continue
+        if not leaver and it == away[1]:
+            rejoined.wait(30)
         loss, _, grads = forward(params, *_rows(x, y, it, batch, rank, count))
         losses.put((rank, it, loss))
         opt.step_batch([(name, p.shape, p, grads[name]) for name, p in params.items()])
@@ -305,8 +312,12 @@ def run_demo(
     try:
         ctx = multiprocessing.get_context("spawn")
         losses = ctx.Queue()
+        rejoined = ctx.Event()
         procs = [
-            ctx.Process(target=worker, args=(urls[r], r, workers, iterations, batch, losses, mode))
+            ctx.Process(
+                target=worker,
+                args=(urls[r], r, workers, iterations, batch, losses, mode, rejoined),
+            )
             for r in range(workers)
         ]
         for p in procs:

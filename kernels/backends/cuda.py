@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import blockwise, precision
 from ..blockwise import BlockwiseOp
-from ..ops import MAX_SLOTS, Launch, Op, by_grad_dtype
+from ..ops import MAX_ARGS, MAX_SLOTS, Launch, Op, by_grad_dtype
 from ..precision import F32, SUFFIX
 from .cuda_source import build_module, cuda_source, device_arch
 
@@ -219,6 +219,14 @@ class CudaBackend:
             part = work_dev[lo : lo + _MAX_GRID_X]
             kernel((len(part),), (_THREADS,), (tensors_dev, part, args_dev, np.int64(CHUNK)))
 
+    def prepare(self, op: Op, items: Sequence[Launch]) -> CudaPreparedLaunch | None:
+        """A step_batch layout kept by ``kernels.Optimizer`` under its parameter names, as the
+        CPU backend's: the tensor table (params, slots, sizes) and the work table are built
+        and uploaded once, not per step. None for one tensor: its kernel takes no table."""
+        if len(items) < 2:
+            return None
+        return CudaPreparedLaunch(self, op, items)
+
     def launch_blockwise(self, op: BlockwiseOp, items: Sequence[Launch]) -> None:
         """An 8-bit step (``csrc/blockwise8.cuh``): one CUDA block per quantization block of
         every tensor, each tensor's rows {p, g, code0, code1, absmax0, absmax1, n}."""
@@ -258,3 +266,61 @@ class CudaBackend:
         if tables is None:  # uploaded once, read by every 8-bit launch
             tables = self._tables = self._cupy.asarray(blockwise.tables())
         return tables
+
+
+class CudaPreparedLaunch:
+    """The multi-tensor launch of one layout, kept: per step only the scalars are uploaded,
+    and the tensor table again only when the gradient buffers changed. Its tables are the
+    backend's kept ones (the same bytes, the same device table), so preparing uploads
+    nothing new. Built from float32 launches (kernels.Optimizer prepares for float32
+    gradients only).
+
+    It keeps the slots alive; the params it does not: the caller runs it only with the very
+    param arrays it was prepared for, alive (kernels.Optimizer checks their identity)."""
+
+    def __init__(self, backend: CudaBackend, op: Op, items: Sequence[Launch]) -> None:
+        self._backend = backend
+        self._count = len(items)
+        self._keep = [tuple(it.slots) for it in items]
+        cp = backend._cupy
+        table = np.zeros((len(items), 3 + MAX_SLOTS), dtype=np.int64)
+        for row, it in zip(table, items, strict=True):
+            row[0], row[1] = it.param.data.ptr, it.grad.data.ptr
+            for j, s in enumerate(it.slots):
+                row[2 + j] = s.data.ptr
+            row[2 + MAX_SLOTS] = it.param.size
+        self._table = table
+        self._kernel = backend._kernel(f"stepd_{op.name}_multi{SUFFIX[F32]}")
+        sizes = table[:, 2 + MAX_SLOTS].copy()
+        with backend.stream:
+            self._table_dev = self._upload_table()
+            if not sizes.any():  # only empty tensors
+                self._parts: list[Any] = []
+                return
+            work = _kept(
+                backend._work, sizes.tobytes(), lambda: cp.asarray(chunk_table(sizes, CHUNK))
+            )
+        self._parts = [work[lo : lo + _MAX_GRID_X] for lo in range(0, len(work), _MAX_GRID_X)]
+
+    def _upload_table(self) -> Any:
+        cp = self._backend._cupy
+        return _kept(self._backend._tensors, self._table.tobytes(), lambda: cp.asarray(self._table))
+
+    def run(self, grads: Sequence[Any], args: np.ndarray, stride: int) -> None:
+        """``grads`` (float32 device arrays) in the order of the prepared items; ``args`` one
+        row (``stride`` 0) or one row per item."""
+        if not self._parts:
+            return
+        cp = self._backend._cupy
+        ptrs = np.fromiter((g.data.ptr for g in grads), np.int64, self._count)
+        if stride == 0:
+            args = np.broadcast_to(args, (self._count, MAX_ARGS))
+        with self._backend.stream:
+            if not np.array_equal(ptrs, self._table[:, 1]):  # new gradient buffers
+                self._table[:, 1] = ptrs
+                self._table_dev = self._upload_table()
+            args_dev = cp.asarray(np.ascontiguousarray(args, dtype=np.float32))
+            for part in self._parts:
+                self._kernel(
+                    (len(part),), (_THREADS,), (self._table_dev, part, args_dev, np.int64(CHUNK))
+                )

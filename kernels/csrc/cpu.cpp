@@ -81,26 +81,39 @@ static void run_multi(int64_t n_tensors, const int64_t* table, const float* args
 
 extern "C" {
 
-// 1 when every element is finite: the screen a server runs on each incoming gradient, at
-// memory speed (x - x is 0 for finite x and NaN for Inf/NaN; no early exit, no branches).
-// Below kParallelMin one thread sums into kLanes independent accumulators, which the compiler
-// vectorises without reassociating anything (one chain of adds ran at a fifth of the speed).
-int stepd_all_finite(const float* x, int64_t n) {
-  if (n >= stepd::kParallelMin) {
-    float acc = 0.0f;
-#pragma omp parallel for simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) acc += x[i] - x[i];
-    return acc == 0.0f;
-  }
-  constexpr int64_t kLanes = 16;
+namespace {
+// 1 when x[0, n) is all finite: x - x is 0 for finite x and NaN for Inf/NaN, summed into
+// kLanes independent accumulators, which the compiler vectorises without reassociating
+// anything (one chain of adds is bound by the add's latency: a fifth of the speed on one
+// thread, and 0.8x with the threads' reduction of a parallel loop).
+int span_finite(const float* x, int64_t n) {
+  constexpr int kLanes = 64;
   float lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[i + j] - x[i + j];
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) lanes[j] += x[i + j] - x[i + j];
   float acc = 0.0f;
   for (; i < n; ++i) acc += x[i] - x[i];
-  for (int64_t j = 0; j < kLanes; ++j) acc += lanes[j];
+  for (int j = 0; j < kLanes; ++j) acc += lanes[j];
   return acc == 0.0f;
+}
+}  // namespace
+
+// 1 when every element is finite: the screen a server runs on each incoming gradient, at
+// memory speed, no early exit, no branches; from kParallelMin split across the threads in
+// parts of 64 Ki elements.
+int stepd_all_finite(const float* x, int64_t n) {
+  if (n < stepd::kParallelMin) return span_finite(x, n);
+  constexpr int64_t kPart = int64_t{1} << 16;
+  const int64_t parts = (n + kPart - 1) / kPart;
+  int bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static)
+  for (int64_t k = 0; k < parts; ++k) {
+    const int64_t lo = k * kPart;
+    bad |= !span_finite(x + lo, n - lo < kPart ? n - lo : kPart);
+  }
+  return !bad;
 }
 
 // 1 when no element of a 16-bit float array (bfloat16 or float16 bits) is Inf or NaN: its

@@ -70,3 +70,52 @@ def test_new_gradient_buffers_reupload_only_the_pointer_table(fake_cupy) -> None
         opt.step_batch([(f"p{i}", (p.size,), p, grads[i]) for i, p in enumerate(params)])
         # work table on the first step only; pointer and scalar tables every step
         assert _uploads(fake_cupy) == (3 if k == 0 else 2), k
+
+
+def test_a_repeated_step_batch_runs_its_prepared_layout(fake_cupy, monkeypatch) -> None:
+    """As on the CPU, kernels.Optimizer keeps a CUDA step_batch's layout by parameter names:
+    from the second step no tensor table is built in Python (the launch of a new layout is
+    never called) and nothing but the scalars is uploaded, while per-tensor lr scales,
+    per-parameter step counts, maximize and an lr change still land exactly."""
+    from stepd.kernels.backends import cuda
+
+    built = []
+    launch_multi = cuda.CudaBackend._launch_multi
+    monkeypatch.setattr(
+        cuda.CudaBackend,
+        "_launch_multi",
+        lambda self, op, items: built.append(len(items)) or launch_multi(self, op, items),
+    )
+    rng = np.random.default_rng(11)
+    shapes = [(64,), (3, 70), (0,), (20_000,), (1,)]
+    host = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(6)]
+    hp = {"lr": 3e-3, "weight_decay": 0.1, "maximize": True, "step_count": "per_param"}
+    results = {}
+    for backend in ("cuda", "reference"):
+        opt = create_optimizer("adamw", backend=backend, **hp)
+        opt.set_lr_scale("p1", 0.5)
+        xp = opt.backend.xp
+        params = [xp.asarray(h) for h in host]
+        uploads = []
+        for k, step_grads in enumerate(steps):
+            if k == 3:
+                opt.set_lr(1e-3)  # a schedule: new scalars, same layout
+            names = range(len(shapes)) if k != 1 else range(len(shapes) - 1)  # p4 skips one
+            grads = {i: xp.asarray(step_grads[i]) for i in names}
+            fake_cupy.EVENTS.clear()
+            opt.step_batch([(f"p{i}", shapes[i], params[i], grads[i]) for i in names])
+            uploads.append(_uploads(fake_cupy))
+            opt.end_iteration()
+        results[backend] = [p.get() if backend == "cuda" else p for p in params]
+        if backend == "cuda":
+            # A layout is prepared after a step of it that had no fresh parameter: the
+            # launch of a new layout runs at step 0 (fresh), step 1 (without p4) and step 2
+            # (all five again, first time not fresh); from step 3 the prepared one runs. Each
+            # step's gradients are made while the step before's are alive, so the buffers
+            # alternate between two sets of addresses: step 3 uploads its tensor table, and
+            # from then on both tables are kept and only the scalars go up.
+            assert built == [len(shapes), len(shapes) - 1, len(shapes)], built
+            assert uploads[3:] == [2, 1, 1], uploads
+    for got, want in zip(results["cuda"], results["reference"], strict=True):
+        assert got.tobytes() == want.tobytes()
