@@ -13,7 +13,12 @@ Prints, on one tensor of ``--elements`` elements:
   (goal ≥ 1.4x torch). The three steps are interleaved, ``--repeat`` times each; each
   figure is a median over those, and the median of ``--runs`` runs is reported with its
   spread. Process CPU seconds (all threads) per step too: on a machine others share,
-  wall-clock swings with their load, CPU time much less.
+  wall-clock swings with their load, CPU time much less;
+- the compute floor: each step on ``--cache-elements`` elements (their data fit in the
+  caches), per element, next to the same at ``--elements``. Where the 8-bit step takes as
+  long per element in cache as in memory, it is bound by its arithmetic, not by the bytes
+  it moves, and torch's time per element over the 8-bit step's in-cache time bounds the
+  speed-up any memory saving can give.
 """
 
 from __future__ import annotations
@@ -70,11 +75,18 @@ def one_run(n: int, repeat: int, rng: np.random.Generator) -> dict[str, float]:
     return out
 
 
+def per_element_ns(n: int, repeat: int, rng: np.random.Generator) -> dict[str, float]:
+    """The median step time per element, in ns, of each step on ``n`` elements."""
+    r = one_run(n, repeat, rng)
+    return {k: r[k] / n * 1e9 for k in ("torch", "adamw", "adamw8bit")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--elements", type=int, default=64 * 2**20)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cache-elements", type=int, default=2**17)
     args = parser.parse_args()
     import torch
 
@@ -107,6 +119,14 @@ def main() -> None:
     print(  # steadier than wall-clock on a machine others share
         f"  CPU seconds torch / adamw8bit       {statistics.median(cpu_vs_torch):7.3f}x  "
         f"[{min(cpu_vs_torch):.3f}, {max(cpu_vs_torch):.3f}]"
+    )
+    cached = per_element_ns(args.cache_elements, 50, rng)
+    big = {k: statistics.median(r[k] for r in runs) / n * 1e9 for k in cached}
+    print(f"  ns per element, {args.cache_elements:,} elements (in cache) / {n:,}:")
+    for k in cached:
+        print(f"    {k:10s} {cached[k]:6.3f} / {big[k]:6.3f}")
+    print(
+        f"  bound: torch at {n:,} / adamw8bit in cache  {big['torch'] / cached['adamw8bit']:7.3f}x"
     )
 
 

@@ -26,6 +26,9 @@ class Entry:
     norms_at_version: int | None = None
     last_param_norm: float | None = None  # measured with the two norms above
     history: History | None = None  # the measurements, newest --history of them
+    # Its norms were due but not measured: a step holds copies of at most MEASURE_BYTES of
+    # old values (or one parameter), so the rest are measured at their next step.
+    measure_due: bool = False
 
     @property
     def size(self) -> int:

@@ -35,6 +35,10 @@ from .rwlock import RWLock, WouldBlock
 from .snapshots import Snapshots
 from .workers import MEMBERSHIP_OPTIONS, membership_options
 
+# The copies of old values a step may hold to measure its parameters' update norms; a
+# parameter larger than this is measured alone (see ParamStore._due).
+MEASURE_BYTES = 64 << 20
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -333,17 +337,23 @@ class ParamStore(Snapshots):
     def _apply(self, opt: Optimizer, members: list[Entry], grads: Mapping[str, Any]) -> None:
         xp = self.xp
         dev = {e.name: _flat(xp, grads[e.name]) for e in members}
-        every = self.stats_every
-        measure = [e for e in members if e.version % every == 0] if every else []
-        before = {e.name: e.param.copy() for e in measure}
+        measure = self._due(members)
+        before = self._copies(measure)
         opt.step_batch([(e.name, e.shape, e.param, dev[e.name]) for e in members])
         for e in members:
             e.version += 1
         now = time.time() if measure else 0.0
+        sum_sq = getattr(self.backend, "sum_sq", None)  # the CPU's: float64, threaded
         for e in measure:
-            e.last_grad_norm = _norm(widen(xp, dev[e.name]))  # bfloat16 arrives as its bits
-            e.last_update_norm = _norm(e.param - before[e.name])
-            e.last_param_norm = _norm(e.param)  # the update's relative size needs it
+            grad = widen(xp, dev[e.name])  # bfloat16 arrives as its bits
+            if sum_sq is not None and grad.dtype == np.float32:
+                e.last_grad_norm = math.sqrt(sum_sq(grad))
+                e.last_update_norm = math.sqrt(sum_sq(e.param, before[e.name]))
+                e.last_param_norm = math.sqrt(sum_sq(e.param))
+            else:
+                e.last_grad_norm = _norm(grad)
+                e.last_update_norm = _norm(e.param - before[e.name])
+                e.last_param_norm = _norm(e.param)  # the update's relative size needs it
             e.norms_at_version = e.version
             if e.history is not None:
                 e.history.append(
@@ -355,6 +365,43 @@ class ParamStore(Snapshots):
                     e.last_param_norm,
                     opt.lr * opt.lr_scale(e.name),
                 )
+
+    def _due(self, members: list[Entry]) -> list[Entry]:
+        """The members whose norms this step measures: every ``stats_every``-th step of each,
+        as long as the copies of their old values stay within MEASURE_BYTES (one parameter
+        always fits); the rest are measured at their next step."""
+        every = self.stats_every
+        if not every:
+            return []
+        measure: list[Entry] = []
+        held = 0
+        for e in members:
+            if e.version % every != 0 and not e.measure_due:
+                continue
+            size = e.size * 4
+            e.measure_due = bool(measure) and held + size > MEASURE_BYTES
+            if not e.measure_due:
+                measure.append(e)
+                held += size
+        return measure
+
+    def _copies(self, measure: list[Entry]) -> dict[str, Any]:
+        """Each measured parameter's value before the step, in one scratch allocation."""
+        if not measure:
+            return {}
+        xp = self.xp
+        scratch = xp.empty(sum(e.size for e in measure), dtype=np.float32)
+        copy_into = getattr(self.backend, "copy_into", None)  # threaded on the CPU
+        out, at = {}, 0
+        for e in measure:
+            view = scratch[at : at + e.size]
+            if copy_into is not None:
+                copy_into(view, e.param)
+            else:
+                view[...] = e.param
+            out[e.name] = view
+            at += e.size
+        return out
 
     @_on_device
     def update_hessian(self, name: str, hessian: np.ndarray) -> None:

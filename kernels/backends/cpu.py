@@ -58,7 +58,31 @@ class CpuBackend:
         self._all_finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         self._all_finite_16 = self._lib.stepd_all_finite_16
         self._all_finite_16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint16]
+        ptr, count = ctypes.c_void_p, ctypes.c_int64
+        for name, args, result in (
+            ("stepd_sum_sq", [ptr, count], ctypes.c_double),
+            ("stepd_diff_sum_sq", [ptr, ptr, count], ctypes.c_double),
+            ("stepd_copy", [ptr, ptr, count], None),
+        ):
+            fn = getattr(self._lib, name)
+            fn.argtypes, fn.restype = args, result
         _binder()  # built now, with the kernels, not in the middle of a later step
+
+    def sum_sq(self, x: np.ndarray, minus: np.ndarray | None = None) -> float:
+        """The sum of squares of the finite entries of ``x`` (or of ``x - minus``, taken in
+        float32), accumulated in float64 across the threads: a contiguous float32 array
+        (as :func:`stepd.kernels.norms.l2_norm`, which reads any array on one thread)."""
+        if minus is None:
+            return float(self._lib.stepd_sum_sq(_addr(x), x.size))
+        if minus.size != x.size:
+            raise ValueError(f"sizes differ: {x.size} and {minus.size}")
+        return float(self._lib.stepd_diff_sum_sq(_addr(x), _addr(minus), x.size))
+
+    def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``dst[...] = src`` for contiguous float32 arrays of one size, across the threads."""
+        if dst.size != src.size:
+            raise ValueError(f"sizes differ: {dst.size} and {src.size}")
+        self._lib.stepd_copy(_addr(dst), _addr(src), src.size)
 
     def all_finite(self, x: np.ndarray) -> bool:
         """True when no element of the contiguous array ``x`` (float32, or bfloat16/float16

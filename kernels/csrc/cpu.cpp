@@ -3,6 +3,7 @@
 // evenly, so one big tensor and 200 small ones cost the same per element.
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <omp.h>
 
 #include "common.cuh"
@@ -79,40 +80,79 @@ static void run_multi(int64_t n_tensors, const int64_t* table, const float* args
 
 }  // namespace stepd
 
-extern "C" {
-
+// Whole-array passes in parts of kPart elements (the threads' unit of work from
+// kParallelMin), each part summing into independent lanes that the compiler vectorises
+// without reassociating anything (one chain of adds is bound by the add's latency: a fifth
+// of the speed on one thread).
 namespace {
-// 1 when x[0, n) is all finite: x - x is 0 for finite x and NaN for Inf/NaN, summed into
-// kLanes independent accumulators, which the compiler vectorises without reassociating
-// anything (one chain of adds is bound by the add's latency: a fifth of the speed on one
-// thread, and 0.8x with the threads' reduction of a parallel loop).
-int span_finite(const float* x, int64_t n) {
+constexpr int64_t kPart = int64_t{1} << 16;
+
+int64_t part_end(int64_t k, int64_t n) { return (k + 1) * kPart < n ? (k + 1) * kPart : n; }
+
+// 1 when x[lo, hi) is all finite: x - x is 0 for finite x and NaN for Inf/NaN.
+int span_finite(const float* x, int64_t lo, int64_t hi) {
   constexpr int kLanes = 64;
   float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes)
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) lanes[j] += x[i + j] - x[i + j];
   float acc = 0.0f;
-  for (; i < n; ++i) acc += x[i] - x[i];
+  for (; i < hi; ++i) acc += x[i] - x[i];
   for (int j = 0; j < kLanes; ++j) acc += lanes[j];
   return acc == 0.0f;
 }
+
+// x^2 in float64 where x is finite, else 0: Inf and NaN (all exponent bits set) become +0
+// by a mask on the bits, no branch, so the loops vectorise.
+inline double finite_square(float x) {
+  unsigned int u;
+  std::memcpy(&u, &x, sizeof u);
+  u &= 0u - static_cast<unsigned int>((u & 0x7F800000u) != 0x7F800000u);
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  const double d = static_cast<double>(f);
+  return d * d;
+}
+
+template <class Term>
+double span_sum(int64_t lo, int64_t hi, Term term) {
+  constexpr int kLanes = 16;
+  double lanes[kLanes] = {};
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes)
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  double acc = 0.0;
+  for (; i < hi; ++i) acc += term(i);
+  for (int j = 0; j < kLanes; ++j) acc += lanes[j];
+  return acc;
+}
+
+// The parts' sums added in part order: the result depends on n, not on the thread count.
+template <class Term>
+double total(int64_t n, Term term) {
+  const int64_t parts = (n + kPart - 1) / kPart;
+  std::vector<double> sums(static_cast<size_t>(parts));
+#pragma omp parallel for schedule(static) if (n >= stepd::kParallelMin)
+  for (int64_t k = 0; k < parts; ++k)
+    sums[static_cast<size_t>(k)] = span_sum(k * kPart, part_end(k, n), term);
+  double sum = 0.0;
+  for (double s : sums) sum += s;
+  return sum;
+}
 }  // namespace
 
+extern "C" {
+
 // 1 when every element is finite: the screen a server runs on each incoming gradient, at
-// memory speed, no early exit, no branches; from kParallelMin split across the threads in
-// parts of 64 Ki elements.
+// memory speed, no early exit, no branches.
 int stepd_all_finite(const float* x, int64_t n) {
-  if (n < stepd::kParallelMin) return span_finite(x, n);
-  constexpr int64_t kPart = int64_t{1} << 16;
+  if (n < stepd::kParallelMin) return span_finite(x, 0, n);
   const int64_t parts = (n + kPart - 1) / kPart;
   int bad = 0;
 #pragma omp parallel for reduction(| : bad) schedule(static)
-  for (int64_t k = 0; k < parts; ++k) {
-    const int64_t lo = k * kPart;
-    bad |= !span_finite(x + lo, n - lo < kPart ? n - lo : kPart);
-  }
+  for (int64_t k = 0; k < parts; ++k) bad |= !span_finite(x, k * kPart, part_end(k, n));
   return !bad;
 }
 
@@ -123,6 +163,25 @@ int stepd_all_finite_16(const uint16_t* x, int64_t n, uint16_t mask) {
 #pragma omp parallel for simd reduction(| : bad) if (n >= stepd::kParallelMin)
   for (int64_t i = 0; i < n; ++i) bad |= (x[i] & mask) == mask;
   return !bad;
+}
+
+// The sums behind a store's sampled norms (service/store.py), in float64 over the finite
+// entries only, as kernels/norms.py's l2_norm: sum x^2, and sum (a - b)^2 with the
+// difference taken in float32 (a step's update: the new value minus a copy of the old).
+double stepd_sum_sq(const float* x, int64_t n) {
+  return total(n, [x](int64_t i) { return finite_square(x[i]); });
+}
+
+double stepd_diff_sum_sq(const float* a, const float* b, int64_t n) {
+  return total(n, [a, b](int64_t i) { return finite_square(a[i] - b[i]); });
+}
+
+// dst = src (n floats), split across the threads from kParallelMin: NumPy copies on one.
+void stepd_copy(float* dst, const float* src, int64_t n) {
+  const int64_t parts = (n + kPart - 1) / kPart;
+#pragma omp parallel for schedule(static) if (n >= stepd::kParallelMin)
+  for (int64_t k = 0; k < parts; ++k)
+    std::memcpy(dst + k * kPart, src + k * kPart, sizeof(float) * (part_end(k, n) - k * kPart));
 }
 
 int stepd_max_slots() { return stepd::kMaxSlots; }

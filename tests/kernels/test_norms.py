@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from stepd.kernels import global_grad_clip_scale, l2_norm
+from stepd.kernels import get_backend, global_grad_clip_scale, l2_norm
 
 
 def test_l2_norm_accumulates_in_float64() -> None:
@@ -43,3 +43,36 @@ def test_clip_scale_ignores_non_finite_entries() -> None:
 def test_clip_scale_rejects_bad_max_norm(bad: float) -> None:
     with pytest.raises(ValueError, match="Invalid max_norm value"):
         global_grad_clip_scale([np.ones(2, np.float32)], max_norm=bad)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 1 << 15, (1 << 16) + 3, 3 * (1 << 16) + 1])
+def test_the_cpu_sums_of_squares_are_float64_sums_of_the_finite_entries(n) -> None:
+    """What a CPU store measures its norms with (threaded, in parts): against an exactly
+    rounded sum (math.fsum) of the float64 squares, which are exact for float32 values."""
+    backend = get_backend("cpu")
+    rng = np.random.default_rng(n)
+    a = (rng.standard_normal(n) * 100).astype(np.float32)
+    b = a + rng.standard_normal(n).astype(np.float32)
+    if n > 20:
+        a[[3, n // 2]] = [np.nan, np.inf]
+        b[[7, n - 1]] = [-np.inf, np.nan]
+
+    def exact(x: np.ndarray) -> float:
+        finite = x[np.isfinite(x)].astype(np.float64)
+        return math.fsum(finite * finite)
+
+    assert backend.sum_sq(a) == pytest.approx(exact(a), rel=1e-12, abs=0.0)
+    # the difference is taken in float32, as the store's old code (param - copy) did
+    assert backend.sum_sq(a, b) == pytest.approx(exact(a - b), rel=1e-12, abs=0.0)
+    copy = np.full_like(a, 7.0)
+    backend.copy_into(copy, a)
+    assert copy.tobytes() == a.tobytes()
+
+
+def test_the_cpu_sum_of_squares_accumulates_in_float64_and_checks_sizes() -> None:
+    backend = get_backend("cpu")
+    assert backend.sum_sq(np.ones((1 << 24) + 1, np.float32)) == (1 << 24) + 1
+    with pytest.raises(ValueError, match="sizes differ"):
+        backend.sum_sq(np.ones(4, np.float32), np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="sizes differ"):
+        backend.copy_into(np.ones(4, np.float32), np.ones(5, np.float32))

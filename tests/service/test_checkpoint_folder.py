@@ -204,12 +204,17 @@ def test_restore_racing_a_delete_is_all_or_nothing(tmp_path, repetitions: int) -
         (tmp_path / "t" / "a.safetensors").write_bytes(a_bytes)
         engine.restore_checkpoint("t", "b")
         assert_same_snapshot(_engine_state(engine), saved_b)
-        delay = chance.uniform(0, 1.5 * span)
+        # Each side starts after a random delay (sleeping: a busy wait holds the GIL the
+        # other side needs), so the delete lands before, inside or after the restore's read.
+        lead, delay = chance.uniform(0, span), chance.uniform(0, 1.5 * span)
         barrier = threading.Barrier(2)
         result: dict[str, object] = {}
 
-        def restore(barrier: threading.Barrier = barrier, result: dict = result) -> None:
+        def restore(
+            barrier: threading.Barrier = barrier, result: dict = result, lead: float = lead
+        ) -> None:
             barrier.wait()
+            time.sleep(lead)
             try:
                 info = engine.restore_checkpoint("t", "a")
                 result["restore"] = ("restored", info.name, info.global_step, info.bytes)
@@ -220,9 +225,7 @@ def test_restore_racing_a_delete_is_all_or_nothing(tmp_path, repetitions: int) -
 
         def delete(barrier: threading.Barrier = barrier, delay: float = delay) -> None:
             barrier.wait()
-            busy_until = time.perf_counter() + delay
-            while time.perf_counter() < busy_until:
-                pass
+            time.sleep(delay)
             engine.delete_checkpoint("t", "a")
 
         threads = [threading.Thread(target=restore), threading.Thread(target=delete)]

@@ -199,3 +199,38 @@ def test_each_worker_has_its_accepted_and_refused_gradients(tmp_path) -> None:
         "staleness": 1,
         "gradients": 2,
     }
+
+
+def test_a_step_holds_copies_of_at_most_measure_bytes_of_old_values(tmp_path, monkeypatch) -> None:
+    """Measuring an update norm needs the old value: a step copies those of its due
+    parameters up to MEASURE_BYTES (one parameter always), and the rest are measured at their
+    next step, so a whole model's measurement never doubles its memory at once."""
+    from stepd.service import store
+
+    monkeypatch.setattr(store, "MEASURE_BYTES", 40)  # ten float32 elements
+    engine = make_engine(tmp_path, stats_every=4, history=8)
+    engine.open_run("r")
+    sizes = {"a": 8, "b": 8, "c": 20}  # c alone is over the bound: measured alone
+    rng = np.random.default_rng(3)
+    for name, n in sizes.items():
+        engine.register(
+            "r", name, (n,), rng.standard_normal(n).astype(np.float32), "sgd", {"lr": 0.1}
+        )
+    measured_at: dict[str, list[int]] = {name: [] for name in sizes}
+    for step in range(1, 9):
+        grads = {n: rng.standard_normal(k).astype(np.float32) for n, k in sizes.items()}
+        old = {n: engine.read("r", n).copy() for n in sizes}
+        engine.step("r", grads)
+        engine.end_iteration("r")
+        for p in engine.run_stats("r")["params"]:
+            if p["norms_at_version"] == step:
+                name = p["name"]
+                measured_at[name].append(step)
+                new = engine.read("r", name)
+                assert p["last_grad_norm"] == pytest.approx(float(np.linalg.norm(grads[name])))
+                assert p["last_update_norm"] == pytest.approx(
+                    float(np.linalg.norm(new - old[name]))
+                )
+                assert p["param_norm"] == pytest.approx(float(np.linalg.norm(new)))
+    # due at versions 0 and 4 (steps 1 and 5): a first; b one step later; c after b
+    assert measured_at == {"a": [1, 5], "b": [2, 6], "c": [3, 7]}
