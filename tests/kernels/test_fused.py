@@ -94,3 +94,17 @@ def test_empty_tensor_is_a_no_op() -> None:
     p = np.zeros(0, np.float32)
     opt.step("empty", (0,), p, np.zeros(0, np.float32))
     assert opt.state("empty").shape == (0,)
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "sgd", "lion"])
+def test_the_threads_split_of_the_flat_range_covers_every_tensor_once(algorithm: str) -> None:
+    """The CPU kernels split the flat range of all tensors between the threads (SIZES above
+    stays on one): tensors on either side of the split, across it, on 64 Ki boundaries and
+    empty ones, with a scalar set each, stepped exactly once and exactly as the reference."""
+    chunk = 1 << 16
+    sizes = [0, chunk + 4_464, 3, chunk, 0, 2 * chunk - 1, chunk - 1, 1, 0, 17, 3 * chunk + 5]
+    hparams = {"lr": 1e-3} if algorithm != "sgd" else {"lr": 0.05, "momentum": 0.9}
+    fused = _run(algorithm, hparams, "cpu", sizes, steps=3)
+    ref = _run(algorithm, hparams, "reference", sizes, steps=3)
+    for k in fused["params"]:
+        assert fused["params"][k].tobytes() == ref["params"][k].tobytes(), k
