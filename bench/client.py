@@ -29,6 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# This process steps in-process between the server's steps: its OpenMP threads sleep when
+# idle, as the server's do (`stepd serve` sets the same), or their spinning after each
+# in-process step would slow the server's next step on a small host: an artifact of
+# interleaving, not a cost of the transport.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent

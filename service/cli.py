@@ -5,6 +5,7 @@ server (:mod:`.operator`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -31,6 +32,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Before the kernels' OpenMP runtime loads: its threads sleep between steps rather than
+    # spin for milliseconds after each one (libgomp's default), which took the cores of the
+    # training processes a server shares its host with: on 2 cores, a client's 64M-element
+    # AdamW step ran 1.7x slower beside a spinning server (bench/client.py). A value the
+    # operator set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .config import ConfigError, label, load_settings, unknown_variables
 
     for warning in unknown_variables():

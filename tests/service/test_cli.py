@@ -79,3 +79,27 @@ def test_unknown_command_is_a_usage_error() -> None:
     proc = subprocess.run([*_stepd(), "fly"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice: 'fly'" in proc.stderr
+
+
+def test_serve_lets_its_openmp_threads_sleep_unless_told_otherwise(tmp_path) -> None:
+    """`stepd serve` shares its host with training processes: its kernels' threads must not
+    spin between steps (libgomp's default), unless the operator asks for it."""
+    import os
+
+    code = (
+        "import os, sys, uvicorn\n"
+        "uvicorn.run = lambda *a, **k: print('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
+        "from stepd.service.cli import main\n"
+        "sys.exit(main(['serve', '--checkpoint-dir', sys.argv[1], '--device', 'cpu']))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for extra, want in (({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)],
+            env={**base, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"policy {want}" in proc.stdout.splitlines(), proc.stdout
