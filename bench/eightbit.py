@@ -24,10 +24,15 @@ Prints, on one tensor of ``--elements`` elements:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# torch and stepd each bring an OpenMP runtime, stepped in turn here: their threads sleep
+# when idle, or each pool's spinning after its step slows the other's next one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# torch and stepd each bring an OpenMP runtime, stepped in turn here: their threads sleep
+# when idle, or each pool's spinning after its step slows the other's next one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
