@@ -12,7 +12,10 @@ bfloat16 gradients <= 3x. Per row: the median over rounds of each round's median
 its ratio to the anchor of the same round, the part of the iteration spent in ``step()``
 (what backward did not hide), and the CPU time of the iteration in this process and the
 server together (what overlap cannot hide where backward already keeps every core busy).
-``fwd+bwd only`` is the floor: no optimizer at all.
+``fwd+bwd only`` is the floor: no optimizer at all. Below each table, a bare ASGI echo of the
+bf16 gradients' bytes through the same uvicorn (``bench/echo_app.py``): what the HTTP stack
+alone costs, added to the bf16 anchor's iteration without its step, is the http:// bf16
+rows' floor.
 
 One ``stepd serve --shm-socket`` process (CPU) serves both shm:// and http://.
 """
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from stepd.client.torch import RemoteOptimizer  # noqa: E402
 
+from bench.service import start_echo  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 HP: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.01}
@@ -166,7 +171,23 @@ def rows_for(name: str, shm_url: str, http_url: str, caps: list[float]) -> list[
     return rows
 
 
-def bench(name: str, rows: list[Row], rounds: int, iters: int) -> None:
+def echo_floor(echo_url: str, nbytes: int, repeat: int) -> float:
+    """Median seconds for the bare ASGI echo (bench/echo_app.py, the same uvicorn) to take
+    ``nbytes`` and send them back: what the HTTP stack alone costs an http:// step of them."""
+    body = bytes(nbytes)
+    times = []
+    with httpx.Client(timeout=60) as client:
+        client.post(echo_url, content=body).read()  # the connection, warm
+        for _ in range(repeat):
+            start = time.perf_counter()
+            r = client.post(echo_url, content=body)
+            if len(r.content) != nbytes:
+                raise RuntimeError("the echo sent back other bytes")
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name: str, rows: list[Row], rounds: int, iters: int, echo_url: str) -> None:
     anchors = {"f32": rows[0], "bf16": next(r for r in rows if r.anchor == "bf16")}
     for row in rows:  # warm-up: registration, first state, the shm segments
         row.iteration()
@@ -192,6 +213,16 @@ def bench(name: str, rows: list[Row], rounds: int, iters: int) -> None:
             f" {statistics.median(row.steps) * 1e3:7.1f} ms"
             f" {statistics.median(row.cpu) * 1e3:6.0f} ms"
         )
+    # The floor of the http:// bf16 rows: the bf16 anchor's iteration without its step, plus
+    # a bare echo of the gradients' bytes (the parameters come back in as many).
+    bf16 = anchors["bf16"]
+    echo = echo_floor(echo_url, 2 * params, iters)
+    floor = statistics.median(bf16.iters) - statistics.median(bf16.steps) + echo
+    print(
+        f"  bare ASGI echo of the bf16 gradients ({2 * params / 1e6:.1f} MB each way)"
+        f" {echo * 1e3:6.1f} ms: the http:// bf16 floor is"
+        f" {floor / statistics.median(bf16.iters):.2f}x the bf16 anchor"
+    )
 
 
 def main() -> None:
@@ -206,6 +237,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="stepd-bench-"))
     sock = tmp / "stepd.sock"
+    echo, echo_url = start_echo()
     try:
         with Server(tmp / "ckpt", STEPD_SHM_SOCKET=str(sock)) as server:
             global SERVER_PID
@@ -217,11 +249,13 @@ def main() -> None:
             for name in args.models:
                 rows = rows_for(name, f"shm://{sock}", server.url, args.bucket_cap_mb)
                 try:
-                    bench(name, rows, args.rounds, args.iters)
+                    bench(name, rows, args.rounds, args.iters, echo_url)
                 finally:
                     for row in rows:
                         row.close()
     finally:
+        echo.terminate()
+        echo.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
