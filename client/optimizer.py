@@ -289,7 +289,10 @@ class StepdOptimizer:
             raise ValueError(
                 f"{action} is for sync workers: connect to a server with worker=... and a named run"
             )
-        return dict(self._call(SyncMembership(action)))
+        out = dict(self._call(SyncMembership(action)))
+        if out.get("member_from") is None:  # only a join has one (http:// sends a null)
+            out.pop("member_from", None)
+        return out
 
     def lr_scale(self, name: str) -> float:
         return float(self._call(GetLrScale(_name(name))))

@@ -163,25 +163,27 @@ def _elastic(
 ) -> None:
     """The run's global step says which batch comes next; the last worker leaves after a
     third of the iterations and joins again at two thirds. The others hold at two thirds
-    until it has (``rejoined``, an event): otherwise, on a fast machine, they could finish
-    before it sees the step it waits for."""
+    until it is about to join (``rejoined``, an event): otherwise, on a fast machine, they
+    could finish before it sees the step it waits for."""
     leaver = rank == count - 1
     away: tuple[int, int] = (iterations // 3, 2 * iterations // 3)
-    info = opt.join()
+    info = joined = opt.join()
     # No count: an iteration starts with whoever is a member. The first one waits for all,
     # as a launcher would; a worker that was late anyway joins from the next iteration.
     deadline = time.monotonic() + 30
     while not info["started"] and len(info["members"]) < count and time.monotonic() < deadline:
         time.sleep(0.05)
         info = opt.heartbeat()
-    it = info["member_from"] - 1 if "member_from" in info else info["iteration"] - 1
+    it = joined.get("member_from", info["iteration"]) - 1
     while it < iterations:
         if leaver and it == away[0]:
             opt.leave()
             while _global_step(opt) < away[1]:  # the others train meanwhile
                 time.sleep(0.05)
-            it = opt.join()["member_from"] - 1
+            # join() returns once the iteration it joins begins: let the others go on first
+            # (it joins the iteration they are about to run, or the one after)
             rejoined.set()
+            it = opt.join()["member_from"] - 1
             opt.pull_all()  # its copy is old: continue from the run's parameters
             continue
         if not leaver and it == away[1]:
