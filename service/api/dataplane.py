@@ -34,6 +34,7 @@ from stepd.wire import (
     VERSION_HEADER,
     dtype_named,
     dump,
+    dump_parts,
     from_bytes,
 )
 
@@ -74,18 +75,26 @@ class Call:
 
 @dataclass(frozen=True)
 class Reply:
-    """A step's answer, for its front to send: ``payload`` bytes, or an array whose bytes
-    are sent as they lie (no copy of a large parameter into a bytes object)."""
+    """A step's answer, for its front to send: ``payload`` bytes, an array, or a list of
+    byte parts (a safetensors header and its arrays' memory); arrays are sent as they lie,
+    never copied into one bytes object (whose fresh pages cost more than the copy)."""
 
     status: int
     headers: dict[str, str]
-    payload: bytes | np.ndarray = b""
+    payload: bytes | np.ndarray | list[bytes | memoryview] = b""
     media_type: str | None = None
 
-    def response(self) -> Response:
+    def parts(self) -> list[bytes | memoryview]:
+        """The payload's bytes, in order."""
         payload = self.payload
-        body = payload if isinstance(payload, bytes) else payload.reshape(-1).data
-        return Response(body, self.status, self.headers, self.media_type)
+        if isinstance(payload, bytes):
+            return [payload]
+        if isinstance(payload, np.ndarray):
+            return [payload.reshape(-1).data.cast("B")]
+        return payload
+
+    def response(self) -> Response:
+        return Response(b"".join(self.parts()), self.status, self.headers, self.media_type)
 
 
 Body = Callable[[], Awaitable[bytes | memoryview]]  # the request body, read when called
@@ -200,9 +209,9 @@ async def step_many(call: Call, read: Body) -> Reply:
         _count_bytes(engine, len(body), 0)
         return Reply(200, {}, json.dumps(meta).encode(), "application/json")
     params = {o.name: o.param for o in outcomes if o.param is not None}
-    payload = dump(params, {k: json.dumps(v) for k, v in meta.items()})
-    _count_bytes(engine, len(body), len(payload))
-    return Reply(200, {}, payload, SAFETENSORS)
+    parts = dump_parts(params, {k: json.dumps(v) for k, v in meta.items()})
+    _count_bytes(engine, len(body), sum(len(part) for part in parts))
+    return Reply(200, {}, parts, SAFETENSORS)
 
 
 def _versions(metadata: dict[str, str]) -> dict[str, int]:

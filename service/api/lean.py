@@ -17,7 +17,7 @@ that :class:`stepd.service.app.StepdApp` logs it.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
@@ -32,10 +32,11 @@ from .dataplane import Call, Reply, step_many, step_one
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 ROUTE = re.compile(r"^/v1/runs/(?P<run>[^/]+)/(?:step|params/(?P<name>[^/]+)/step)$")
-# A reply up to this size is one send (one copy into bytes, as a Response makes); a larger one
-# goes in slices of this size: each is copied once on its way into the socket, where one send
-# of the whole would be copied twice (into bytes, then the rest into the transport's buffer).
+# A large array of a reply goes in slices of this size, each copied once on its way into the
+# socket, where one send of the whole would be copied twice (into bytes, then the rest into
+# the transport's buffer); parts below SMALL_PART are joined into one send.
 SEND_SLICE = 4 << 20
+SMALL_PART = 64 << 10
 
 
 class StepsApp:
@@ -126,20 +127,39 @@ async def _piece(receive: Any) -> tuple[bytes, bool]:
 
 async def send_reply(reply: Reply, send: Any) -> None:
     """The reply as Starlette's ``Response`` would write it (the same headers, in the same
-    order), a large array in slices of its own memory."""
+    order), large arrays in slices of their own memory."""
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
-    payload = reply.payload
-    data = payload if isinstance(payload, bytes) else payload.reshape(-1).data.cast("B")
+    parts = reply.parts()
     if not (reply.status < 200 or reply.status in (204, 304)):
-        headers.append((b"content-length", str(len(data)).encode("latin-1")))
+        length = sum(len(part) for part in parts)
+        headers.append((b"content-length", str(length).encode("latin-1")))
     if reply.media_type is not None:
         headers.append((b"content-type", reply.media_type.encode("latin-1")))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    if isinstance(data, bytes) or len(data) <= SEND_SLICE:
-        await send({"type": "http.response.body", "body": bytes(data)})
-        return
-    for start in range(0, len(data), SEND_SLICE):
-        end = start + SEND_SLICE
-        await send(
-            {"type": "http.response.body", "body": data[start:end], "more_body": end < len(data)}
-        )
+    pieces = list(_pieces(parts))
+    for k, piece in enumerate(pieces):
+        last = k == len(pieces) - 1
+        await send({"type": "http.response.body", "body": piece, "more_body": not last})
+
+
+def _pieces(parts: list[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    """The parts as the body's pieces: runs of small ones joined into one (one write for
+    many small tensors), a large one in slices of at most SEND_SLICE of its own memory;
+    always at least one piece."""
+    pending: list[bytes | memoryview] = []
+    held = 0
+    for part in parts:
+        if len(part) < SMALL_PART and len(part) <= SEND_SLICE:
+            pending.append(part)
+            held += len(part)
+            if held >= SEND_SLICE:
+                yield b"".join(pending)
+                pending, held = [], 0
+            continue
+        if pending:
+            yield b"".join(pending)
+            pending, held = [], 0
+        for start in range(0, len(part), SEND_SLICE):
+            yield part[start : start + SEND_SLICE]
+    if pending or not parts:
+        yield b"".join(pending)

@@ -111,3 +111,44 @@ def test_a_large_parameter_goes_back_in_slices_of_its_memory(pair, monkeypatch) 
     r2 = api.post("/v1/runs/t/params/b/step", content=grad(9))
     same(r1, r2)
     assert sent == [1000] * 12
+
+
+def test_reply_parts_go_as_joined_runs_of_small_ones_and_slices_of_large_ones(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(lean, "SEND_SLICE", 1000)
+    big = memoryview(bytes(range(256)) * 47).cast("B")  # 12032 bytes: 13 slices
+    parts = [b"h" * 16, memoryview(b"s" * 100), big, b"t" * 50, memoryview(b"u" * 60)]
+    pieces = list(lean._pieces(parts))
+    assert [len(p) for p in pieces] == [116, *[1000] * 12, 32, 110]
+    assert b"".join(bytes(p) for p in pieces) == b"".join(bytes(p) for p in parts)
+    assert list(lean._pieces([])) == [b""]  # an empty body is still one message
+
+
+def test_a_batch_reply_is_sent_from_the_parameters_memory(pair, monkeypatch) -> None:
+    """POST {run}/step?return_params=true: the safetensors reply goes as its header and the
+    parameters' own bytes (in slices), and says what the documented route says."""
+    served, api = pair
+    monkeypatch.setattr(lean, "SEND_SLICE", 1000)
+    sent: list[int] = []
+    real = lean.send_reply
+
+    async def counting(reply, send):
+        async def count(message):
+            if message["type"] == "http.response.body":
+                sent.append(len(message["body"]))
+            await send(message)
+
+        await real(reply, count)
+
+    monkeypatch.setattr(lean, "send_reply", counting)
+    g = np.frombuffer(grad(11), np.float32)
+    r1 = served.post("/v1/runs/t/step?return_params=true", content=dump({"a": g}))
+    r2 = api.post("/v1/runs/t/step?return_params=true", content=dump({"b": g}))
+    assert r1.status_code == r2.status_code == 200
+    assert r1.headers.multi_items() == r2.headers.multi_items()
+    (p1, m1), (p2, m2) = parse(r1.content), parse(r2.content)
+    assert p1["a"].tobytes() == p2["b"].tobytes()
+    assert m1["versions"].replace('"a"', '"b"') == m2["versions"]
+    assert sent[1:] == [1000] * 12  # after the header, the parameter in slices
+    assert sum(sent) == len(r1.content)
