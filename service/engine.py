@@ -23,7 +23,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -61,8 +61,18 @@ from .workers import Membership, Waiting
 log = logging.getLogger("stepd")
 
 
+def _host_narrow() -> Callable[[np.ndarray, np.dtype], np.ndarray]:
+    """Rounding host arrays to a model's precision: the CPU kernels' one threaded pass where
+    they build (whatever the store's device: a read-back is on the host), else NumPy's."""
+    narrowing = getattr(get_backend("auto"), "narrow", None)
+    return narrowing if narrowing is not None else partial(narrow, np)
+
+
 def _in_precision(
-    outcomes: list[StepOutcome], grads: Mapping[str, np.ndarray], dtype: np.dtype | None
+    outcomes: list[StepOutcome],
+    grads: Mapping[str, np.ndarray],
+    dtype: np.dtype | None,
+    narrowing: Callable[[np.ndarray, np.dtype], np.ndarray],
 ) -> list[StepOutcome]:
     """Each read-back parameter in ``dtype``, else in its gradient's precision."""
     if dtype is None:
@@ -72,9 +82,7 @@ def _in_precision(
         else:
             return outcomes  # the common case: float32 throughout
     return [
-        o
-        if o.param is None
-        else replace(o, param=narrow(np, o.param, dtype or grads[o.name].dtype))
+        o if o.param is None else replace(o, param=narrowing(o.param, dtype or grads[o.name].dtype))
         for o in outcomes
     ]
 
@@ -106,6 +114,7 @@ class Engine:
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
         self.backend_name = get_backend(device).name
+        self._narrow = _host_narrow()
         self.budget = settings.memory_budget or default_budget(device)
         self._committed = 0  # over all runs; changed under _lock
         self.metrics = Metrics(
@@ -596,11 +605,11 @@ class Engine:
                 outcomes = {o.name: o for o in (*applied, *done)}
                 ordered = [outcomes[n] for n in grads]
                 self._count_step(r, entries, ordered, worker, start, transport)
-                return _in_precision(ordered, grads, return_dtype)
+                return _in_precision(ordered, grads, return_dtype, self._narrow)
 
             return Waiting.gather(r.sync, rounds, finish)
         self._count_step(r, entries, ordered, worker, start, transport)
-        return Waiting.done(_in_precision(ordered, grads, return_dtype))
+        return Waiting.done(_in_precision(ordered, grads, return_dtype, self._narrow))
 
     def _count_step(
         self,

@@ -13,7 +13,7 @@ import numpy as np
 from .. import blockwise
 from ..blockwise import BlockwiseOp
 from ..ops import MAX_ARGS, MAX_SLOTS, Launch, Op, by_grad_dtype
-from ..precision import EXPONENT_MASK, F32, SUFFIX
+from ..precision import BF16, EXPONENT_MASK, F16, F32, SUFFIX
 from .build import build_bind_library, build_cpu_library
 
 
@@ -63,6 +63,8 @@ class CpuBackend:
             ("stepd_sum_sq", [ptr, count], ctypes.c_double),
             ("stepd_diff_sum_sq", [ptr, ptr, count], ctypes.c_double),
             ("stepd_copy", [ptr, ptr, count], None),
+            ("stepd_narrow_bf16", [ptr, ptr, count], None),
+            ("stepd_narrow_f16", [ptr, ptr, count], None),
         ):
             fn = getattr(self._lib, name)
             fn.argtypes, fn.restype = args, result
@@ -77,6 +79,17 @@ class CpuBackend:
         if minus.size != x.size:
             raise ValueError(f"sizes differ: {x.size} and {minus.size}")
         return float(self._lib.stepd_diff_sum_sq(_addr(x), _addr(minus), x.size))
+
+    def narrow(self, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """Contiguous float32 ``x`` rounded to bfloat16 (``BF16``: its bits as uint16) or
+        float16, to nearest even: :func:`stepd.wire.narrow` bit for bit, in one threaded
+        pass (NumPy's takes 13 ms for 8.4M elements on one core)."""
+        if dtype == F32:
+            return x
+        fn = {BF16: self._lib.stepd_narrow_bf16, F16: self._lib.stepd_narrow_f16}[dtype]
+        out = np.empty(x.shape, dtype)
+        fn(_addr(x), _addr(out), x.size)
+        return out
 
     def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
         """``dst[...] = src`` for contiguous float32 arrays of one size, across the threads."""

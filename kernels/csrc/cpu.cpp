@@ -176,6 +176,26 @@ double stepd_diff_sum_sq(const float* a, const float* b, int64_t n) {
   return total(n, [a, b](int64_t i) { return finite_square(a[i] - b[i]); });
 }
 
+// float32 -> bfloat16 bits, rounded to nearest even as stepd/wire.py's narrow (and torch's
+// .to()) rounds: add 0x7FFF plus the kept LSB, keep the top half (NaN is never a parameter:
+// parameters are screened). One threaded pass, where NumPy makes four.
+void stepd_narrow_bf16(const float* x, uint16_t* out, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n >= stepd::kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, &x[i], sizeof b);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    out[i] = static_cast<uint16_t>(b >> 16);
+  }
+}
+
+// float32 -> float16, IEEE round to nearest even (beyond the range: Inf), as NumPy's
+// astype(float16), which converts one element at a time on one thread.
+void stepd_narrow_f16(const float* x, _Float16* out, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n >= stepd::kParallelMin)
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<_Float16>(x[i]);
+}
+
 // dst = src (n floats), split across the threads from kParallelMin: NumPy copies on one.
 void stepd_copy(float* dst, const float* src, int64_t n) {
   const int64_t parts = (n + kPart - 1) / kPart;

@@ -7,6 +7,8 @@ the model's dtype must be torch's (round to nearest even).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -27,16 +29,20 @@ def _to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return narrow(np, x, dtype)
 
 
-def test_rounding_is_torchs_round_to_nearest_even() -> None:
+@pytest.mark.parametrize("where", ["wire", "cpu kernels"])
+def test_rounding_is_torchs_round_to_nearest_even(where) -> None:
+    """stepd.wire's NumPy rounding (clients, any store) and the CPU kernels' threaded one (a
+    server's replies in a model's precision), both against torch's ``.to()``."""
+    to = functools.partial(narrow, np) if where == "wire" else get_backend("cpu").narrow
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200_000).astype(np.float32)
     x *= np.float32(10.0) ** rng.integers(-40, 38, x.size).astype(np.float32)
     halfway = (np.arange(1 << 18, dtype=np.uint32) | np.uint32(0x3F800000)).view(np.float32)
     tiny = (np.arange(1 << 16, dtype=np.uint32)).view(np.float32)  # float32 subnormals
-    for values in (x[np.isfinite(x)], halfway, tiny, -halfway):
-        np.testing.assert_array_equal(narrow(np, values, BF16), _torch_bits(values, torch.bfloat16))
+    for values in (x[np.isfinite(x)], halfway, tiny, -halfway, -tiny):
+        np.testing.assert_array_equal(to(values, BF16), _torch_bits(values, torch.bfloat16))
         np.testing.assert_array_equal(
-            narrow(np, values, F16).view(np.uint16), _torch_bits(values, torch.float16)
+            to(values, F16).view(np.uint16), _torch_bits(values, torch.float16)
         )
 
 
