@@ -45,6 +45,23 @@ def pieces(body: bytes, n: int):
     return iter([body[i : i + step] for i in range(0, len(body), step)])
 
 
+def body_sizes(monkeypatch) -> list[int]:
+    """The size of each body message the lean front sends from now on, in order."""
+    sent: list[int] = []
+    real = lean.send_reply
+
+    async def counting(reply, send):
+        async def count(message):
+            if message["type"] == "http.response.body":
+                sent.append(len(message["body"]))
+            await send(message)
+
+        await real(reply, count)
+
+    monkeypatch.setattr(lean, "send_reply", counting)
+    return sent
+
+
 @pytest.mark.parametrize("declared", [True, False])
 def test_a_body_in_pieces_steps_as_one_piece_does(pair, declared) -> None:
     served, api = pair
@@ -95,18 +112,7 @@ def test_replies_and_refusals_match_the_documented_routes(pair) -> None:
 def test_a_large_parameter_goes_back_in_slices_of_its_memory(pair, monkeypatch) -> None:
     served, api = pair
     monkeypatch.setattr(lean, "SEND_SLICE", 1000)  # N floats: 12 slices
-    sent: list[int] = []
-    real = lean.send_reply
-
-    async def counting(reply, send):
-        async def count(message):
-            if message["type"] == "http.response.body":
-                sent.append(len(message["body"]))
-            await send(message)
-
-        await real(reply, count)
-
-    monkeypatch.setattr(lean, "send_reply", counting)
+    sent = body_sizes(monkeypatch)
     r1 = served.post("/v1/runs/t/params/a/step", content=grad(9))
     r2 = api.post("/v1/runs/t/params/b/step", content=grad(9))
     same(r1, r2)
@@ -130,18 +136,7 @@ def test_a_batch_reply_is_sent_from_the_parameters_memory(pair, monkeypatch) -> 
     parameters' own bytes (in slices), and says what the documented route says."""
     served, api = pair
     monkeypatch.setattr(lean, "SEND_SLICE", 1000)
-    sent: list[int] = []
-    real = lean.send_reply
-
-    async def counting(reply, send):
-        async def count(message):
-            if message["type"] == "http.response.body":
-                sent.append(len(message["body"]))
-            await send(message)
-
-        await real(reply, count)
-
-    monkeypatch.setattr(lean, "send_reply", counting)
+    sent = body_sizes(monkeypatch)
     g = np.frombuffer(grad(11), np.float32)
     r1 = served.post("/v1/runs/t/step?return_params=true", content=dump({"a": g}))
     r2 = api.post("/v1/runs/t/step?return_params=true", content=dump({"b": g}))
