@@ -13,7 +13,7 @@ import numpy as np
 from .. import blockwise
 from ..blockwise import BlockwiseOp
 from ..ops import MAX_ARGS, MAX_SLOTS, Launch, Op, by_grad_dtype
-from ..precision import BF16, EXPONENT_MASK, F16, F32, SUFFIX
+from ..precision import BF16, EXPONENT_MASK, F16, F32, SUFFIX, narrow
 from .build import build_bind_library, build_cpu_library
 
 
@@ -64,7 +64,7 @@ class CpuBackend:
             ("stepd_diff_sum_sq", [ptr, ptr, count], ctypes.c_double),
             ("stepd_copy", [ptr, ptr, count], None),
             ("stepd_narrow_bf16", [ptr, ptr, count], None),
-            ("stepd_narrow_f16", [ptr, ptr, count], None),
+            ("stepd_narrow_f16", [ptr, ptr, count], ctypes.c_int),
         ):
             fn = getattr(self._lib, name)
             fn.argtypes, fn.restype = args, result
@@ -86,9 +86,11 @@ class CpuBackend:
         pass (NumPy's takes 13 ms for 8.4M elements on one core)."""
         if dtype == F32:
             return x
-        fn = {BF16: self._lib.stepd_narrow_bf16, F16: self._lib.stepd_narrow_f16}[dtype]
         out = np.empty(x.shape, dtype)
-        fn(_addr(x), _addr(out), x.size)
+        if dtype == BF16:
+            self._lib.stepd_narrow_bf16(_addr(x), _addr(out), x.size)
+        elif not self._lib.stepd_narrow_f16(_addr(x), _addr(out), x.size):
+            return narrow(np, x, F16)  # built without _Float16
         return out
 
     def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:

@@ -189,11 +189,19 @@ void stepd_narrow_bf16(const float* x, uint16_t* out, int64_t n) {
   }
 }
 
-// float32 -> float16, IEEE round to nearest even (beyond the range: Inf), as NumPy's
-// astype(float16), which converts one element at a time on one thread.
-void stepd_narrow_f16(const float* x, _Float16* out, int64_t n) {
+// float32 -> float16 bits, IEEE round to nearest even (beyond the range: Inf), as NumPy's
+// astype(float16), which converts one element at a time on one thread. 0 where the
+// compiler has no _Float16 (GCC < 12): the caller rounds with NumPy then.
+int stepd_narrow_f16(const float* x, uint16_t* out, int64_t n) {
+#ifdef __FLT16_MAX__
+  _Float16* half = reinterpret_cast<_Float16*>(out);
 #pragma omp parallel for simd schedule(static) if (n >= stepd::kParallelMin)
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<_Float16>(x[i]);
+  for (int64_t i = 0; i < n; ++i) half[i] = static_cast<_Float16>(x[i]);
+  return 1;
+#else
+  (void)x, (void)out, (void)n;
+  return 0;
+#endif
 }
 
 // dst = src (n floats), split across the threads from kParallelMin: NumPy copies on one.
