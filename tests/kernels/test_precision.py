@@ -144,3 +144,23 @@ def test_other_dtypes_are_refused_by_name() -> None:
     with pytest.raises(TypeError, match="param must be float32, got float16"):
         opt.step("p", (4,), p.astype(np.float16), np.zeros(4, np.float32))
     assert np.float32 == F32
+
+
+def test_float16_rounding_falls_back_to_numpy_without_the_compilers_float16(monkeypatch) -> None:
+    """A library built without _Float16 (GCC < 12) says so with a 0, and NumPy rounds."""
+    backend = get_backend("cpu")
+    lib = backend._lib
+
+    class WithoutFloat16:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        @staticmethod
+        def stepd_narrow_f16(*args) -> int:
+            return 0
+
+    monkeypatch.setattr(backend, "_lib", WithoutFloat16())
+    x = np.random.default_rng(5).standard_normal(70_000).astype(np.float32) * 1e3
+    got = backend.narrow(x, F16)
+    assert got.dtype == F16
+    np.testing.assert_array_equal(got.view(np.uint16), narrow(np, x, F16).view(np.uint16))
