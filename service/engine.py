@@ -61,10 +61,10 @@ from .workers import Membership, Waiting
 log = logging.getLogger("stepd")
 
 
-def _host_narrow() -> Callable[[np.ndarray, np.dtype], np.ndarray]:
-    """Rounding host arrays to a model's precision: the CPU kernels' one threaded pass where
-    they build (whatever the store's device: a read-back is on the host), else NumPy's."""
-    narrowing = getattr(get_backend("auto"), "narrow", None)
+def _host_narrow(backend: Any) -> Callable[[np.ndarray, np.dtype], np.ndarray]:
+    """Rounding read-backs (host arrays) to a model's precision: the CPU kernels' threaded
+    pass on a CPU store, else NumPy's (a CUDA server may have no compiler to build them)."""
+    narrowing = getattr(backend, "narrow", None)
     return narrowing if narrowing is not None else partial(narrow, np)
 
 
@@ -113,8 +113,9 @@ class Engine:
         self.root = Path(settings.checkpoint_dir)
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
-        self.backend_name = get_backend(device).name
-        self._narrow = _host_narrow()
+        backend = get_backend(device)
+        self.backend_name = backend.name
+        self._narrow = _host_narrow(backend)
         self.budget = settings.memory_budget or default_budget(device)
         self._committed = 0  # over all runs; changed under _lock
         self.metrics = Metrics(

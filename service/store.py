@@ -346,7 +346,7 @@ class ParamStore(Snapshots):
         sum_sq = getattr(self.backend, "sum_sq", None)  # the CPU's: float64, threaded
         for e in measure:
             grad = widen(xp, dev[e.name])  # bfloat16 arrives as its bits
-            if sum_sq is not None and grad.dtype == np.float32:
+            if sum_sq is not None:
                 e.last_grad_norm = math.sqrt(sum_sq(grad))
                 e.last_update_norm = math.sqrt(sum_sq(e.param, before[e.name]))
                 e.last_param_norm = math.sqrt(sum_sq(e.param))
